@@ -1,0 +1,44 @@
+"""`dspy-p2o` command line: one subcommand per capability, each living in its own module.
+
+A subcommand module exposes `add_arguments(parser)` and `main(args) -> int`; it is
+imported only when used, so `dspy-p2o --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("dspy_p2o.train_cli", "run P^2O (or a baseline/ablation) from a YAML config"),
+    "eval": ("dspy_p2o.evaluation.cli", "evaluate a model on the maths benchmarks"),
+    "score": ("dspy_p2o.evaluation.score_cli", "score existing generations on a benchmark (no model)"),
+    "demo": ("dspy_p2o.toyworld.cli", "the toy-world experiment: P^2O vs GRPO on CPU in minutes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspy-p2o", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module)
+        # Arguments are added lazily in main() for the chosen command only.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        module.add_arguments(parser._subparsers._group_actions[0].choices[command])
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

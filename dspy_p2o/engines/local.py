@@ -1,0 +1,316 @@
+"""The embedded engine: a transformers causal LM sampled in process (CPU or one GPU).
+
+A hand-written sampling loop (rather than `model.generate`) so that the log-prob of
+every sampled token under the *processed* distribution (temperature, top-k, top-p) is
+exact -- these are the behaviour log-probs the trainer compares against -- and so that
+n samples of a prompt share one prefill. The engine may share the trainer's module:
+then syncing weights costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams, sampling_params
+from dspy_p2o.renderer import check_chat_template
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, device: torch.device, dtype: torch.dtype):
+    """Load a causal LM and its tokenizer from a local dir (or a hub id when online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(path)
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] or Path(path).exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    path = str(Path(path).expanduser()) if looks_local else path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_chat_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> set[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
+    return ids
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probs of the sampling distribution: temperature, then top-k, then top-p (as vLLM orders them)."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return torch.log_softmax(logits, dim=-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+class LocalEngine(Engine):
+    """In-process transformers engine.
+
+    Args:
+        model: a local model dir / hub id, or an already loaded `PreTrainedModel`
+            (e.g. the trainer's module, shared so that weight sync is free).
+        tokenizer: required when `model` is a module.
+        device, dtype: default to cuda+bf16 when present, else cpu+fp32.
+        max_batch_size: sequences decoded together (prompts x n); larger inputs are chunked.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_batch_size: int = 64,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(model, torch.nn.Module):
+            if tokenizer is None:
+                raise ValueError("LocalEngine(model=<module>) needs the tokenizer too")
+            check_chat_template(tokenizer)
+            self.model, self.tokenizer = model, tokenizer
+            self.device = next(model.parameters()).device
+        else:
+            self.device = resolve_device(device)
+            self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, resolve_dtype(dtype, self.device))
+        self.name = name or Path(str(getattr(self.model, "name_or_path", "") or "policy")).name or "policy"
+        self.max_batch_size = max_batch_size
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model)
+        if not self.eos_ids:
+            raise ValueError("the tokenizer has no eos_token; completions could never end")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        # One model, many threads (DSPy calls the LM from a thread pool): one forward at a time.
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int = 1,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_tokens: int = 256,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> list[GenerationOutput]:
+        params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                 stop=tuple(stop or ()), stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+        prompts = [list(map(int, p)) for p in prompt_token_ids]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        outputs = [GenerationOutput(prompt_token_ids=p) for p in prompts]
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        # Longest prompts first so a chunk wastes little on padding.
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        per_chunk = max(1, self.max_batch_size // n)
+        chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+        bar = _progress(len(prompts), progress)
+        with self._lock, self._inference_mode():
+            for chunk in chunks:
+                done = self._sample_chunk([prompts[i] for i in chunk], n, params, generator)
+                for i, completions in zip(chunk, done):
+                    outputs[i].completions = completions
+                bar.update(len(chunk))
+        bar.close()
+        return outputs
+
+    @contextlib.contextmanager
+    def _inference_mode(self):
+        """Eval mode and no grad for sampling, restoring the trainer's state afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _sample_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams, generator) -> list[list[Completion]]:
+        from transformers import DynamicCache
+
+        device = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        # Prefill each prompt once, then fan the cache out to its n samples.
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        last_logits = out.logits[:, -1, :]
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            last_logits = last_logits.repeat_interleave(n, dim=0)
+            mask = mask.repeat_interleave(n, dim=0)
+            positions = positions.repeat_interleave(n, dim=0)
+        rows = last_logits.shape[0]
+        next_pos = positions[:, -1:] + 1
+        stop_ids = torch.tensor(sorted(self.eos_ids | set(params.stop_token_ids)), device=device)
+        tokens = torch.empty((rows, 0), dtype=torch.long, device=device)
+        logps = torch.empty((rows, 0), dtype=torch.float32, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        stopped_by_string = torch.zeros(rows, dtype=torch.bool, device=device)
+        for _ in range(params.max_tokens):
+            logprobs = process_logits(last_logits, params)
+            if params.temperature == 0:
+                token = logprobs.argmax(dim=-1)
+            else:
+                token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+            chosen = logprobs.gather(-1, token[:, None]).squeeze(-1)
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            logps = torch.cat([logps, chosen[:, None]], dim=1)
+            newly_done = ~finished & torch.isin(token, stop_ids)
+            if params.stop:
+                by_string = self._hits_stop_string(tokens, finished | newly_done, params.stop)
+                stopped_by_string |= by_string
+                newly_done |= by_string
+            finished |= newly_done
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                             past_key_values=cache, use_cache=True)
+            last_logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+        return self._collect(tokens.tolist(), logps.tolist(), finished.tolist(), n, params, stop_ids.tolist())
+
+    def _hits_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, stops: tuple[str, ...]) -> torch.Tensor:
+        """Which running rows have just produced a stop string (checked on a short decoded tail)."""
+        longest = max(len(s) for s in stops)
+        tail_tokens = max(4, longest)  # a token decodes to >= 1 character for these tokenizers
+        hits = torch.zeros_like(done)
+        for row in (~done).nonzero().flatten().tolist():
+            tail = self.tokenizer.decode(tokens[row, -tail_tokens:].tolist(), skip_special_tokens=False)
+            if any(s in tail for s in stops):
+                hits[row] = True
+        return hits
+
+    def _collect(self, tokens, logps, finished, n, params, stop_ids) -> list[list[Completion]]:
+        stop_set = set(stop_ids)
+        results: list[list[Completion]] = []
+        for row, (toks, lps, done) in enumerate(zip(tokens, logps, finished)):
+            if row % n == 0:
+                results.append([])
+            length = len(toks)
+            for j, t in enumerate(toks):
+                if t in stop_set:
+                    length = j + 1  # keep the EOS token: the trainer must learn to emit it
+                    break
+            toks, lps = toks[:length], lps[:length]
+            text = self.tokenizer.decode([t for t in toks if t not in stop_set], skip_special_tokens=False)
+            reason = "stop" if done else "length"
+            if params.stop:
+                text, toks, lps, cut = _cut_at_stop_string(text, toks, lps, params.stop, self.tokenizer)
+                reason = "stop" if cut else reason
+            results[-1].append(Completion(token_ids=toks, text=text, logprobs=lps, finish_reason=reason))
+        return results
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(self, source: Any) -> None:
+        """Serve new weights. A shared module needs nothing; otherwise copy a state dict or load a dir."""
+        if source is self.model or source is None:
+            return
+        with self._lock:
+            if isinstance(source, torch.nn.Module):
+                state = source.state_dict()
+            elif isinstance(source, dict):
+                state = source
+            else:
+                from transformers import AutoModelForCausalLM
+
+                path = Path(source)
+                if not path.is_dir():
+                    raise FileNotFoundError(f"cannot sync weights from {str(source)!r}: not a model directory")
+                state = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(self.model.parameters()).dtype).state_dict()
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected or [m for m in missing if "lm_head" not in m]:
+                raise ValueError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def close(self) -> None:
+        pass
+
+
+def _cut_at_stop_string(text, toks, lps, stops, tokenizer):
+    """Cut the completion at the first stop string: text without it, tokens up to the token completing it."""
+    hits = [text.find(s) for s in stops if s in text]
+    if not hits:
+        return text, toks, lps, False
+    cut = min(hits)
+    stop_end = min(text.find(s) + len(s) for s in stops if s in text and text.find(s) == cut)
+    # smallest token prefix whose decoding covers the stop string
+    for k in range(1, len(toks) + 1):
+        if len(tokenizer.decode(toks[:k], skip_special_tokens=False)) >= stop_end:
+            return text[:cut], toks[:k], lps[:k], True
+    return text[:cut], toks, lps, True
+
+
+class _NoBar:
+    def update(self, k: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="prompt", leave=False)
