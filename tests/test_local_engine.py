@@ -1,0 +1,121 @@
+"""The embedded engine on a real tiny model: sampling, log-probs, padding, stops, weight sync."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dspy_p2o.engines import LocalEngine
+from dspy_p2o.engines.base import SamplingParams
+from dspy_p2o.engines.local import process_logits
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return LocalEngine(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def prompts_of(engine):
+    msgs = [
+        [{"role": "user", "content": "What is 3 + 4?"}],
+        [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 12 + 30? Answer now."}],
+        [{"role": "user", "content": "7"}],
+    ]
+    return [engine.chat_prompt_ids(m) for m in msgs]
+
+
+def recomputed_logprobs(model, prompt, completion, params):
+    """Log-probs of `completion` after `prompt` from one unpadded forward pass."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    return process_logits(logits, params).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.9)])
+def test_batched_logprobs_match_forward_pass(engine, top_k, top_p):
+    prompts = prompts_of(engine)
+    assert len({len(p) for p in prompts}) == 3  # different lengths exercise left padding
+    outs = engine.generate(prompts, n=3, temperature=0.7, top_k=top_k, top_p=top_p, max_tokens=12, seed=1)
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    for out in outs:
+        assert len(out.completions) == 3
+        for c in out.completions:
+            assert len(c.token_ids) == len(c.logprobs) > 0
+            expected = recomputed_logprobs(engine.model, out.prompt_token_ids, c.token_ids, params)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+    # n samples of a prompt are distinct draws, not copies
+    assert len({tuple(c.token_ids) for c in outs[0].completions}) > 1
+
+
+def test_greedy_matches_transformers_generate(engine):
+    prompt = prompts_of(engine)[1]
+    ours = engine.generate([prompt], n=1, temperature=0, max_tokens=10)[0].completions[0]
+    with torch.no_grad():
+        ref = engine.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    do_sample=False, max_new_tokens=10, eos_token_id=sorted(engine.eos_ids),
+                                    pad_token_id=engine.pad_id)
+    assert ours.token_ids == ref[0, len(prompt):].tolist()[: len(ours.token_ids)]
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    prompts = prompts_of(engine)
+    a = engine.generate(prompts, n=2, temperature=1.0, max_tokens=8, seed=123)
+    b = engine.generate(prompts, n=2, temperature=1.0, max_tokens=8, seed=123)
+    assert [[c.token_ids for c in o.completions] for o in a] == [[c.token_ids for c in o.completions] for o in b]
+
+
+def test_eos_and_stop_strings_end_completions(format_model_dir):
+    eng = LocalEngine(format_model_dir)
+    import dspy
+
+    from dspy_p2o.renderer import Renderer
+
+    renderer = Renderer(dspy.ChainOfThought("question -> answer").predict, eng.tokenizer)
+    prompt = renderer.render({"question": "What is 2 + 5?"}).token_ids
+    full = eng.generate([prompt], temperature=0, max_tokens=40)[0].completions[0]
+    assert full.finish_reason == "stop" and full.token_ids[-1] in eng.eos_ids
+    assert "[[ ## answer ## ]]" in full.text and "<|im_end|>" not in full.text
+    cut = eng.generate([prompt], temperature=0, max_tokens=40, stop=["[[ ## answer"])[0].completions[0]
+    assert cut.finish_reason == "stop"
+    assert "[[ ## answer" not in cut.text and full.text.startswith(cut.text)
+    assert len(cut.token_ids) == len(cut.logprobs) < len(full.token_ids)
+    short = eng.generate([prompt], temperature=0, max_tokens=3)[0].completions[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+
+
+def test_sync_weights_from_module_and_dir(tiny_model_dir, format_model_dir):
+    eng = LocalEngine(tiny_model_dir)
+    prompt = prompts_of(eng)[0]
+    before = eng.generate([prompt], temperature=0, max_tokens=6)[0].completions[0].logprobs
+    trained = AutoModelForCausalLM.from_pretrained(format_model_dir)
+    eng.sync_weights(trained)
+    after = eng.generate([prompt], temperature=0, max_tokens=6)[0].completions[0].logprobs
+    assert before != after
+    eng2 = LocalEngine(tiny_model_dir)
+    eng2.sync_weights(str(format_model_dir))
+    assert eng2.generate([prompt], temperature=0, max_tokens=6)[0].completions[0].logprobs == pytest.approx(after, abs=1e-5)
+
+
+def test_shared_module_keeps_training_mode(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.train()
+    eng = LocalEngine(model, tok)
+    eng.generate([eng.chat_prompt_ids([{"role": "user", "content": "hi"}])], max_tokens=3)
+    assert model.training
+    eng.sync_weights(model)  # shared module: nothing to copy
+
+
+def test_bad_inputs_have_clear_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LocalEngine(tmp_path / "nope")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        LocalEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok)
+    eng = LocalEngine(tiny_model_dir)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        eng.generate([[1, 2], []])
+    with pytest.raises(ValueError, match="top_p"):
+        eng.generate([[1, 2]], top_p=0)
