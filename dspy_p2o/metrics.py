@@ -1,0 +1,98 @@
+"""Per-step metrics: one JSON object per line in the run directory, plus accelerate trackers.
+
+The JSONL file is opened in append mode, so a resumed run continues the same file.
+Trackers (tensorboard, wandb, ...) go through `accelerate`'s tracking API and only when
+asked for; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+class MetricsLogger:
+    """Log flat dicts of numbers per step to `path` (JSONL) and to accelerate trackers.
+
+    Args:
+        path: the JSONL file (its parent is created).
+        accelerator: an `accelerate.Accelerator`; required for `trackers`, and used to
+            log only on the main process.
+        trackers: accelerate tracker names, e.g. ("tensorboard",) or ("wandb",).
+        project: the tracker project name; `config` its hyper-parameters.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, accelerator: Any = None, trackers: Iterable[str] = (),
+                 project: str = "dspy_p2o", config: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.accelerator = accelerator
+        self.trackers = tuple(trackers)
+        self.is_main = accelerator is None or accelerator.is_main_process
+        self._file = None
+        if self.trackers:
+            if accelerator is None:
+                raise ValueError(f"trackers {self.trackers} need an accelerator (accelerate's tracking API)")
+            accelerator.init_trackers(project, config=_flat_config(config or {}))
+        if self.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, metrics: Mapping[str, Any], step: int, prefix: str = "") -> None:
+        """Write one record {"step": step, "time": unix time, prefix + key: value, ...}."""
+        values = {f"{prefix}{k}": _jsonable(v) for k, v in metrics.items()}
+        if self._file is not None:
+            record = {"step": int(step), "time": time.time(), **values}
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()  # a killed run keeps every finished step
+        if self.trackers:
+            numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(numeric, step=int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.trackers:
+            self.accelerator.end_training()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All records of a metrics JSONL file; a torn last line (a killed writer) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {n + 1} is not JSON: {line[:80]!r}") from None
+    return records
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # torch / numpy scalars
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Trackers accept scalars only: stringify anything else."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}

@@ -1,0 +1,447 @@
+"""GRPO with context distillation on `accelerate`.
+
+One call of `train_on(rollouts)` is one batch of the paper's Alg. 1 phase 1:
+group advantages -> log-probs before the update (the PPO "old" policy, and for
+distilled rollouts the template ratio pi(y_t|x) / pi(y_t|x~)) -> one optimiser step per
+mini-batch of questions (micro-batches with gradient accumulation) -> weight sync.
+Distribution (DDP / FSDP / DeepSpeed) comes from accelerate's own config; nothing here
+is home-made beyond splitting micro-batches across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dspy_p2o.rollouts import Rollout
+from dspy_p2o.trainer import checkpoint as ckpt
+from dspy_p2o.trainer.advantages import SCALES, group_advantages
+from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
+                                       sequence_logprobs, supports_logits_to_keep)
+from dspy_p2o.trainer.losses import (LOSS_AGGREGATIONS, TEMPLATE_RATIO_MODES, aggregate, template_ratio_weights,
+                                     token_loss, truncated_is_weights)
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class TrainerConfig:
+    """Hyper-parameters of the GRPO trainer. Defaults follow the paper (DESIGN.md §3) where it says."""
+
+    lr: float = 1e-6  # AdamW learning rate (paper: 1e-6)
+    warmup_ratio: float = 0.05  # linear warm-up over this fraction of total_steps (paper: 5%)
+    lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to 0 (needs total_steps)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # global grad-norm clipping; <= 0 disables it
+    mini_batch_size: int | None = None  # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (length-bucketed micro-batches)
+    epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
+    epsilon_high: float = 0.28  # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
+    loss_agg: str = "dapo"  # "grpo" (sequence mean, then batch mean) | "dapo" (token mean) | "dr_grpo" (sum / constant)
+    dr_grpo_length: int | None = None  # dr_grpo's constant length; None = the longest completion of the batch
+    scale_rewards: str = "group"  # advantage std scaling: "group" (GRPO) | "batch" | "none" (Dr. GRPO)
+    beta: float = 0.0  # KL(pi || pi_init) coefficient; 0 = no reference model loaded (paper: no KL)
+    tis_cap: float | None = None  # truncated importance sampling min(cap, pi_trainer / pi_engine) per token; None = off
+    distill: bool = True  # gradient on x (context distillation) or, False, on the sampled T(x, z) (ablation)
+    template_ratio: str = "mask"  # distilled tokens with pi(y_t|x)/pi(y_t|x~) outside the bounds: "mask" | "soft" | "off"
+    template_ratio_bounds: tuple[float, float] = (0.01, 10.0)  # the authors' bounds
+    temperature: float = 1.0  # log-probs are taken at the sampling temperature (paper: 0.6)
+    gradient_checkpointing: bool = False  # recompute activations in backward (long completions on GPU)
+    dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
+    sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
+    keep_last_checkpoints: int = 2  # older checkpoints are deleted
+    seed: int = 0  # python / numpy / torch seeds
+
+    def __post_init__(self) -> None:
+        def choice(name: str, options: tuple) -> None:
+            if getattr(self, name) not in options:
+                raise ValueError(f"TrainerConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        choice("lr_schedule", LR_SCHEDULES)
+        choice("loss_agg", LOSS_AGGREGATIONS)
+        choice("scale_rewards", SCALES)
+        choice("template_ratio", TEMPLATE_RATIO_MODES)
+        choice("sync", ("step", "epoch"))
+        choice("dtype", ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
+        if self.lr <= 0:
+            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainerConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"TrainerConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"TrainerConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError(f"TrainerConfig epsilons must satisfy 0 <= epsilon_low < 1, epsilon_high >= 0; "
+                             f"got {self.epsilon_low}, {self.epsilon_high}")
+        if self.beta < 0:
+            raise ValueError(f"TrainerConfig.beta must be >= 0, got {self.beta}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"TrainerConfig.tis_cap must be > 0 or None, got {self.tis_cap}")
+        lo, hi = self.template_ratio_bounds
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"TrainerConfig.template_ratio_bounds must satisfy 0 < lo <= 1 <= hi, got {(lo, hi)}")
+        self.template_ratio_bounds = (float(lo), float(hi))
+        if self.temperature <= 0:
+            raise ValueError(f"TrainerConfig.temperature must be > 0 (log-probs of greedy sampling are degenerate), "
+                             f"got {self.temperature}")
+
+
+@dataclass
+class _Sequences:
+    """The per-rollout tensors one batch trains on."""
+
+    prompts: list[list[int]]  # the gradient prompt: x, or T(x, z) when distill=False
+    completions: list[list[int]]
+    advantages: torch.Tensor
+    old: list[torch.Tensor]
+    weights: list[torch.Tensor]  # TIS x template-ratio weight per token
+    kept: list[torch.Tensor]  # bool per token: counts in the loss
+    ref: list[torch.Tensor] | None = None
+    groups: list[str] = field(default_factory=list)
+
+
+class GRPOTrainer:
+    """Trains a causal LM on groups of rollouts (GRPO with context distillation).
+
+    Args:
+        model: a model dir / hub id, or a loaded `PreTrainedModel` (kept in its dtype).
+            Loaded from a path, weights are fp32 (AdamW master weights); the compute dtype
+            comes from `config.dtype` through accelerate's mixed precision.
+        tokenizer: required with a module; loaded with a path otherwise.
+        engine: synced after every step (`sync="step"`) and by `sync_engine()`. A
+            `LocalEngine` sharing this module needs no copy.
+        total_steps: optimiser steps of the whole run, for warm-up and decay.
+        accelerator: an `accelerate.Accelerator`; one is made when None (plain CPU / one
+            GPU need no accelerate config).
+        logger: a `MetricsLogger`; `train_on` logs its metrics there when given.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, config: TrainerConfig = TrainerConfig(), *,
+                 engine: Any = None, total_steps: int | None = None, accelerator: Any = None,
+                 logger: Any = None) -> None:
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.engine = engine
+        self.logger = logger
+        self.total_steps = total_steps
+        set_seed(config.seed)
+        self.accelerator = accelerator or _make_accelerator(config.dtype)
+        module, self.tokenizer = _load(model, tokenizer)
+        if self.tokenizer is None:
+            raise ValueError("GRPOTrainer(model=<module>) needs the tokenizer too")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+        if config.gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.train()
+        self._logits_to_keep = supports_logits_to_keep(module)
+        self.ref_model = None
+        if config.beta > 0:
+            reference = copy.deepcopy(module).eval().requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        self._model, self.optimizer = self.accelerator.prepare(module, optimizer)
+        # Registered rather than prepared: a prepared scheduler steps once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        """The unwrapped module (what engines and save_pretrained see)."""
+        return self.accelerator.unwrap_model(self._model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _lr_factor(self, step: int) -> float:
+        total = self.total_steps
+        if total is None:
+            if self.config.lr_schedule != "constant":
+                raise ValueError(f"lr_schedule={self.config.lr_schedule!r} needs GRPOTrainer(total_steps=...)")
+            return 1.0
+        warmup = math.ceil(self.config.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if self.config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # ------------------------------------------------------------------ training
+    def train_on(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
+        """Train on one batch of rollouts: one optimiser step per mini-batch of questions.
+
+        Returns (and logs, when a logger was given) the batch's metrics.
+        """
+        start = time.perf_counter()
+        cfg = self.config
+        _validate(rollouts)
+        adv = group_advantages([r.reward for r in rollouts], [r.example_id for r in rollouts], scale=cfg.scale_rewards)
+        metrics = _batch_metrics(rollouts, adv)
+        trained = [i for i in range(len(rollouts)) if adv.informative[i]]
+        if not trained:
+            metrics.update(steps=0.0, time_train=time.perf_counter() - start)
+            self._log(metrics)
+            return metrics
+        seqs = self._prepare(rollouts, trained, adv.values, metrics)
+        time_sync = 0.0
+        step_stats: list[dict[str, float]] = []
+        for rows in self._mini_batches(seqs.groups):
+            step_stats.append(self._optimiser_step(seqs, rows))
+            if cfg.sync == "step":
+                time_sync += self.sync_engine()
+        for key in step_stats[0]:
+            metrics[key] = statistics.fmean(s[key] for s in step_stats)
+        tokens = sum(len(c) + len(p) for p, c in zip(seqs.prompts, seqs.completions))
+        elapsed = time.perf_counter() - start
+        metrics.update(steps=float(len(step_stats)), time_sync=time_sync, time_train=elapsed - time_sync,
+                       tokens_per_s=tokens / max(1e-9, elapsed - time_sync),
+                       global_step=float(self.global_step))
+        self._log(metrics)
+        return metrics
+
+    def _prepare(self, rollouts: Sequence[Rollout], trained: list[int], advantages: torch.Tensor,
+                 metrics: dict[str, float]) -> _Sequences:
+        """Log-probs before the update: old (gradient prompt), template ratio (distilled), reference."""
+        cfg = self.config
+        chosen = [rollouts[i] for i in trained]
+        distilled = [cfg.distill and r.templated for r in chosen]
+        prompts = [r.prompt_ids if d else r.sampled_prompt_ids for r, d in zip(chosen, distilled)]
+        completions = [r.completion_ids for r in chosen]
+        old = self._logprobs(self._model, prompts, completions)
+        # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
+        tilde_rows = [j for j, d in enumerate(distilled) if d]
+        tilde = self._logprobs(self._model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
+                               [completions[j] for j in tilde_rows]) if tilde_rows else []
+        on_sampled = list(old)  # trainer log-probs on the prompt the engine sampled from
+        weights = [torch.ones_like(lp) for lp in old]
+        kept = [torch.ones_like(lp, dtype=torch.bool) for lp in old]
+        for j, lp_tilde in zip(tilde_rows, tilde):
+            on_sampled[j] = lp_tilde
+            weights[j], kept[j] = template_ratio_weights(old[j], lp_tilde, cfg.template_ratio, cfg.template_ratio_bounds)
+        behaviour = [torch.tensor(r.behaviour_logprobs, dtype=torch.float32) for r in chosen]
+        if cfg.tis_cap is not None:
+            weights = [w * truncated_is_weights(t, b, cfg.tis_cap) for w, t, b in zip(weights, on_sampled, behaviour)]
+        metrics.update(_ratio_metrics(old, tilde, tilde_rows, kept, weights))
+        metrics.update(_mismatch_metrics(on_sampled, behaviour, [r.templated for r in chosen]))
+        ref = self._logprobs(self.ref_model, prompts, completions) if self.ref_model is not None else None
+        return _Sequences(prompts, completions, advantages[trained], old, weights, kept, ref,
+                          [r.example_id for r in chosen])
+
+    def _logprobs(self, model, prompts, completions) -> list[torch.Tensor]:
+        return sequence_logprobs(model, prompts, completions, pad_id=self.pad_id, max_tokens=self.config.micro_batch_tokens,
+                                 temperature=self.config.temperature, device=self.device,
+                                 logits_to_keep=self._logits_to_keep)
+
+    def _mini_batches(self, groups: list[str]) -> list[list[int]]:
+        """Row indices per optimiser step: `mini_batch_size` whole questions each."""
+        order: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            order.setdefault(g, []).append(i)
+        per_step = self.config.mini_batch_size or len(order)
+        members = list(order.values())
+        return [sum(members[s:s + per_step], []) for s in range(0, len(members), per_step)]
+
+    def _optimiser_step(self, seqs: _Sequences, rows: list[int]) -> dict[str, float]:
+        cfg, acc = self.config, self.accelerator
+        norm = dict(num_sequences=len(rows), num_tokens=int(sum(seqs.kept[i].sum() for i in rows)),
+                    norm_length=cfg.dr_grpo_length or max(len(c) for c in seqs.completions))
+        lengths = [len(seqs.prompts[i]) + len(seqs.completions[i]) for i in rows]
+        micro = [[rows[j] for j in mb] for mb in plan_micro_batches(lengths, cfg.micro_batch_tokens)]
+        mine = micro[acc.process_index::acc.num_processes]
+        dummy = not mine  # a process without work still joins the gradient all-reduce
+        if dummy:
+            mine = micro[:1]
+        sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0}
+        self._model.train()
+        for n, mb in enumerate(mine):
+            last = n == len(mine) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self._model):
+                loss, stats = self._micro_batch_loss(seqs, mb, norm)
+                # DDP averages gradients over processes; the loss is already a share of the global mean
+                acc.backward(loss * (0.0 if dummy else acc.num_processes))
+            if not dummy:
+                for k, v in stats.items():
+                    sums[k] += v
+        grad_norm = acc.clip_grad_norm_(self._model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        tokens = max(1.0, sums["tokens"])
+        out = {"loss": sums["loss"], "clip_frac_low": sums["clip_low"] / tokens,
+               "clip_frac_high": sums["clip_high"] / tokens, "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if cfg.beta:
+            out["kl"] = sums["kl"] / tokens
+        return out
+
+    def _micro_batch_loss(self, seqs: _Sequences, rows: list[int], norm: dict) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        batch = make_batch(rows, seqs.prompts, seqs.completions, self.pad_id, self.device)
+        logp = batch_logprobs(self._model, batch, cfg.temperature, self._logits_to_keep)
+        width, device = batch.width, self.device
+        mask = batch.completion_mask & right_align(seqs.kept, rows, width).bool().to(device)
+        ref = right_align(seqs.ref, rows, width).to(device) if seqs.ref is not None else None
+        tl = token_loss(logp, right_align(seqs.old, rows, width).to(device), seqs.advantages[rows].to(device),
+                        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                        weights=right_align(seqs.weights, rows, width).to(device), ref_logp=ref, beta=cfg.beta)
+        loss = aggregate(tl.loss, mask, cfg.loss_agg, **norm)
+        m = mask.float()
+        stats = {"loss": loss.item(), "clip_low": (tl.clipped_low * m).sum().item(),
+                 "clip_high": (tl.clipped_high * m).sum().item(), "tokens": m.sum().item(),
+                 "kl": (tl.kl * m).sum().item() if tl.kl is not None else 0.0}
+        return loss, stats
+
+    # ------------------------------------------------------------------ sync, checkpoints
+    def sync_engine(self) -> float:
+        """Give the engine the current weights; returns the seconds it took (0 without an engine)."""
+        if self.engine is None:
+            return 0.0
+        start = time.perf_counter()
+        self.engine.sync_weights(self.model)
+        return time.perf_counter() - start
+
+    def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None) -> Path:
+        """Write `directory/checkpoint-<step>` (model + tokenizer, optimizer, scheduler, RNG, step,
+        `extra_state`) and delete all but the last `keep_last_checkpoints`."""
+        acc = self.accelerator
+        root = Path(directory)
+        final = root / ckpt.checkpoint_name(self.global_step)
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        state_dict = acc.get_state_dict(self._model)  # collective under FSDP / DeepSpeed
+        if acc.is_main_process:
+            import shutil
+
+            self.model.save_pretrained(tmp / "model", state_dict=state_dict)
+            self.tokenizer.save_pretrained(tmp / "model")
+            ckpt.write_state(tmp, {"global_step": self.global_step, "extra_state": extra_state or {},
+                                   "config": asdict(self.config)})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ckpt.prune(root, self.config.keep_last_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> dict:
+        """Restore model, optimizer, scheduler, RNG and step from a checkpoint; returns its extra_state."""
+        directory = Path(directory)
+        state = ckpt.read_state(directory)
+        self.accelerator.load_state(str(directory / "state"))
+        self.global_step = int(state["global_step"])
+        self.sync_engine()  # a separate engine must serve the restored weights
+        return state.get("extra_state", {})
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log(metrics, step=self.global_step, prefix="train/")
+
+
+# ---------------------------------------------------------------------- helpers
+def _make_accelerator(dtype: str):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if dtype in ("auto",):
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    else:
+        precision = {"float32": "no", "fp32": "no", "bfloat16": "bf16", "bf16": "bf16",
+                     "float16": "fp16", "fp16": "fp16"}[dtype]
+    return Accelerator(mixed_precision=precision, cpu=not cuda)
+
+
+def _load(model: Any, tokenizer: Any):
+    if isinstance(model, torch.nn.Module):
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(str(model)).expanduser()
+    source = str(path) if path.exists() else str(model)
+    module = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return module, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
+
+
+def _validate(rollouts: Sequence[Rollout]) -> None:
+    if not rollouts:
+        raise ValueError("train_on() got no rollouts")
+    for n, r in enumerate(rollouts):
+        where = f"rollout {n} (example {r.example_id!r})"
+        if not r.completion_ids:
+            raise ValueError(f"{where} has an empty completion")
+        if len(r.behaviour_logprobs) != len(r.completion_ids):
+            raise ValueError(f"{where} has {len(r.behaviour_logprobs)} behaviour log-probs for "
+                             f"{len(r.completion_ids)} completion tokens")
+        if not r.prompt_ids or not r.sampled_prompt_ids:
+            raise ValueError(f"{where} has an empty prompt")
+        if not r.templated and list(r.prompt_ids) != list(r.sampled_prompt_ids):
+            raise ValueError(f"{where} is plain (template=None) but its sampled prompt differs from its prompt")
+        if not math.isfinite(r.reward):
+            raise ValueError(f"{where} has a non-finite reward {r.reward}")
+
+
+def _batch_metrics(rollouts: Sequence[Rollout], adv) -> dict[str, float]:
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float64)
+    templated = [r.reward for r in rollouts if r.templated]
+    out = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+           "zero_std_group_frac": adv.zero_std_fraction, "groups": float(adv.num_groups),
+           "rollouts": float(len(rollouts)), "completion_len_mean": lengths.mean().item(),
+           "completion_len_max": lengths.max().item(),
+           "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+           "templated_frac": len(templated) / len(rollouts)}
+    if templated:
+        out["reward_mean_templated"] = statistics.fmean(templated)
+    plain = [r.reward for r in rollouts if not r.templated]
+    if plain and templated:
+        out["reward_mean_plain"] = statistics.fmean(plain)
+    return out
+
+
+def _ratio_metrics(old, tilde, tilde_rows, kept, weights) -> dict[str, float]:
+    if not tilde_rows:
+        return {}
+    log_r = torch.cat([old[j] - lp for j, lp in zip(tilde_rows, tilde)])
+    k = torch.cat([kept[j] for j in tilde_rows])
+    w = torch.cat([weights[j] for j in tilde_rows])
+    return {"template_log_ratio_mean": log_r.mean().item(), "template_log_ratio_min": log_r.min().item(),
+            "template_log_ratio_max": log_r.max().item(), "template_ratio_median": log_r.median().exp().item(),
+            "template_masked_frac": 1.0 - k.float().mean().item(), "template_weight_mean": w.mean().item()}
+
+
+def _mismatch_metrics(trainer, behaviour, templated) -> dict[str, float]:
+    """Trainer minus engine log-probs on the sampled prompt, per token (plain and templated apart)."""
+    out = {}
+    for name, pick in (("plain", False), ("templated", True)):
+        diffs = [t - b for t, b, tm in zip(trainer, behaviour, templated) if tm == pick]
+        if diffs:
+            d = torch.cat(diffs)
+            out[f"logprob_diff_{name}_mean"] = d.mean().item()
+            out[f"logprob_diff_{name}_abs_mean"] = d.abs().mean().item()
+            out[f"logprob_diff_{name}_abs_max"] = d.abs().max().item()
+    return out

@@ -1,0 +1,101 @@
+"""The clipped policy-gradient loss per token, its aggregation variants, and the
+template-ratio weights of context distillation.
+
+Everything works on padded [rows, tokens] tensors with a 0/1 `mask`; aggregation takes
+the normalisers of the whole mini-batch so that micro-batch losses add up to exactly the
+mini-batch loss (gradient accumulation does not change the objective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+TEMPLATE_RATIO_MODES = ("mask", "soft", "off")
+
+
+@dataclass
+class TokenLoss:
+    loss: torch.Tensor  # [rows, tokens], not yet masked or aggregated
+    ratio: torch.Tensor  # pi_theta / pi_old, detached
+    clipped_low: torch.Tensor  # bool: ratio < 1 - eps_low with A < 0 (the clip is active)
+    clipped_high: torch.Tensor  # bool: ratio > 1 + eps_high with A > 0
+    kl: torch.Tensor | None  # k3 estimate of KL(pi_theta || pi_ref) per token, detached
+
+
+def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
+               epsilon_low: float = 0.2, epsilon_high: float = 0.28, weights: torch.Tensor | None = None,
+               ref_logp: torch.Tensor | None = None, beta: float = 0.0) -> TokenLoss:
+    """-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) * weight + beta * KL.
+
+    `advantages` is one value per row; `weights` (detached, per token) carries the
+    truncated importance-sampling and template-ratio factors. The KL term is the k3
+    estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative).
+    """
+    adv = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    if weights is not None:
+        loss = loss * weights
+    kl = None
+    if beta:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference model's log-probs")
+        delta = ref_logp - logp
+        kl_tok = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl_tok
+        kl = kl_tok.detach()
+    r = ratio.detach()
+    return TokenLoss(loss, r, (r < 1 - epsilon_low) & (adv < 0), (r > 1 + epsilon_high) & (adv > 0), kl)
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, *, num_sequences: int, num_tokens: int,
+              norm_length: int) -> torch.Tensor:
+    """Reduce masked per-token losses of (part of) a mini-batch to its share of the mini-batch loss.
+
+    grpo: mean over each sequence's tokens, then mean over the mini-batch's sequences.
+    dapo: sum over tokens / tokens of the mini-batch (every token weighs the same).
+    dr_grpo: sum over tokens / (sequences of the mini-batch * norm_length), a constant
+    length so that long and short answers are not re-weighted.
+    """
+    mask = mask.to(loss.dtype)
+    if agg == "grpo":
+        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / max(1, num_sequences)
+    if agg == "dapo":
+        return (loss * mask).sum() / max(1, num_tokens)
+    if agg == "dr_grpo":
+        return (loss * mask).sum() / max(1, num_sequences * norm_length)
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
+
+
+def template_ratio_weights(logp_x: torch.Tensor, logp_tilde: torch.Tensor, mode: str,
+                           bounds: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (weight, kept) from r = pi(y_t | x) / pi(y_t | x~), both taken before the update.
+
+    mask: weight 1 inside [lo, hi], 0 outside (no gradient; not counted in the loss).
+    soft: weight min(1, r / lo, hi / r): full inside the bounds, fading with the distance
+        outside them, so no token is dropped outright.
+    off: weight 1.
+    `kept` is False where the mask drops the token.
+    """
+    if mode not in TEMPLATE_RATIO_MODES:
+        raise ValueError(f"template_ratio must be one of {TEMPLATE_RATIO_MODES}, got {mode!r}")
+    lo, hi = bounds
+    log_r = (logp_x - logp_tilde).float()
+    ones = torch.ones_like(log_r)
+    if mode == "off":
+        return ones, ones.bool()
+    inside = (log_r >= torch.log(torch.tensor(lo))) & (log_r <= torch.log(torch.tensor(hi)))
+    if mode == "mask":
+        return inside.float(), inside
+    r = log_r.exp()
+    return torch.minimum(torch.minimum(ones, r / lo), hi / r), ones.bool()
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(cap, pi_trainer / pi_engine) per token: corrects the engine/trainer mismatch (TIS)."""
+    return torch.exp(trainer_logp - behaviour_logp).clamp(max=cap)
