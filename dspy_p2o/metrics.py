@@ -20,9 +20,10 @@ class MetricsLogger:
 
     Args:
         path: the JSONL file (its parent is created).
-        accelerator: an `accelerate.Accelerator`; required for `trackers`, and used to
-            log only on the main process.
-        trackers: accelerate tracker names, e.g. ("tensorboard",) or ("wandb",).
+        accelerator: an `accelerate.Accelerator`: only its main process writes.
+        trackers: accelerate tracker names, e.g. ("tensorboard",) or ("wandb",), built
+            with accelerate's tracker classes; directory-based ones write under
+            `<path's folder>/trackers`.
         project: the tracker project name; `config` its hyper-parameters.
     """
 
@@ -33,11 +34,10 @@ class MetricsLogger:
         self.trackers = tuple(trackers)
         self.is_main = accelerator is None or accelerator.is_main_process
         self._file = None
-        if self.trackers:
-            if accelerator is None:
-                raise ValueError(f"trackers {self.trackers} need an accelerator (accelerate's tracking API)")
-            accelerator.init_trackers(project, config=_flat_config(config or {}))
+        self._trackers = []
         if self.is_main:
+            self._trackers = [_start_tracker(name, project, self.path.parent / "trackers", config or {})
+                              for name in self.trackers]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
 
@@ -48,16 +48,18 @@ class MetricsLogger:
             record = {"step": int(step), "time": time.time(), **values}
             self._file.write(json.dumps(record, allow_nan=True) + "\n")
             self._file.flush()  # a killed run keeps every finished step
-        if self.trackers:
+        if self._trackers:
             numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.accelerator.log(numeric, step=int(step))
+            for tracker in self._trackers:
+                tracker.log(numeric, step=int(step))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.trackers:
-            self.accelerator.end_training()
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -81,6 +83,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 break
             raise ValueError(f"{path}: line {n + 1} is not JSON: {line[:80]!r}") from None
     return records
+
+
+def _start_tracker(name: str, project: str, logging_dir: Path, config: Mapping[str, Any]):
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    if name not in LOGGER_TYPE_TO_CLASS:
+        raise ValueError(f"unknown tracker {name!r}; accelerate knows {sorted(LOGGER_TYPE_TO_CLASS)}")
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    tracker = cls(project, str(logging_dir)) if cls.requires_logging_directory else cls(project)
+    tracker.start()
+    tracker.store_init_configuration(_flat_config(config))
+    return tracker
 
 
 def _jsonable(value: Any) -> Any:

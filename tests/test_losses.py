@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from dspy_p2o.trainer.losses import aggregate, template_ratio_weights, token_loss, truncated_is_weights
+
+LOG = math.log
+
+
+def test_clipped_surrogate_by_hand():
+    # one token per row: ratio 1.5 / 0.5 with positive and negative advantages
+    logp = torch.tensor([[LOG(1.5)], [LOG(0.5)], [LOG(0.5)], [LOG(1.5)], [LOG(1.1)]], requires_grad=True)
+    old = torch.zeros(5, 1)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0])
+    out = token_loss(logp, old, adv, epsilon_low=0.2, epsilon_high=0.28)
+    # -min(r A, clip(r) A): 1.5 -> clip 1.28; .5 A=+1 -> .5; .5 A=-1 -> clip .8; 1.5 A=-1 -> 1.5; 1.1 A=2 -> 2.2
+    assert out.loss.squeeze(1).tolist() == pytest.approx([-1.28, -0.5, 0.8, 1.5, -2.2])
+    assert out.clipped_high.squeeze(1).tolist() == [True, False, False, False, False]
+    assert out.clipped_low.squeeze(1).tolist() == [False, False, True, False, False]
+    out.loss.sum().backward()
+    # d/dlogp of -r A is -r A where unclipped; zero where the clip is active
+    assert logp.grad.squeeze(1).tolist() == pytest.approx([0.0, -0.5, 0.0, 1.5, -2.2])
+
+
+def test_weights_scale_the_surrogate_and_kl_is_k3():
+    logp = torch.tensor([[LOG(0.5), LOG(1.0)]])
+    old = torch.tensor([[LOG(0.5), LOG(1.0)]])
+    ref = torch.tensor([[LOG(1.0), LOG(0.5)]])
+    out = token_loss(logp, old, torch.tensor([1.0]), weights=torch.tensor([[2.0, 0.5]]), ref_logp=ref, beta=0.1)
+    k3 = [math.exp(LOG(2.0)) - LOG(2.0) - 1, math.exp(LOG(0.5)) - LOG(0.5) - 1]
+    assert out.kl[0].tolist() == pytest.approx(k3)
+    assert out.loss[0].tolist() == pytest.approx([-1 * 2.0 + 0.1 * k3[0], -1 * 0.5 + 0.1 * k3[1]])
+    with pytest.raises(ValueError, match="reference"):
+        token_loss(logp, old, torch.tensor([1.0]), beta=0.1)
+
+
+LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("agg,expected", [("grpo", (6 / 3 + 4 / 1) / 2), ("dapo", 10 / 4), ("dr_grpo", 10 / (2 * 5))])
+def test_aggregations_by_hand(agg, expected):
+    got = aggregate(LOSS, MASK, agg, num_sequences=2, num_tokens=4, norm_length=5)
+    assert got.item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("agg", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_add_up_to_the_mini_batch_loss(agg):
+    norm = dict(num_sequences=2, num_tokens=4, norm_length=5)
+    whole = aggregate(LOSS, MASK, agg, **norm)
+    parts = aggregate(LOSS[:1], MASK[:1], agg, **norm) + aggregate(LOSS[1:], MASK[1:], agg, **norm)
+    assert parts.item() == pytest.approx(whole.item())
+
+
+def test_unknown_aggregation_is_rejected():
+    with pytest.raises(ValueError, match="loss_agg"):
+        aggregate(LOSS, MASK, "mean", num_sequences=2, num_tokens=4, norm_length=5)
+
+
+def test_template_ratio_mask_soft_and_off():
+    logp_tilde = torch.zeros(4)
+    logp_x = torch.tensor([LOG(0.005), LOG(0.5), LOG(10.0), LOG(20.0)])  # r = pi(y|x) / pi(y|x~)
+    w, kept = template_ratio_weights(logp_x, logp_tilde, "mask", (0.01, 10.0))
+    assert kept.tolist() == [False, True, True, False] and w.tolist() == [0, 1, 1, 0]
+    w, kept = template_ratio_weights(logp_x, logp_tilde, "soft", (0.01, 10.0))
+    assert kept.all() and w.tolist() == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    w, kept = template_ratio_weights(logp_x, logp_tilde, "off", (0.01, 10.0))
+    assert kept.all() and w.tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="template_ratio"):
+        template_ratio_weights(logp_x, logp_tilde, "clip", (0.01, 10.0))
+
+
+def test_truncated_importance_weights():
+    trainer = torch.tensor([LOG(0.5), LOG(0.5), LOG(0.9)])
+    engine = torch.tensor([LOG(0.5), LOG(0.1), LOG(0.9 / 0.8)])
+    assert truncated_is_weights(trainer, engine, cap=2.0).tolist() == pytest.approx([1.0, 2.0, 0.8])
