@@ -1,0 +1,177 @@
+"""The toy world: a verifiable digit-transformation task as a DSPy program.
+
+A question is a tag and four digits (``"#K 3719"``); the tag decides which rule maps the
+digits to the answer (``reverse`` -> ``"9173"``). The base policy is pretrained to apply
+the rules of a few *easy* tags on its own, to apply any rule an instruction names for a
+tag ("Tag #K: reverse."), and to copy the digits otherwise. The *hard* tags' rules are
+never taught without an instruction, so no rollout solves a hard question until the
+prompt names its rule -- the situation P^2O is built for: GRPO sees only zero-reward
+groups there, GEPA can find instructions that unlock them, and context distillation can
+move that knowledge into the weights.
+
+Everything is decided by one seed: which tags are easy or hard, which rule each uses,
+and the questions of each split (disjoint digit strings, stable ids).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import dspy
+
+NUM_DIGITS = 4
+TAGS = tuple(f"#{c}" for c in "ABCDEFGHJKLM")  # 12 tags; each is one token in the policy's tokenizer
+DEFAULT_RULE = "copy"
+
+
+def _digits_map(f: Callable[[int], int]) -> Callable[[str], str]:
+    return lambda s: "".join(str(f(int(c))) for c in s)
+
+
+# Each rule is a permutation of positions or a map of digits: easy for attention to execute
+# once the rule is known, impossible to guess from the default.
+RULES: dict[str, Callable[[str], str]] = {
+    "copy": lambda s: s,
+    "reverse": lambda s: s[::-1],
+    "rotate": lambda s: s[1:] + s[:1],
+    "swap": lambda s: "".join(s[i ^ 1] for i in range(len(s))),
+    "increment": _digits_map(lambda d: (d + 1) % 10),
+    "complement": _digits_map(lambda d: 9 - d),
+    "double": _digits_map(lambda d: (2 * d) % 10),
+}
+
+BASE_INSTRUCTION = "Transform the digits."
+_CLAUSE_RE = re.compile(r"Tag (#[A-Z]): ([a-z]+)\.")
+
+
+def clause(tag: str, rule: str) -> str:
+    return f"Tag {tag}: {rule}."
+
+
+def make_instruction(rules_by_tag: dict[str, str], base: str = BASE_INSTRUCTION) -> str:
+    """The instruction naming a rule for each tag: what GEPA should discover."""
+    return " ".join([base] + [clause(t, r) for t, r in rules_by_tag.items()])
+
+
+def parse_instruction(instruction: str) -> dict[str, str]:
+    """The (tag -> rule) clauses an instruction names; unknown rule names are ignored."""
+    return {t: r for t, r in _CLAUSE_RE.findall(instruction or "") if r in RULES}
+
+
+def apply_rule(rule: str, digits: str) -> str:
+    return RULES[rule](digits)
+
+
+def parse_question(question: str) -> tuple[str, str]:
+    """(tag, digits) of a question, with a clear error on anything else."""
+    parts = str(question).split()
+    if len(parts) != 2 or parts[0] not in TAGS or not parts[1].isdigit():
+        raise ValueError(f"not a toy-world question: {question!r} (expected '<tag> <digits>', e.g. '#K 3719')")
+    return parts[0], parts[1]
+
+
+class ToySignature(dspy.Signature):
+    """Transform the digits."""
+
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+class ToyProgram(dspy.Module):
+    """The one-predictor DSPy program the toy world trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict(ToySignature)
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.predict(question=question)
+
+
+def metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> dspy.Prediction:
+    """Exact match of the answer, with GEPA-style feedback that shows the gold answer."""
+    answer = getattr(pred, "answer", None) if pred is not None else None
+    answer = None if answer is None else str(answer).strip()
+    if answer == gold.answer:
+        return dspy.Prediction(score=1.0, feedback=f"Correct: the answer to '{gold.question}' is {gold.answer}.")
+    got = "no parseable answer" if answer is None else f"'{answer}'"
+    return dspy.Prediction(score=0.0, feedback=f"Wrong: the answer to '{gold.question}' is {gold.answer}, got {got}.")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Sizes of the world. Per split, each tag gets `per_tag` questions."""
+
+    num_easy: int = 3
+    num_hard: int = 3
+    train_per_tag: int = 24
+    test_per_tag: int = 24
+
+    def __post_init__(self) -> None:
+        non_default = len(RULES) - 1
+        if self.num_easy + self.num_hard > non_default:
+            raise ValueError(f"num_easy + num_hard must be <= {non_default} (the non-default rules)")
+        if min(self.num_easy, self.num_hard, self.train_per_tag, self.test_per_tag) < 1:
+            raise ValueError("every WorldConfig size must be >= 1")
+
+
+@dataclass
+class World:
+    """One seeded world: the tag->rule map, the easy/hard tags and the splits."""
+
+    seed: int
+    easy_rules: dict[str, str]  # tag -> rule the base policy applies on its own
+    hard_rules: dict[str, str]  # tag -> rule only an instruction unlocks
+    train: list[dspy.Example] = field(default_factory=list)
+    test: list[dspy.Example] = field(default_factory=list)
+
+    @property
+    def rules(self) -> dict[str, str]:
+        return {**self.easy_rules, **self.hard_rules}
+
+    @property
+    def oracle_instruction(self) -> str:
+        """The instruction that names every hard rule (the best template GEPA could find)."""
+        return make_instruction(self.hard_rules)
+
+    def split(self, name: str, kind: str | None = None) -> list[dspy.Example]:
+        examples = {"train": self.train, "test": self.test}[name]
+        return [e for e in examples if kind is None or e.kind == kind]
+
+
+def make_example(tag: str, digits: str, rule: str, kind: str, split: str, seed: int) -> dspy.Example:
+    ex = dspy.Example(question=f"{tag} {digits}", answer=apply_rule(rule, digits), kind=kind,
+                      id=f"toy{seed}-{split}-{tag[1:]}{digits}")
+    return ex.with_inputs("question")
+
+
+def build_world(seed: int = 0, config: WorldConfig | None = None) -> World:
+    """A seeded world. Hard questions are chosen so the default (copy) answer is wrong."""
+    config = config or WorldConfig()
+    rng = random.Random(f"toyworld-{seed}")
+    tags = list(TAGS)
+    rng.shuffle(tags)
+    rules = [r for r in RULES if r != DEFAULT_RULE]
+    rng.shuffle(rules)
+    easy = dict(zip(tags[: config.num_easy], rules[: config.num_easy]))
+    hard_tags = tags[config.num_easy: config.num_easy + config.num_hard]
+    hard = dict(zip(hard_tags, rules[config.num_easy: config.num_easy + config.num_hard]))
+    world = World(seed, easy, hard)
+    used: set[str] = set()
+    for split, per_tag in (("train", config.train_per_tag), ("test", config.test_per_tag)):
+        out = world.train if split == "train" else world.test
+        for tag, rule in world.rules.items():
+            kind = "easy" if tag in easy else "hard"
+            made = 0
+            while made < per_tag:
+                digits = "".join(rng.choice("0123456789") for _ in range(NUM_DIGITS))
+                if (tag, digits) in used or apply_rule(rule, digits) == digits:
+                    continue  # held-out splits are disjoint; no rule may coincide with the default
+                used.add((tag, digits))
+                out.append(make_example(tag, digits, rule, kind, split, seed))
+                made += 1
+        rng.shuffle(out)
+    return world
