@@ -1,0 +1,119 @@
+"""`dspy-p2o eval`: the paper's maths evaluation (Table 1) of a model, or a comparison of runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dspy_p2o.evaluation.prompting import DEFAULT_PROGRAM, PROMPT_MODES
+from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
+
+PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
+DEFAULT_MAX_TOKENS = 12288  # the paper's maximum response length
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory or hub id (required unless --compare)")
+    parser.add_argument("--benchmarks", default=",".join(PAPER_BENCHMARKS),
+                        help="comma-separated benchmark names (default: the paper's six)")
+    parser.add_argument("--engine", default="local", choices=("local", "vllm"),
+                        help="local: in-process transformers; vllm: a managed vLLM server (GPU)")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra make_engine keyword (VALUE parsed as JSON when it can be), repeatable; "
+                             "e.g. dtype=bfloat16, max_batch_size=128")
+    parser.add_argument("--prompt", default="program", choices=PROMPT_MODES,
+                        help="program: the DSPy program's prompt; raw: Qwen's maths-eval chat prompt "
+                             "(comparable with published numbers)")
+    parser.add_argument("--program", default=DEFAULT_PROGRAM,
+                        help=f"DSPy program name or saved-program path for --prompt program (default {DEFAULT_PROGRAM})")
+    parser.add_argument("--chat-template-kwargs", type=json.loads, default=None, metavar="JSON",
+                        help='passed to apply_chat_template, e.g. \'{"enable_thinking": false}\'')
+    parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    parser.add_argument("--out", default=None, help="output dir (default runs/eval/<model>-<prompt>); "
+                                                    "rerunning with the same dir resumes")
+    parser.add_argument("--name", default=None, help="row label in the table (default: the model's name)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples per problem (default: 16 for benchmarks under 100 problems, else 1)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: 0.6 for benchmarks under 100 problems, else 0 (greedy)")
+    parser.add_argument("--top-p", type=float, default=None, help="default 1.0")
+    parser.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"maximum completion tokens (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-sequences", type=int, default=DEFAULT_CHUNK_SEQUENCES,
+                        help="sequences per engine.generate call; finished chunks are saved")
+    parser.add_argument("--verify-timeout", type=float, default=None, help="seconds per math-verify check")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RESULTS",
+                        help="render these results.json files (or run dirs) as one table, and exit")
+
+
+def parse_engine_args(items: list[str]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {item!r} is not KEY=VALUE")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def parse_benchmarks(text: str) -> list[str]:
+    from dspy_p2o.data import BENCHMARKS
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BENCHMARKS]
+    if not names or unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown or text!r}; choose from {', '.join(BENCHMARKS)}")
+    return list(dict.fromkeys(names))
+
+
+def model_label(model: str) -> str:
+    return Path(model.rstrip("/")).name or model
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dspy-p2o eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dspy_p2o.evaluation.report import load_results, results_table
+
+    if args.compare:
+        print(results_table([load_results(p) for p in args.compare]), end="")
+        return 0
+    if not args.model:
+        raise ValueError("--model is required (or --compare RESULTS...)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    benchmarks = parse_benchmarks(args.benchmarks)
+    engine_kwargs = parse_engine_args(args.engine_arg)
+    out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
+    overrides = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+                 "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed}
+
+    from dspy_p2o.engines import make_engine
+    from dspy_p2o.evaluation.prompting import make_prompting
+    from dspy_p2o.evaluation.runner import evaluate
+
+    with make_engine(args.engine, args.model, **engine_kwargs) as engine:
+        prompting = make_prompting(args.prompt, engine.tokenizer, program=args.program,
+                                   chat_template_kwargs=args.chat_template_kwargs)
+        results = evaluate(engine, benchmarks, prompting, out, model=args.model,
+                           label=args.name or f"{model_label(args.model)} ({args.prompt})", limit=args.limit,
+                           protocol_overrides=overrides, chunk_sequences=args.chunk_sequences,
+                           verify_timeout=args.verify_timeout, progress=not args.quiet)
+    print(results_table([results]), end="")
+    print(f"\nresults: {out / 'results.json'}  samples: {out}/<benchmark>.jsonl")
+    return 0
