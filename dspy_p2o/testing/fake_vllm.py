@@ -432,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     if not model:
         logger.error("no model given: pass MODEL or --model DIR")
         return 2
+    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        # fail before importing torch, as fast as a real server fails on a bad path
+        logger.error("failed to load model %r: FileNotFoundError: model directory %r does not exist", model, model)
+        return 1
     dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE", "0") == "1"
     logger.info("loading %s (dev mode %s)", model, "on" if dev_mode else "off")
     try:

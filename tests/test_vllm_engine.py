@@ -1,0 +1,207 @@
+"""The vLLM engine over real HTTP against the fake vLLM server (a real tiny model on CPU).
+
+Covers the managed lifecycle (start, auth, death, stop), startup failures with the
+server's log tail, health timeout, connection loss mid-rollout, log-probs equal to a
+forward pass of the served weights, weight reload, and the DSPy LM sending a real n.
+"""
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would try the network at import
+
+import signal
+import sys
+
+import httpx
+import pytest
+import torch
+
+from dspy_p2o.engines.base import SamplingParams
+from dspy_p2o.engines.local import process_logits
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError
+from dspy_p2o.engines.vllm_server import VLLMServer, VLLMServerError
+from dspy_p2o.testing.fake_vllm import FakeVLLMServer
+
+FAKE_VLLM = [sys.executable, "-m", "dspy_p2o.testing.fake_vllm"]
+MESSAGES = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Say hi."}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small tiny model (small BPE corpus: seconds to build, not the session model's half minute)."""
+    from dspy_p2o.tiny import build_tiny_model, default_corpus
+
+    return build_tiny_model(tmp_path_factory.mktemp("vllm") / "model", texts=default_corpus(60), vocab_size=512,
+                            hidden_size=32, num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def fake(model_dir):
+    with FakeVLLMServer(model_dir, api_key="secret-key") as server:
+        yield server
+
+
+@pytest.fixture()
+def engine(fake, model_dir):
+    eng = VLLMEngine(model_dir, url=fake.url, api_key="secret-key", max_concurrency=4)
+    yield eng
+    eng.close()
+
+
+def _prompts(engine):
+    return [engine.chat_prompt_ids(m) for m in MESSAGES]
+
+
+def _forward_logprobs(model, prompt, completion, params):
+    """Log-probs of `completion` after `prompt` under `params`' processed distribution, by one forward pass."""
+    ids = torch.tensor([list(prompt) + list(completion)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+    return process_logits(logits, params).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------- rollouts
+def test_rollout_logprobs_match_a_forward_pass_of_the_served_weights(engine, model_dir):
+    prompts = _prompts(engine)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_tokens=12)
+    outs = engine.generate(prompts, n=3, temperature=0.8, top_p=0.9, top_k=40, max_tokens=12, seed=7)
+    assert [o.prompt_token_ids for o in outs] == prompts  # mapped back in prompt order
+    model = _load(model_dir)
+    for prompt, out in zip(prompts, outs):
+        assert len(out.completions) == 3
+        for c in out.completions:
+            assert len(c.token_ids) == len(c.logprobs) >= 1
+            assert c.finish_reason in ("stop", "length")
+            expected = _forward_logprobs(model, prompt, c.token_ids, params)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+    # a seed makes rollouts reproducible; different prompts still get different samples
+    again = engine.generate(prompts, n=3, temperature=0.8, top_p=0.9, top_k=40, max_tokens=12, seed=7)
+    assert [[c.token_ids for c in o.completions] for o in again] == [[c.token_ids for c in o.completions] for o in outs]
+
+
+def test_rollouts_survive_dropped_connections(engine, fake):
+    prompts = _prompts(engine)
+    before = sum(1 for _, path in fake.request_log if path == "/v1/completions")
+    fake.drop_connections(2)
+    outs = engine.generate(prompts, n=2, max_tokens=4, seed=0)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    assert all(len(o.completions) == 2 for o in outs)
+    sent = sum(1 for _, path in fake.request_log if path == "/v1/completions") - before
+    assert sent == len(prompts) + 2  # the two dropped requests were retried
+
+    fake.drop_connections(10)
+    impatient = VLLMEngine(engine.model, url=fake.url, api_key="secret-key", max_retries=1, tokenizer=engine.tokenizer)
+    try:
+        with pytest.raises(VLLMRequestError, match="failed after 2 attempts"):
+            impatient.generate(prompts[:1], max_tokens=2)
+    finally:
+        fake.drop_connections(0)
+        impatient.close()
+
+
+def test_bad_requests_and_auth_give_clear_errors(fake, model_dir, engine):
+    with pytest.raises(VLLMRequestError, match="HTTP 401"):
+        VLLMEngine(model_dir, url=fake.url, api_key="wrong-key")
+    too_long = [engine.tokenizer.eos_token_id] * 10
+    with pytest.raises(VLLMRequestError, match="maximum context length"):
+        engine.generate([too_long], max_tokens=10**6)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([too_long, []])
+
+
+# ---------------------------------------------------------------------- weight sync
+def test_reload_serves_the_new_weights(engine, fake, model_dir):
+    prompts = _prompts(engine)[:2]
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    original = engine.generate(prompts, n=2, max_tokens=8, seed=3)
+
+    torch.manual_seed(0)
+    trained = _load(model_dir)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    report = engine.sync_weights(trained)  # module -> save_pretrained -> pause/reload/reset/resume
+    assert report.changed is True and report.seconds > 0 and report.reload_seconds > 0
+    assert [p for _, p in fake.request_log if p in ("/pause", "/collective_rpc", "/reset_prefix_cache",
+                                                     "/resume")][-4:] == [
+        "/pause", "/collective_rpc", "/reset_prefix_cache", "/resume"]
+    assert not fake._paused
+
+    served = engine.generate(prompts, n=2, max_tokens=8, seed=3)
+    for prompt, out in zip(prompts, served):
+        for c in out.completions:
+            torch.testing.assert_close(torch.tensor(c.logprobs), _forward_logprobs(trained, prompt, c.token_ids, params),
+                                       atol=1e-4, rtol=0)
+    assert [c.logprobs for c in served[0].completions] != [c.logprobs for c in original[0].completions]
+
+    engine.sync_weights(trained.state_dict())  # a state dict (tied embeddings) works too
+    assert engine.last_sync.changed is False  # same weights: the probe must not move
+
+    engine.sync_weights(model_dir)  # a saved dir is used as is: back to the original weights
+    assert engine.last_sync.changed is True and engine.last_sync.weights_path == str(model_dir.resolve())
+    restored = engine.generate(prompts, n=2, max_tokens=8, seed=3)
+    assert [[c.token_ids for c in o.completions] for o in restored] == [[c.token_ids for c in o.completions]
+                                                                        for o in original]
+
+
+# ---------------------------------------------------------------------- DSPy
+def test_dspy_lm_sends_one_request_with_n(engine, fake):
+    lm = engine.dspy_lm(max_tokens=6)
+    before = len(fake.request_log)
+    texts = lm("Say hi.", n=3)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert [p for _, p in fake.request_log[before:]] == ["/v1/chat/completions"]  # one request, n=3 inside
+
+
+# ---------------------------------------------------------------------- managed lifecycle
+def test_managed_server_lifecycle(model_dir, tmp_path):
+    log = tmp_path / "server.log"
+    engine = VLLMEngine(model_dir, server_command=FAKE_VLLM, startup_timeout_s=180, log_path=log,
+                        gpu_memory_utilization=0.3, max_model_len=512)
+    server = engine.server
+    try:
+        cmd = " ".join(server.command)
+        for flag in ("--host 127.0.0.1", "--logprobs-mode processed_logprobs", "--generation-config vllm",
+                     "--gpu-memory-utilization 0.3", "--max-model-len 512", f"--api-key {engine.api_key}"):
+            assert flag in cmd
+        assert server.env["VLLM_SERVER_DEV_MODE"] == "1"
+        assert engine.api_key not in log.read_text()  # the key is redacted from the log
+
+        out = engine.generate(_prompts(engine)[:2], n=2, max_tokens=4)
+        assert all(len(o.completions) == 2 for o in out)
+        assert httpx.get(f"{engine.url}/v1/models").status_code == 401  # the key is required
+        assert engine.sync_weights(model_dir).changed is False  # dev routes are there
+
+        os.killpg(server.process.pid, signal.SIGKILL)  # the server dies under us
+        server.process.wait(10)
+        with pytest.raises(VLLMServerError, match="died"):
+            engine.generate(_prompts(engine)[:1], max_tokens=2)
+    finally:
+        engine.close()
+    assert server.process.poll() is not None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{engine.url}/health", timeout=2)
+    engine.close()  # idempotent
+
+
+def test_start_failure_shows_the_server_log_tail(tmp_path, engine):
+    with pytest.raises(VLLMServerError) as err:
+        VLLMEngine(tmp_path / "no-such-model", tokenizer=engine.tokenizer, server_command=FAKE_VLLM,
+                   startup_timeout_s=120)
+    message = str(err.value)
+    assert "exited with code 1" in message and "does not exist" in message and "Last lines of" in message
+
+
+def test_health_timeout_stops_the_server(tmp_path):
+    never_healthy = [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(600)"]
+    server = VLLMServer(tmp_path, server_command=never_healthy, startup_timeout_s=3, log_path=tmp_path / "s.log")
+    with pytest.raises(VLLMServerError, match=r"did not become healthy within 3 s(.|\n)*loading forever"):
+        server.start()
+    assert server.process.poll() is not None  # not left running
