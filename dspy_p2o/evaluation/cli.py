@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_p2o.evaluation.prompting import DEFAULT_PROGRAM, PROMPT_MODES
+from dspy_p2o.evaluation.protocol import SMALL_BENCHMARK_SIZE
 from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
@@ -36,11 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "rerunning with the same dir resumes")
     parser.add_argument("--name", default=None, help="row label in the table (default: the model's name)")
     parser.add_argument("--samples", type=int, default=None,
-                        help="samples per problem (default: 16 for benchmarks under 100 problems, else 1)")
+                        help="samples per problem on the sampled benchmarks (default 16)")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="default: 0.6 for benchmarks under 100 problems, else 0 (greedy)")
+                        help="temperature on the sampled benchmarks (default 0.6; 0 makes them greedy)")
     parser.add_argument("--top-p", type=float, default=None, help="default 1.0")
     parser.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
+    parser.add_argument("--sampled-below", type=int, default=SMALL_BENCHMARK_SIZE, metavar="N",
+                        help=f"benchmarks with fewer than N problems are sampled, the rest decoded greedily "
+                             f"(default {SMALL_BENCHMARK_SIZE}, the paper's rule; 0: all greedy)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"maximum completion tokens (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--seed", type=int, default=0)
@@ -101,16 +105,19 @@ def _run(args: argparse.Namespace) -> int:
     engine_kwargs = parse_engine_args(args.engine_arg)
     out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
     overrides = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
-                 "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed}
+                 "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed,
+                 "sampled_below": args.sampled_below}
 
     from dspy_p2o.engines import make_engine
     from dspy_p2o.evaluation.prompting import make_prompting
     from dspy_p2o.evaluation.runner import evaluate
 
+    # A local model is recorded by its absolute path, so a resume from another directory matches.
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with make_engine(args.engine, args.model, **engine_kwargs) as engine:
         prompting = make_prompting(args.prompt, engine.tokenizer, program=args.program,
                                    chat_template_kwargs=args.chat_template_kwargs)
-        results = evaluate(engine, benchmarks, prompting, out, model=args.model,
+        results = evaluate(engine, benchmarks, prompting, out, model=model,
                            label=args.name or f"{model_label(args.model)} ({args.prompt})", limit=args.limit,
                            protocol_overrides=overrides, chunk_sequences=args.chunk_sequences,
                            verify_timeout=args.verify_timeout, progress=not args.quiet)

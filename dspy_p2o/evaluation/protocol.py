@@ -55,16 +55,20 @@ def protocol_for(
     top_k: int | None = None,
     max_tokens: int = 4096,
     seed: int | None = 0,
-    small_size: int = SMALL_BENCHMARK_SIZE,
+    sampled_below: int = SMALL_BENCHMARK_SIZE,
 ) -> Protocol:
-    """The paper's protocol for a benchmark of `n_problems` (its full size, not a --limit),
-    with explicit `samples` / `temperature` / `top_p` / `top_k` overriding it."""
-    small = n_problems < small_size
-    if temperature is None:
-        # Asking for several samples without a temperature means the sampled protocol.
-        temperature = SAMPLED_TEMPERATURE if small or (samples or 1) > 1 else 0.0
-    if samples is None:
-        samples = SAMPLED_N if small and temperature > 0 else 1
+    """The protocol of a benchmark of `n_problems` (its full size, not a --limit).
+
+    Benchmarks with fewer than `sampled_below` problems are sampled (`samples`, default
+    16, at `temperature`, default 0.6; temperature 0 makes them greedy too); the others
+    are decoded greedily once. `sampled_below=0` makes every benchmark greedy, a huge
+    value makes every benchmark sampled.
+    """
+    if n_problems < sampled_below:
+        temperature = SAMPLED_TEMPERATURE if temperature is None else temperature
+        samples = (SAMPLED_N if temperature > 0 else 1) if samples is None else samples
+    else:
+        temperature, samples = 0.0, 1
     return Protocol(samples=samples, temperature=temperature, top_p=1.0 if top_p is None else top_p,
                     top_k=0 if top_k is None else top_k, max_tokens=max_tokens, seed=seed)
 

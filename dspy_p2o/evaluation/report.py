@@ -105,21 +105,25 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + ("\n\n" + passes if passes else "") + "\n"
 
 
-def _pass_table(results: Sequence[dict[str, Any]], columns: list[str]) -> str:
-    def pass_key(summary: dict[str, Any]) -> str | None:
-        return next((k for k in summary if k.startswith("pass@")), None)
+def _pass_key(summary: dict[str, Any]) -> str | None:
+    return next((k for k in summary if k.startswith("pass@")), None)
 
-    sampled = [c for c in columns if any(c in r["benchmarks"] and pass_key(r["benchmarks"][c]) for r in results)]
+
+def _pass_table(results: Sequence[dict[str, Any]], columns: list[str]) -> str:
+    """pass@k of the sampled benchmarks; a cell whose k differs from its column's says so."""
+    keys = {c: [_pass_key(r["benchmarks"][c]) for r in results if c in r["benchmarks"]] for c in columns}
+    sampled = [c for c in columns if any(keys[c])]
     if not sampled:
         return ""
-    lines = ["| Model | " + " | ".join(f"{BENCHMARK_TITLES.get(c, c)} pass@k" for c in sampled) + " |",
+    head = {c: next(k for k in keys[c] if k) for c in sampled}
+    lines = ["| Model | " + " | ".join(f"{BENCHMARK_TITLES.get(c, c)} {head[c]}" for c in sampled) + " |",
              "|" + "|".join(["---"] + ["---:"] * len(sampled)) + "|"]
     for r in results:
         cells = []
         for c in sampled:
-            s = r["benchmarks"].get(c, {})
-            key = pass_key(s)
-            cells.append(f"{_pct(s[key])} ({key})" if key else "–")
+            summary = r["benchmarks"].get(c, {})
+            key = _pass_key(summary)
+            cells.append("–" if key is None else _pct(summary[key]) + ("" if key == head[c] else f" ({key})"))
         lines.append("| " + " | ".join([str(r.get("label") or r.get("model", "?"))] + cells) + " |")
     return "\n".join(lines)
 
