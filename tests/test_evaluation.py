@@ -181,3 +181,12 @@ def test_results_table_marks_partial_rows():
     assert lines[2] == "| a | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 |"
     assert lines[3] == "| b | 25.0 | – | – | – | – | – | 25.0* |"
     assert "| Model | AIME24 pass@16 |" in lines and "| b | 75.0 |" in lines
+
+
+def test_engine_args_are_parsed_as_json_when_they_can_be():
+    from dspy_p2o.evaluation.cli import parse_engine_args
+
+    assert parse_engine_args(["tensor_parallel_size=2", "dtype=bfloat16", "url=http://h:8000", "x=1.5"]) == {
+        "tensor_parallel_size": 2, "dtype": "bfloat16", "url": "http://h:8000", "x": 1.5}
+    with pytest.raises(ValueError, match="'oops' is not KEY=VALUE"):
+        parse_engine_args(["oops"])

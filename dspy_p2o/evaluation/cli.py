@@ -14,6 +14,9 @@ from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
 DEFAULT_MAX_TOKENS = 12288  # the paper's maximum response length
+# Evaluation owns the GPU (the vLLM engine's own defaults leave room for a trainer), and a
+# whole benchmark should be in flight at once.
+ENGINE_DEFAULTS = {"vllm": {"gpu_memory_utilization": 0.9, "max_concurrency": 512}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local: in-process transformers; vllm: a managed vLLM server (GPU)")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra make_engine keyword (VALUE parsed as JSON when it can be), repeatable; "
-                             "e.g. dtype=bfloat16, max_batch_size=128")
+                             "e.g. dtype=bfloat16, max_batch_size=128 (local); tensor_parallel_size=2, "
+                             "max_model_len=16384, url=http://host:8000 (vllm)")
     parser.add_argument("--prompt", default="program", choices=PROMPT_MODES,
                         help="program: the DSPy program's prompt; raw: Qwen's maths-eval chat prompt "
                              "(comparable with published numbers)")
@@ -102,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     benchmarks = parse_benchmarks(args.benchmarks)
-    engine_kwargs = parse_engine_args(args.engine_arg)
+    engine_kwargs = {**ENGINE_DEFAULTS.get(args.engine, {}), **parse_engine_args(args.engine_arg)}
     out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
     overrides = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
                  "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed,
