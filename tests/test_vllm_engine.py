@@ -18,7 +18,7 @@ import torch
 
 from dspy_p2o.engines.base import SamplingParams
 from dspy_p2o.engines.local import process_logits
-from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, reference_engine, reference_engine_kwargs
 from dspy_p2o.engines.vllm_server import VLLMServer, VLLMServerError
 from dspy_p2o.testing.fake_vllm import FakeVLLMServer
 
@@ -149,6 +149,22 @@ def test_reload_serves_the_new_weights(engine, fake, model_dir):
     restored = engine.generate(prompts, n=2, max_tokens=8, seed=3)
     assert [[c.token_ids for c in o.completions] for o in restored] == [[c.token_ids for c in o.completions]
                                                                         for o in original]
+
+
+def test_reference_engine_is_frozen_and_never_the_policy_server(fake, model_dir):
+    policy_kwargs = {"url": "http://127.0.0.1:9", "api_key": "policy-key", "gpu_memory_utilization": 0.45,
+                     "max_model_len": 4096, "reference_gpu_memory_utilization": 0.2}
+    kwargs = reference_engine_kwargs(policy_kwargs)
+    assert "url" not in kwargs and "api_key" not in kwargs and kwargs["frozen"] is True
+    assert kwargs["gpu_memory_utilization"] == 0.2 and kwargs["max_model_len"] == 4096
+    ref = reference_engine(model_dir, **policy_kwargs, reference_url=fake.url, reference_api_key="secret-key")
+    try:
+        assert ref.url == fake.url and ref.served_model_name == fake.served_model_name
+        with pytest.raises(RuntimeError, match="frozen"):
+            ref.sync_weights(model_dir)
+        assert len(ref.generate(_prompts(ref)[:1], n=2, max_tokens=2)[0].completions) == 2
+    finally:
+        ref.close()
 
 
 # ---------------------------------------------------------------------- DSPy

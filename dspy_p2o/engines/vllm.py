@@ -84,6 +84,9 @@ class VLLMEngine(Engine):
             /dev/shm makes saving a 4B model take ~seconds).
         env: extra environment for the managed server (e.g. {"CUDA_VISIBLE_DEVICES": "0"}).
         reload_kwargs: extra kwargs for the worker's `reload_weights` (version-dependent).
+        frozen: a reference server (e.g. the initial model for self-reflection): sync_weights refuses.
+        reference_*: settings of the self-reflection reference server, kept in the same
+            engine_kwargs and ignored here (see `reference_engine_kwargs`).
     """
 
     def __init__(
@@ -110,9 +113,14 @@ class VLLMEngine(Engine):
         sync_dir: str | os.PathLike | None = None,
         env: Mapping[str, str] | None = None,
         reload_kwargs: Mapping[str, Any] | None = None,
+        frozen: bool = False,
         tokenizer: Any = None,
         name: str | None = None,
+        **reference_options: Any,
     ) -> None:
+        unknown = [k for k in reference_options if not k.startswith("reference_")]
+        if unknown:
+            raise TypeError(f"VLLMEngine got unexpected keyword arguments {unknown}")
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(
                 f"VLLMEngine needs the model dir or hub id the server loads, got {type(model).__name__}; "
@@ -127,6 +135,7 @@ class VLLMEngine(Engine):
         self.max_concurrency = int(max_concurrency)
         self.max_retries = int(max_retries)
         self.reload_kwargs = dict(reload_kwargs or {})
+        self.frozen = bool(frozen)
         self.name = name or Path(self.model.rstrip("/")).name or "policy"
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model)
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
@@ -327,6 +336,8 @@ class VLLMEngine(Engine):
         Returns (and keeps in `last_sync`) a SyncReport with the time it took and whether
         the served model changed.
         """
+        if self.frozen:
+            raise RuntimeError(f"{self!r} is frozen (a reference model): it never takes new weights")
         start = time.perf_counter()
         before = self._probe() if self.verify_sync else None
         if self.weight_sync == "nccl":
@@ -431,6 +442,35 @@ class VLLMEngine(Engine):
     def __repr__(self) -> str:
         mode = "managed" if self.server is not None else "attached"
         return f"VLLMEngine({self.model!r}, url={self.url!r}, {mode}, weight_sync={self.weight_sync!r})"
+
+
+# Policy-server settings that must not carry over to the reference server.
+_POLICY_ONLY = ("url", "api_key", "port", "log_path", "served_model_name", "sync_dir", "weight_sync", "verify_sync",
+                "reload_kwargs", "frozen")
+
+
+def reference_engine_kwargs(policy_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """VLLMEngine kwargs for a frozen server of the INITIAL weights next to the policy server.
+
+    Self-reflection (reflection="self") must see pi_init, never the policy being trained,
+    so the policy's `url` / `port` / sync settings are dropped (a copy of the policy
+    kwargs would attach to the policy server). Keys prefixed `reference_` override the
+    rest, e.g. {"reference_url": ...} to attach to a separately launched reference
+    server, {"reference_gpu_memory_utilization": 0.25} for the memory split, or
+    {"reference_env": {"CUDA_VISIBLE_DEVICES": "1"}} to put it on another GPU.
+    """
+    kwargs = {k: v for k, v in policy_kwargs.items() if k not in _POLICY_ONLY and not k.startswith("reference_")}
+    kwargs.update({k[len("reference_"):]: v for k, v in policy_kwargs.items() if k.startswith("reference_")})
+    kwargs["frozen"] = True
+    kwargs["verify_sync"] = False
+    if "url" not in kwargs:  # a managed reference server; an attached one keeps its own name
+        kwargs.setdefault("served_model_name", "reference")
+    return kwargs
+
+
+def reference_engine(model: str | os.PathLike, **policy_kwargs: Any) -> VLLMEngine:
+    """A frozen VLLMEngine serving `model`'s initial weights (see `reference_engine_kwargs`)."""
+    return VLLMEngine(model, **reference_engine_kwargs(policy_kwargs))
 
 
 class NCCLWeightSync:

@@ -345,6 +345,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._drop()
                 if body.get("stream"):
                     raise RequestError("the fake vLLM server does not stream", param="stream")
+                requested = body.get("model")
+                if requested is not None and requested != fake.served_model_name:
+                    raise RequestError(f"The model `{requested}` does not exist.", status=HTTPStatus.NOT_FOUND,
+                                       param="model")
                 fake._enter_generation()
                 try:
                     result = fake.completions(body) if url.path == "/v1/completions" else fake.chat_completions(body)
