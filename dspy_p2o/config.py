@@ -1,8 +1,9 @@
 """P^2O run configuration: one dataclass tree, loadable from YAML, overridable by key=value.
 
 `P2OConfig` nests the trainer's and the prompt phase's own configs. Overrides may use a
-dotted path (`trainer.lr=1e-5`) or, when unambiguous, a bare field name (`lr=1e-5`,
-`distill=false`, `min_hard=8`): the field is found wherever it lives in the tree.
+dotted path (`trainer.lr=1e-5`) or a bare field name (`lr=1e-5`, `distill=false`,
+`min_hard=8`): the field is found wherever it lives in the tree; a top-level field wins
+over nested ones of the same name (`k`, `seed`, `temperature` drive their nested copies).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any, Mapping, get_type_hints
 
 import yaml
 
-from dspy_p2o.prompt_phase import PromptPhaseConfig
-from dspy_p2o.trainer import TrainerConfig
+from dspy_p2o.prompt_phase.gepa_phase import PromptPhaseConfig
+from dspy_p2o.trainer.grpo import TrainerConfig
 
 
 class ConfigError(ValueError):
@@ -116,19 +117,38 @@ class P2OConfig:
         elif isinstance(source, Mapping):
             data = dict(source)
         else:
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-            if not isinstance(data, dict):
-                raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+            data = read_yaml(Path(source))
         data = json.loads(json.dumps(data, default=_jsonable))  # deep copy, tuples -> lists
         for key, value in (overrides or {}).items():
             _set_path(data, resolve_key(key), value)
         return cls.from_dict(data)
+
+
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config; `base: other.yaml` (relative to this file) is read first and overridden
+    by this file's keys, so ablations state only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"config file {str(path)!r}: base chain loops back to {str(base_path)!r}")
+    return _merge(read_yaml(base_path, _seen + (base_path,)), data)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -149,6 +169,8 @@ def resolve_key(key: str) -> list[str]:
     matches = [path for path in _field_paths(P2OConfig) if path[-1] == key]
     if not matches:
         raise ConfigError(f"unknown config key {key!r}")
+    if [key] in matches:  # a top-level knob (k, seed, temperature) drives its nested copies
+        return [key]
     if len(matches) > 1:
         options = ", ".join(".".join(m) for m in matches)
         raise ConfigError(f"config key {key!r} is ambiguous; use one of: {options}")

@@ -85,6 +85,8 @@ class P2OLoop:
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         cfg = self.config
+        # The top-level knobs are the single source of truth for their nested copies.
+        cfg.trainer = dataclasses.replace(cfg.trainer, temperature=cfg.temperature, seed=cfg.seed)
         steps_per_batch = 1
         if cfg.trainer.mini_batch_size:
             steps_per_batch = -(-min(cfg.batch_size, len(self.trainset)) // cfg.trainer.mini_batch_size)
@@ -117,7 +119,7 @@ class P2OLoop:
                 "templated_stats": {}, "history": [], "checkpoint": None, "done": False}
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
-        path = self.trainer.save_checkpoint(self.run.checkpoints / f"step-{self.trainer.global_step:06d}",
+        path = self.trainer.save_checkpoint(self.run.checkpoints,
                                             extra_state={"loop_epoch": state["epoch"], "loop_batch": state["batch"]})
         state["checkpoint"] = str(path)
         self.run.save_state(state)
@@ -270,7 +272,7 @@ class P2OLoop:
         write_summary(self.run, self.config, state["history"], state["assignments"], state.get("checkpoint"))
 
     def _result(self, state: dict[str, Any]) -> CompileResult:
-        checkpoint = Path(state["checkpoint"])
+        checkpoint = Path(state["checkpoint"]) / "model"  # save_pretrained model + tokenizer
         program = self.program.deepcopy()  # ORIGINAL instructions: no template at inference
         program.set_lm(self.engine.dspy_lm(temperature=0.0, max_tokens=self.config.max_tokens))
         return CompileResult(program=program, checkpoint=checkpoint, history=state["history"],

@@ -3,7 +3,7 @@
     config.yaml            resolved config (no secrets)
     state.json             where the loop is (epoch, phase, next batch) + the latest checkpoint
     metrics.jsonl          one JSON object per optimiser step / epoch / evaluation
-    checkpoints/step-N/    save_pretrained model + tokenizer + optimiser/scheduler/RNG state
+    checkpoints/checkpoint-N/  model/ (save_pretrained) + accelerate state (optimiser, scheduler, RNG)
     templates/epoch-N.json the prompt phase's pool, score matrix and assignment
     hard/epoch-N.jsonl     ids and success rates of the hard questions
     gepa/epoch-N/          GEPA's own log dir (lets an interrupted prompt phase resume)
