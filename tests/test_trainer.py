@@ -200,6 +200,7 @@ def _run(script_args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+@pytest.mark.slow  # three subprocesses: ~40-90 s on this machine
 def test_killed_run_resumes_to_the_same_final_state(trainer_model_dir, tmp_path):
     steps = 5
     reference = _run([trainer_model_dir, tmp_path / "ref", steps])

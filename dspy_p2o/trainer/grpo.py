@@ -108,6 +108,10 @@ class _Sequences:
     kept: list[torch.Tensor]  # bool per token: counts in the loss
     ref: list[torch.Tensor] | None = None
     groups: list[str] = field(default_factory=list)
+    behaviour: list[torch.Tensor] = field(default_factory=list)
+    templated: list[bool] = field(default_factory=list)
+    tilde: dict[int, torch.Tensor] = field(default_factory=dict)  # log pi(y | x~) of distilled rows
+    old_from_forward: bool = False  # on-policy: `old` is filled by the (only) gradient pass
 
 
 class GRPOTrainer:
@@ -210,6 +214,10 @@ class GRPOTrainer:
                 time_sync += self.sync_engine()
         for key in step_stats[0]:
             metrics[key] = statistics.fmean(s[key] for s in step_stats)
+        on_sampled = [seqs.tilde.get(j, lp) for j, lp in enumerate(seqs.old)]
+        metrics.update(_mismatch_metrics(on_sampled, seqs.behaviour, seqs.templated))
+        if seqs.tilde:
+            metrics.update(_ratio_metrics(seqs.old, list(seqs.tilde.values()), list(seqs.tilde), seqs.kept, seqs.weights))
         tokens = sum(len(c) + len(p) for p, c in zip(seqs.prompts, seqs.completions))
         elapsed = time.perf_counter() - start
         metrics.update(steps=float(len(step_stats)), time_sync=time_sync, time_train=elapsed - time_sync,
@@ -226,25 +234,29 @@ class GRPOTrainer:
         distilled = [cfg.distill and r.templated for r in chosen]
         prompts = [r.prompt_ids if d else r.sampled_prompt_ids for r, d in zip(chosen, distilled)]
         completions = [r.completion_ids for r in chosen]
-        old = self._logprobs(self._model, prompts, completions)
-        # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
         tilde_rows = [j for j, d in enumerate(distilled) if d]
+        n_steps = math.ceil(len(set(r.example_id for r in chosen)) / (cfg.mini_batch_size or len(chosen)))
+        # On-policy (one step, nothing needs the old log-probs up front): the gradient pass's own
+        # detached log-probs are the old ones, saving a forward pass (as TRL does).
+        from_forward = n_steps == 1 and cfg.tis_cap is None and (not tilde_rows or cfg.template_ratio == "off")
+        old = [torch.empty(0)] * len(chosen) if from_forward else self._logprobs(self._model, prompts, completions)
+        # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
         tilde = self._logprobs(self._model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
                                [completions[j] for j in tilde_rows]) if tilde_rows else []
-        on_sampled = list(old)  # trainer log-probs on the prompt the engine sampled from
-        weights = [torch.ones_like(lp) for lp in old]
-        kept = [torch.ones_like(lp, dtype=torch.bool) for lp in old]
-        for j, lp_tilde in zip(tilde_rows, tilde):
-            on_sampled[j] = lp_tilde
-            weights[j], kept[j] = template_ratio_weights(old[j], lp_tilde, cfg.template_ratio, cfg.template_ratio_bounds)
+        weights = [torch.ones(len(c)) for c in completions]
+        kept = [torch.ones(len(c), dtype=torch.bool) for c in completions]
+        if not from_forward:
+            for j, lp_tilde in zip(tilde_rows, tilde):
+                weights[j], kept[j] = template_ratio_weights(old[j], lp_tilde, cfg.template_ratio,
+                                                             cfg.template_ratio_bounds)
         behaviour = [torch.tensor(r.behaviour_logprobs, dtype=torch.float32) for r in chosen]
         if cfg.tis_cap is not None:
+            on_sampled = [dict(zip(tilde_rows, tilde)).get(j, lp) for j, lp in enumerate(old)]
             weights = [w * truncated_is_weights(t, b, cfg.tis_cap) for w, t, b in zip(weights, on_sampled, behaviour)]
-        metrics.update(_ratio_metrics(old, tilde, tilde_rows, kept, weights))
-        metrics.update(_mismatch_metrics(on_sampled, behaviour, [r.templated for r in chosen]))
         ref = self._logprobs(self.ref_model, prompts, completions) if self.ref_model is not None else None
         return _Sequences(prompts, completions, advantages[trained], old, weights, kept, ref,
-                          [r.example_id for r in chosen])
+                          [r.example_id for r in chosen], behaviour, [r.templated for r in chosen],
+                          dict(zip(tilde_rows, tilde)), from_forward)
 
     def _logprobs(self, model, prompts, completions) -> list[torch.Tensor]:
         return sequence_logprobs(model, prompts, completions, pad_id=self.pad_id, max_tokens=self.config.micro_batch_tokens,
@@ -302,7 +314,13 @@ class GRPOTrainer:
         width, device = batch.width, self.device
         mask = batch.completion_mask & right_align(seqs.kept, rows, width).bool().to(device)
         ref = right_align(seqs.ref, rows, width).to(device) if seqs.ref is not None else None
-        tl = token_loss(logp, right_align(seqs.old, rows, width).to(device), seqs.advantages[rows].to(device),
+        if seqs.old_from_forward:
+            old = logp.detach()
+            for r, i in enumerate(rows):
+                seqs.old[i] = old[r, width - len(seqs.completions[i]):].float().cpu()
+        else:
+            old = right_align(seqs.old, rows, width).to(device)
+        tl = token_loss(logp, old, seqs.advantages[rows].to(device),
                         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                         weights=right_align(seqs.weights, rows, width).to(device), ref_logp=ref, beta=cfg.beta)
         loss = aggregate(tl.loss, mask, cfg.loss_agg, **norm)
@@ -438,7 +456,8 @@ def _mismatch_metrics(trainer, behaviour, templated) -> dict[str, float]:
     """Trainer minus engine log-probs on the sampled prompt, per token (plain and templated apart)."""
     out = {}
     for name, pick in (("plain", False), ("templated", True)):
-        diffs = [t - b for t, b, tm in zip(trainer, behaviour, templated) if tm == pick]
+        # (under DDP with on-policy old log-probs, a process only knows its own rows)
+        diffs = [t - b for t, b, tm in zip(trainer, behaviour, templated) if tm == pick and len(t) == len(b)]
         if diffs:
             d = torch.cat(diffs)
             out[f"logprob_diff_{name}_mean"] = d.mean().item()
