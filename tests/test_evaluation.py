@@ -170,6 +170,11 @@ def test_raw_prompt_and_compare(tiny_model_dir, tmp_path, capsys):
 def test_bad_input_is_named(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--benchmarks", "aime24,gsm8k"]) == 2
     assert "gsm8k" in capsys.readouterr().err
+    # Settings are checked before any model loads (tmp_path is no model: that would fail differently).
+    assert main(["eval", "--model", str(tmp_path), "--program", "no_such_program"]) == 2
+    assert "no_such_program" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--samples", "4", "--temperature", "0"]) == 2
+    assert "identical samples" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path / "nowhere.json")]) == 2
     assert "no results file" in capsys.readouterr().err
 

@@ -113,13 +113,18 @@ def _run(args: argparse.Namespace) -> int:
                  "sampled_below": args.sampled_below}
 
     from dspy_p2o.engines import make_engine
-    from dspy_p2o.evaluation.prompting import make_prompting
+    from dspy_p2o.evaluation.prompting import load_program, make_prompting
+    from dspy_p2o.evaluation.protocol import protocol_for
     from dspy_p2o.evaluation.runner import evaluate
+
+    # Catch bad settings before an engine spends minutes starting.
+    protocol_for(1, **overrides), protocol_for(10**9, **overrides)
+    program = load_program(args.program) if args.prompt == "program" else None
 
     # A local model is recorded by its absolute path, so a resume from another directory matches.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with make_engine(args.engine, args.model, **engine_kwargs) as engine:
-        prompting = make_prompting(args.prompt, engine.tokenizer, program=args.program,
+        prompting = make_prompting(args.prompt, engine.tokenizer, program=program or args.program,
                                    chat_template_kwargs=args.chat_template_kwargs)
         results = evaluate(engine, benchmarks, prompting, out, model=model,
                            label=args.name or f"{model_label(args.model)} ({args.prompt})", limit=args.limit,

@@ -34,8 +34,11 @@ class Prompting:
     description: dict[str, Any] = field(default_factory=dict)  # recorded in config.json / results.json
 
 
-def load_program(program: str | dspy.Module) -> tuple[dspy.Module, str]:
-    """A program object and a name for it (a registry name, a saved-program path, or an object)."""
+def load_program(program: str | dspy.Module | tuple[dspy.Module, str]) -> tuple[dspy.Module, str]:
+    """A program object and a name for it, from a registry name or saved-program path, an object,
+    or an already loaded (object, name) pair."""
+    if isinstance(program, tuple):
+        return program
     if isinstance(program, dspy.Module):
         return program, type(program).__name__
     from dspy_p2o.programs import get_program
@@ -47,7 +50,7 @@ def make_prompting(
     mode: str,
     tokenizer: Any,
     *,
-    program: str | dspy.Module = DEFAULT_PROGRAM,
+    program: str | dspy.Module | tuple[dspy.Module, str] = DEFAULT_PROGRAM,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> Prompting:
     kwargs = dict(chat_template_kwargs or {})
