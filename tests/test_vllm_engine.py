@@ -109,6 +109,8 @@ def test_rollouts_survive_dropped_connections(engine, fake):
 def test_bad_requests_and_auth_give_clear_errors(fake, model_dir, engine):
     with pytest.raises(VLLMRequestError, match="HTTP 401"):
         VLLMEngine(model_dir, url=fake.url, api_key="wrong-key")
+    with pytest.raises(VLLMRequestError, match="no vLLM server answers"):
+        VLLMEngine(model_dir, url="http://127.0.0.1:9", tokenizer=engine.tokenizer)
     too_long = [engine.tokenizer.eos_token_id] * 10
     with pytest.raises(VLLMRequestError, match="maximum context length"):
         engine.generate([too_long], max_tokens=10**6)

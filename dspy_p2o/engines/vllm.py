@@ -166,6 +166,9 @@ class VLLMEngine(Engine):
             limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
         )
         try:
+            if self.server is None and not self.health():
+                raise VLLMRequestError(f"no vLLM server answers at {self.url}/health; is it running (and is the URL "
+                                       "the server root, e.g. http://127.0.0.1:8000)?")
             self.served_model_name = served_model_name or self._discover_model_name()
         except BaseException:
             self.close()
