@@ -337,10 +337,22 @@ class VLLMEngine(Engine):
         """Serve new weights: a module / state dict (saved as safetensors first) or a saved model dir.
 
         Returns (and keeps in `last_sync`) a SyncReport with the time it took and whether
-        the served model changed.
+        the served model changed. Under torch.distributed every rank calls this; rank 0
+        does the sync (its `source` must hold the FULL weights: gather FSDP / ZeRO-3 state
+        first) and the others wait at a barrier.
         """
         if self.frozen:
             raise RuntimeError(f"{self!r} is frozen (a reference model): it never takes new weights")
+        rank, world = _dist_rank_world()
+        if world > 1:  # several trainer ranks share one server: rank 0 syncs, the others wait for it
+            report = self._sync(source) if rank == 0 else None
+            import torch.distributed as dist
+
+            dist.barrier()
+            return report if report is not None else SyncReport("<rank 0>", 0.0, 0.0, 0.0, None)
+        return self._sync(source)
+
+    def _sync(self, source: Any) -> SyncReport:
         start = time.perf_counter()
         before = self._probe() if self.verify_sync else None
         if self.weight_sync == "nccl":
@@ -390,6 +402,8 @@ class VLLMEngine(Engine):
                 raise FileNotFoundError(f"cannot sync weights from {str(source)!r}: not a model directory")
             return str(path.resolve())
         target = self._weights_dir()
+        while not hasattr(source, "save_pretrained") and hasattr(source, "module"):
+            source = source.module  # DDP / DeepSpeed wrappers hold the transformers model in .module
         if hasattr(source, "save_pretrained"):
             source.save_pretrained(target)  # safetensors; shards big models
         elif isinstance(source, Mapping):
@@ -542,6 +556,16 @@ class NCCLWeightSync:
 
 
 # ---------------------------------------------------------------------- helpers
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
