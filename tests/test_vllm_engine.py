@@ -223,3 +223,59 @@ def test_health_timeout_stops_the_server(tmp_path):
     with pytest.raises(VLLMServerError, match=r"did not become healthy within 3 s(.|\n)*loading forever"):
         server.start()
     assert server.process.poll() is not None  # not left running
+
+
+# A server that is healthy at once, so exit-path tests cost no model load.
+INSTANT_SERVER = r"""
+import sys, http.server as hs
+port = int(sys.argv[sys.argv.index('--port') + 1])
+class H(hs.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header('Content-Length', '0'); self.end_headers()
+    def log_message(self, *a):
+        pass
+hs.HTTPServer(('127.0.0.1', port), H).serve_forever()
+"""
+
+# The parent loads vllm_server.py by path: importing the engines package would pull torch and dspy.
+PARENT = r"""
+import importlib.util, os, signal, sys, time
+spec = importlib.util.spec_from_file_location("vllm_server", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+server = mod.VLLMServer("m", server_command=[sys.executable, "-c", sys.argv[2]], startup_timeout_s=60).start()
+print(server.process.pid, flush=True)
+how = sys.argv[3]
+if how == "exception":
+    raise RuntimeError("trainer crashed")
+if how in ("sigint", "sigterm", "sigkill"):
+    os.kill(os.getpid(), {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how])
+    time.sleep(30)
+"""
+
+
+def _gone(pid, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_managed_server_is_stopped_on_every_exit_path():
+    import subprocess
+
+    import dspy_p2o.engines.vllm_server as vllm_server
+
+    parents = {how: subprocess.Popen([sys.executable, "-c", PARENT, vllm_server.__file__, INSTANT_SERVER, how],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for how in ("normal", "exception", "sigint", "sigterm", "sigkill")}
+    for how, parent in parents.items():
+        out, err = parent.communicate(timeout=120)
+        pid = int(out.split()[0]) if out.strip() else None
+        assert pid is not None, f"{how}: the server did not start: {err[-2000:]}"
+        assert _gone(pid), f"the server outlived its parent ({how} exit)"
