@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -135,7 +135,7 @@ class GRPOTrainer:
                  logger: Any = None) -> None:
         from accelerate.utils import set_seed
 
-        self.config = config
+        self.config = replace(config)  # the default instance is shared; never mutate it
         self.engine = engine
         self.logger = logger
         self.total_steps = total_steps
