@@ -2,11 +2,13 @@
 
 It plays the teacher of P^2O's phase 2 without a neural network: it reads the prompt
 GEPA sends (the current instruction and, per example, the question, the policy's answer
-and the metric's feedback, which states the gold answer), infers for each tag the rules
-consistent with that tag's (digits -> gold) pairs, and writes an instruction naming them.
-It is deliberately noisy -- it names a wrong rule for a tag, leaves tags out, or drops
-clauses it was given -- so GEPA's evaluation and Pareto selection have real work to do.
-It learns a question's rule only from the examples it is shown; it never sees the world.
+and the metric's feedback, which states the gold answer), picks one tag among the failed
+examples, infers the rules consistent with that tag's (digits -> gold) pairs and writes an
+instruction naming one of them. It is deliberately noisy -- it names a wrong rule, infers
+from a single example, or returns the instruction unchanged -- so GEPA's evaluation and
+Pareto selection have real work to do (and an instruction that serves one tag fails the
+others, so the Pareto front has to keep several). It learns a question's rule only from
+the examples it is shown; it never sees the world.
 """
 
 from __future__ import annotations
@@ -19,25 +21,26 @@ from dataclasses import dataclass
 import dspy
 from dspy.lm15 import Message, Request, Response, Usage
 
-from dspy_p2o.toyworld.task import BASE_INSTRUCTION, DEFAULT_RULE, RULES, apply_rule, make_instruction, parse_instruction
+from dspy_p2o.toyworld.task import BASE_INSTRUCTION, RULES, apply_rule, make_instruction
 
 _CODE_BLOCK = re.compile(r"```\n?(.*?)```", re.S)
-# The metric's feedback states the gold answer: "... the answer to '#K 3719' is 9173 ..."
+# The metric's feedback on a failure states the gold answer: "Wrong: the answer to '#K 3719' is 9173, ..."
+_FEEDBACK = re.compile(r"Wrong: [^\n]*")
 _GOLD = re.compile(r"answer to '(#[A-Z]) (\d+)' is (\d+)")
 
 
 @dataclass(frozen=True)
 class ReflectionNoise:
-    """How often the proposer is wrong: per tag it infers, and per clause it was given."""
+    """How often the proposer errs."""
 
     wrong_rule: float = 0.3  # name a rule that the examples contradict
-    omit_tag: float = 0.25  # leave a tag it could have named out of the proposal
-    drop_clause: float = 0.2  # forget a clause of the current instruction
+    one_example: float = 0.2  # infer from one example only (a partial reading of the feedback)
+    unchanged: float = 0.1  # propose the current instruction again
 
 
 def infer_rules(pairs: list[tuple[str, str]]) -> list[str]:
-    """Non-default rules consistent with every (digits, gold) pair of one tag."""
-    return [r for r in RULES if r != DEFAULT_RULE and all(apply_rule(r, d) == g for d, g in pairs)]
+    """Rules consistent with every (digits, gold) pair of one tag."""
+    return [r for r in RULES if all(apply_rule(r, d) == g for d, g in pairs)]
 
 
 class ToyReflection:
@@ -53,22 +56,23 @@ class ToyReflection:
         """A new instruction (inside a code block) for GEPA's reflection prompt."""
         blocks = _CODE_BLOCK.findall(prompt)
         current = blocks[0].strip() if blocks else BASE_INSTRUCTION
-        by_tag: dict[str, list[tuple[str, str]]] = {}
-        for tag, digits, gold in _GOLD.findall(prompt):
-            by_tag.setdefault(tag, []).append((digits, gold))
+        failed: dict[str, list[tuple[str, str]]] = {}
+        for feedback in _FEEDBACK.findall(prompt):
+            for tag, digits, gold in _GOLD.findall(feedback):
+                failed.setdefault(tag, []).append((digits, gold))
         with self._lock:
             self.calls += 1
-            rng = self._rng
-            clauses = {t: r for t, r in parse_instruction(current).items() if rng.random() >= self.noise.drop_clause}
-            for tag, pairs in sorted(by_tag.items()):
-                candidates = infer_rules(pairs)
-                if not candidates or rng.random() < self.noise.omit_tag:
-                    continue
-                if rng.random() < self.noise.wrong_rule:
-                    clauses[tag] = rng.choice([r for r in RULES if r not in candidates])
-                else:
-                    clauses[tag] = rng.choice(candidates)
-        return "```\n" + make_instruction(clauses) + "\n```"
+            rng, noise = self._rng, self.noise
+            if not failed or rng.random() < noise.unchanged:
+                return f"```\n{current}\n```"
+            tag = rng.choice(sorted(failed))
+            pairs = failed[tag] if rng.random() >= noise.one_example else [rng.choice(failed[tag])]
+            candidates = infer_rules(pairs)
+            if not candidates or rng.random() < noise.wrong_rule:
+                rule = rng.choice([r for r in RULES if r not in candidates])
+            else:
+                rule = rng.choice(candidates)
+        return f"```\n{make_instruction(rule)}\n```"
 
     def complete(self, request: Request) -> Response:
         from dspy_p2o.engines.dspy_lm import request_messages

@@ -2,8 +2,8 @@
 
 A question is a tag and four digits (``"#K 3719"``); the tag decides which rule maps the
 digits to the answer (``reverse`` -> ``"9173"``). The base policy is pretrained to apply
-the rules of a few *easy* tags on its own, to apply any rule an instruction names for a
-tag ("Tag #K: reverse."), and to copy the digits otherwise. The *hard* tags' rules are
+the rules of a few *easy* tags on its own, to apply the rule an instruction names
+("Transform the digits. Rule: reverse."), and to copy the digits otherwise. The *hard* tags' rules are
 never taught without an instruction, so no rollout solves a hard question until the
 prompt names its rule -- the situation P^2O is built for: GRPO sees only zero-reward
 groups there, GEPA can find instructions that unlock them, and context distillation can
@@ -44,21 +44,24 @@ RULES: dict[str, Callable[[str], str]] = {
 }
 
 BASE_INSTRUCTION = "Transform the digits."
-_CLAUSE_RE = re.compile(r"Tag (#[A-Z]): ([a-z]+)\.")
+_RULE_RE = re.compile(r"Rule: ([a-z]+)\.")
 
 
-def clause(tag: str, rule: str) -> str:
-    return f"Tag {tag}: {rule}."
+def make_instruction(rule: str | None, base: str = BASE_INSTRUCTION) -> str:
+    """The instruction naming `rule` (the program's own instruction when None): what GEPA should discover."""
+    if rule is None:
+        return base
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; the rules are {sorted(RULES)}")
+    return f"{base} Rule: {rule}."
 
 
-def make_instruction(rules_by_tag: dict[str, str], base: str = BASE_INSTRUCTION) -> str:
-    """The instruction naming a rule for each tag: what GEPA should discover."""
-    return " ".join([base] + [clause(t, r) for t, r in rules_by_tag.items()])
-
-
-def parse_instruction(instruction: str) -> dict[str, str]:
-    """The (tag -> rule) clauses an instruction names; unknown rule names are ignored."""
-    return {t: r for t, r in _CLAUSE_RE.findall(instruction or "") if r in RULES}
+def parse_instruction(instruction: str | None) -> str | None:
+    """The rule an instruction names (the first known one), or None."""
+    for name in _RULE_RE.findall(instruction or ""):
+        if name in RULES:
+            return name
+    return None
 
 
 def apply_rule(rule: str, digits: str) -> str:
@@ -132,10 +135,9 @@ class World:
     def rules(self) -> dict[str, str]:
         return {**self.easy_rules, **self.hard_rules}
 
-    @property
-    def oracle_instruction(self) -> str:
-        """The instruction that names every hard rule (the best template GEPA could find)."""
-        return make_instruction(self.hard_rules)
+    def oracle_instruction(self, tag: str) -> str:
+        """The instruction naming `tag`'s rule: the best template GEPA could find for its questions."""
+        return make_instruction(self.rules[tag])
 
     def split(self, name: str, kind: str | None = None) -> list[dspy.Example]:
         examples = {"train": self.train, "test": self.test}[name]
@@ -143,7 +145,7 @@ class World:
 
 
 def make_example(tag: str, digits: str, rule: str, kind: str, split: str, seed: int) -> dspy.Example:
-    ex = dspy.Example(question=f"{tag} {digits}", answer=apply_rule(rule, digits), kind=kind,
+    ex = dspy.Example(question=f"{tag} {digits}", answer=apply_rule(rule, digits), kind=kind, tag=tag,
                       id=f"toy{seed}-{split}-{tag[1:]}{digits}")
     return ex.with_inputs("question")
 

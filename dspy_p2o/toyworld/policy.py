@@ -1,0 +1,197 @@
+"""The toy world's base policy: a tiny Qwen3 pretrained offline in about a minute.
+
+The tokenizer is a BPE trained on rendered DSPy prompts (so the ChatAdapter boilerplate
+costs a few tokens) with each tag as one added token (and so is each rule name). The model is taught, on the adapter's own output
+format, to
+  * apply the rule an instruction names ("Transform the digits. Rule: reverse."),
+  * apply the world's easy rules without any instruction,
+  * copy the digits otherwise -- including for the hard tags, whose rules it never sees
+    without an instruction.
+Pretrained weights are cached on disk keyed by the seed and the configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, NUM_DIGITS, RULES, TAGS, ToyProgram, World,
+                                    apply_rule, make_instruction, parse_question)
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Size of the base policy and of its pretraining."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    num_samples: int = 6000  # distinct pretraining questions (rendering dominates data preparation)
+    corpus_size: int = 600  # rendered prompts the tokenizer is trained on
+    instructed_fraction: float = 0.5  # pretraining prompts whose instruction names rules
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DSPY_P2O_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dspy_p2o")
+    return Path(root) / "toyworld"
+
+
+def policy_key(world: World, config: PolicyConfig) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "easy": world.easy_rules, "cfg": asdict(config)},
+                      sort_keys=True)
+    return f"seed{world.seed}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def renderer_for(tokenizer: Any, program: ToyProgram | None = None):
+    from dspy_p2o.renderer import Renderer
+
+    return Renderer((program or ToyProgram()).predict, tokenizer)
+
+
+def sample_instruction(rng: random.Random, config: PolicyConfig) -> str:
+    """A pretraining instruction: the program's own, or one naming a random rule."""
+    if rng.random() >= config.instructed_fraction:
+        return BASE_INSTRUCTION
+    return make_instruction(rng.choice(list(RULES)))
+
+
+def target_rule(world: World, tag: str, instruction: str) -> str:
+    """What the base policy is taught to do: the named rule, else the tag's easy rule, else copy."""
+    from dspy_p2o.toyworld.task import parse_instruction
+
+    return parse_instruction(instruction) or world.easy_rules.get(tag, DEFAULT_RULE)
+
+
+def pretraining_samples(world: World, n: int, config: PolicyConfig, seed: int) -> list[tuple[str, str, str]]:
+    """(question, instruction, answer) triples. Questions of the world's held-out split are excluded."""
+    rng = random.Random(f"pretrain-{seed}")
+    held_out = {e.question for e in world.test}
+    out = []
+    while len(out) < n:
+        tag = rng.choice(TAGS)
+        digits = "".join(rng.choice("0123456789") for _ in range(NUM_DIGITS))
+        question = f"{tag} {digits}"
+        if question in held_out:
+            continue
+        instruction = sample_instruction(rng, config)
+        out.append((question, instruction, apply_rule(target_rule(world, tag, instruction), digits)))
+    return out
+
+
+def completion_text(renderer, answer: str) -> str:
+    return renderer.adapter.format_assistant_message_content(renderer.signature, {"answer": answer})
+
+
+def build_tokenizer(world: World, config: PolicyConfig):
+    """BPE on rendered prompts + completions; tags become single added tokens."""
+    import dspy
+
+    from dspy_p2o.tiny import train_tokenizer
+
+    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+    signature = ToyProgram().predict.signature
+    texts = []
+    for question, instruction, answer in pretraining_samples(world, config.corpus_size, config, seed=-1):
+        messages = adapter.format(signature.with_instructions(instruction), [], {"question": question})
+        completion = adapter.format_assistant_message_content(signature, {"answer": answer})
+        texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+                     + f"<|im_start|>assistant\n{completion}<|im_end|>")
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    # Tags and rule names as whole tokens: the same token in the question, the instruction and the
+    # reflection's proposals, so reading "Tag #K: reverse." is a lookup, not a spelling exercise.
+    tokenizer.add_tokens(list(TAGS) + list(RULES))
+    return tokenizer
+
+
+def load_policy(path: str | Path):
+    """(model, tokenizer) of a cached base policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_dir: str | Path | None = None,
+                    progress: bool = True, force: bool = False) -> Path:
+    """The directory of the base policy for `world`: loaded from the cache or pretrained now (~1 min)."""
+    from transformers import AutoModelForCausalLM
+
+    from dspy_p2o.tiny import supervised_finetune, tiny_config
+
+    config = config or PolicyConfig()
+    out = Path(cache_dir or default_cache_dir()) / policy_key(world, config)
+    if (out / "toyworld_policy.json").exists() and not force:
+        return out
+    start = time.time()
+    tokenizer = build_tokenizer(world, config)
+    torch.manual_seed(world.seed)
+    model_config = tiny_config(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
+                               num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, max_positions=512)
+    model = AutoModelForCausalLM.from_config(model_config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    renderer = renderer_for(tokenizer)
+    pairs = encode_pairs(renderer, pretraining_samples(world, config.num_samples, config, world.seed))
+    losses = supervised_finetune(model, pairs, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                                 seed=world.seed, pad_id=tokenizer.pad_token_id, progress=progress)
+    # Write to a temporary dir and rename: an interrupted run never leaves a half-written cache entry.
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"seed": world.seed, "config": asdict(config), "easy_rules": world.easy_rules,
+            "final_loss": losses[-1], "seconds": round(time.time() - start, 1),
+            "params": sum(p.numel() for p in model.parameters())}
+    (tmp / "toyworld_policy.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def encode_pairs(renderer, samples: Sequence[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
+    tok = renderer.tokenizer
+    pairs = []
+    for question, instruction, answer in samples:
+        prompt = renderer.render({"question": question}, instruction).token_ids
+        completion = tok(completion_text(renderer, answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        pairs.append((prompt, completion))
+    return pairs
+
+
+def greedy_accuracy(engine, renderer, examples: Sequence, instruction: str | Callable[[Any], str] | None = None, *,
+                    max_tokens: int = 16) -> float:
+    """Exact-match accuracy of greedy answers, rendered with the program's instruction or `instruction`
+    (a string, or a function of the example)."""
+    if not examples:
+        return float("nan")
+    pick = instruction if callable(instruction) else (lambda e: instruction)
+    prompts = [renderer.render(renderer.inputs_of(e), pick(e)).token_ids for e in examples]
+    outs = engine.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens)
+    correct = 0
+    for e, out in zip(examples, outs):
+        answer = renderer.prediction(out.completions[0].text).answer
+        correct += answer is not None and str(answer).strip() == e.answer
+    return correct / len(examples)
+
+
+__all__ = ["PolicyConfig", "pretrain_policy", "load_policy", "greedy_accuracy", "renderer_for", "policy_key",
+           "default_cache_dir", "parse_question"]

@@ -1,0 +1,128 @@
+"""The toy world: task, reflection LM, base-policy cache and the experiment path (tiny budget)."""
+
+from __future__ import annotations
+
+import json
+
+import dspy
+import pytest
+
+from dspy_p2o.toyworld.reflection import ReflectionNoise, ToyReflection, infer_rules, reflection_lm
+from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, RULES, WorldConfig, apply_rule, build_world,
+                                    make_instruction, metric, parse_instruction, parse_question)
+
+
+def test_world_is_seeded_disjoint_and_hard_questions_defeat_the_default():
+    a, b = build_world(3), build_world(3)
+    assert [e.id for e in a.train] == [e.id for e in b.train] and a.hard_rules == b.hard_rules
+    assert build_world(4).rules != a.rules or [e.id for e in build_world(4).train] != [e.id for e in a.train]
+    assert not set(a.easy_rules) & set(a.hard_rules)
+    assert not {e.question for e in a.train} & {e.question for e in a.test}
+    for e in a.train + a.test:
+        tag, digits = parse_question(e.question)
+        assert e.answer == apply_rule(a.rules[tag], digits) != digits  # copying never scores
+        assert e.kind == ("hard" if tag in a.hard_rules else "easy")
+    assert len({e.id for e in a.train + a.test}) == len(a.train) + len(a.test)
+    with pytest.raises(ValueError, match="num_easy"):
+        WorldConfig(num_easy=4, num_hard=4)
+    with pytest.raises(ValueError, match="not a toy-world question"):
+        parse_question("K 12")
+
+
+def test_instruction_round_trip_and_metric_feedback_names_the_gold():
+    assert parse_instruction(make_instruction("reverse")) == "reverse"
+    assert parse_instruction(BASE_INSTRUCTION) is None
+    with pytest.raises(ValueError, match="unknown rule"):
+        make_instruction("sort")
+    world = build_world(0)
+    ex = world.split("train", "hard")[0]
+    good = metric(ex, dspy.Prediction(answer=ex.answer))
+    bad = metric(ex, dspy.Prediction(answer=None))
+    assert good.score == 1.0 and bad.score == 0.0
+    assert ex.answer in bad.feedback and "no parseable answer" in bad.feedback
+
+
+def _gepa_prompt(examples, answers):
+    from gepa.strategies.instruction_proposal import InstructionProposalSignature
+
+    records = [{"Inputs": {"question": e.question}, "Generated Outputs": {"answer": a},
+                "Feedback": metric(e, dspy.Prediction(answer=a)).feedback} for e, a in zip(examples, answers)]
+    return InstructionProposalSignature.prompt_renderer(
+        {"current_instruction_doc": BASE_INSTRUCTION, "dataset_with_feedback": records})
+
+
+def test_reflection_infers_rules_from_feedback_only_and_is_noisy():
+    world = build_world(1)
+    tag, rule = next(iter(world.hard_rules.items()))
+    examples = [e for e in world.train if e.tag == tag][:3]
+    prompt = _gepa_prompt(examples, [e.question.split()[1] for e in examples])
+    assert rule in infer_rules([(e.question.split()[1], e.answer) for e in examples])
+    exact = ToyReflection(seed=0, noise=ReflectionNoise(wrong_rule=0, one_example=0, unchanged=0))
+    for _ in range(3):
+        assert parse_instruction(exact.propose(prompt)) == rule
+    noisy = ToyReflection(seed=0)
+    proposals = {parse_instruction(noisy.propose(prompt)) for _ in range(40)}
+    assert rule in proposals and len(proposals) > 2  # right most of the time, wrong some of the time
+    # correct answers carry no error signal: nothing to infer, the instruction comes back unchanged
+    solved = _gepa_prompt(examples, [e.answer for e in examples])
+    assert parse_instruction(exact.propose(solved)) is None
+    # and it is a real dspy.LM, as GEPA uses it
+    lm = reflection_lm(seed=0, noise=ReflectionNoise(wrong_rule=0, one_example=0, unchanged=0))
+    assert f"Rule: {rule}." in lm(prompt)[0]
+
+
+def test_rules_are_distinct_functions():
+    probes = ["0123", "4567", "9081"]
+    signatures = {tuple(apply_rule(r, p) for p in probes) for r in RULES}
+    assert len(signatures) == len(RULES)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    from dspy_p2o.toyworld.policy import PolicyConfig, pretrain_policy
+
+    world = build_world(0, WorldConfig(train_per_tag=3, test_per_tag=2))
+    config = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, steps=30, batch_size=16,
+                          num_samples=200, corpus_size=100)
+    cache = tmp_path_factory.mktemp("toycache")
+    return world, config, cache, pretrain_policy(world, config, cache_dir=cache, progress=False)
+
+
+def test_policy_cache_is_keyed_and_reused(tiny_policy):
+    from dspy_p2o.toyworld.policy import load_policy, pretrain_policy
+
+    world, config, cache, path = tiny_policy
+    meta = json.loads((path / "toyworld_policy.json").read_text())
+    assert meta["seed"] == 0 and meta["easy_rules"] == world.easy_rules
+    stamp = (path / "toyworld_policy.json").stat().st_mtime_ns
+    assert pretrain_policy(world, config, cache_dir=cache, progress=False) == path  # cache hit: no retraining
+    assert (path / "toyworld_policy.json").stat().st_mtime_ns == stamp
+    model, tokenizer = load_policy(path)
+    # tags and rule names are single tokens wherever they appear
+    for word in ("#K", "reverse"):
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+    other = build_world(1, WorldConfig(train_per_tag=3, test_per_tag=2))
+    from dspy_p2o.toyworld.policy import policy_key
+
+    assert policy_key(other, config) != policy_key(world, config)
+
+
+def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path):
+    """Two arms end to end through P2OLoop on a tiny budget: the JSON schema and the bookkeeping."""
+    from dspy_p2o.toyworld.experiment import ToyRunConfig, markdown_table, run_experiment
+
+    world, policy_config, cache, _ = tiny_policy
+    config = ToyRunConfig(epochs=2, k=4, batch_size=12, mini_batch_size=6, max_tokens=12, plain_per_group=2,
+                          gepa_budget=12, beam_width=1, min_hard=2, dev_size=2)
+    doc = run_experiment(0, ("grpo", "p2o"), out_dir=tmp_path, config=config,
+                         world_config=WorldConfig(train_per_tag=3, test_per_tag=2), policy_config=policy_config,
+                         cache_dir=cache, progress=False, log=lambda s: None)
+    assert doc["seed"] == 0 and set(doc["arms"]) == {"grpo", "p2o"}
+    for arm, r in doc["arms"].items():
+        assert 0.0 <= r["hard_acc"] <= 1.0 and 0.0 <= r["easy_acc"] <= 1.0
+        assert len(r["hard_per_epoch"]) == 2 and all(isinstance(h, int) for h in r["hard_per_epoch"])
+        assert r["policy_rollouts"] == 2 * len(world.train) * 4  # the same phase-1 budget for every arm
+    assert doc["arms"]["grpo"]["gepa_rollouts"] == 0
+    assert doc["arms"]["p2o"]["gepa_rollouts"] > 0  # an untrained policy fails everything: GEPA ran
+    assert (tmp_path / "seed0" / "results.json").exists() and (tmp_path / "seed0" / "toyworld.png").exists()
+    assert "P^2O" in markdown_table(doc)
