@@ -214,7 +214,8 @@ def test_start_failure_shows_the_server_log_tail(tmp_path, engine):
         VLLMEngine(tmp_path / "no-such-model", tokenizer=engine.tokenizer, server_command=FAKE_VLLM,
                    startup_timeout_s=120)
     message = str(err.value)
-    assert "exited with code 1" in message and "does not exist" in message and "Last lines of" in message
+    assert "exited with code 1" in message, message
+    assert "does not exist" in message and "Last lines of" in message, message
 
 
 def test_health_timeout_stops_the_server(tmp_path):

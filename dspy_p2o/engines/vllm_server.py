@@ -248,7 +248,8 @@ class VLLMServer:
                         f"the vLLM server for {self.model!r} exited with code {code} before becoming healthy.\n"
                         f"Last lines of {self.log_path}:\n{read_tail(self.log_path)}")
                 try:
-                    if client.get(f"{self.url}/health").status_code == 200:
+                    # alive check after the answer too: a port race could let another process answer
+                    if client.get(f"{self.url}/health").status_code == 200 and self.process.poll() is None:
                         return
                 except httpx.TransportError:
                     pass  # not listening yet
