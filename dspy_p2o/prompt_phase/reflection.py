@@ -1,0 +1,102 @@
+"""The reflection LM that proposes new templates inside GEPA.
+
+- "self": the frozen initial model pi_init on its own engine (never the policy being
+  trained: the authors found the policy's late-training templates lost diversity). The
+  engine is built lazily on the first reflection call, so an epoch whose hard set is too
+  small never pays for it.
+- "teacher:<litellm model>": any litellm model string (e.g. "teacher:openai/kimi-k2" with
+  api_base). DSPy retries transient failures `num_retries` times with exponential
+  back-off (honouring Retry-After). The API key is read from an environment variable
+  named by `api_key_env`; only that name is ever shown, and DSPy strips `api_*` keys from
+  its history and state dumps.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+import dspy
+
+from dspy_p2o.engines.base import Engine
+from dspy_p2o.engines.dspy_lm import EngineLMBackend
+
+REFLECTION_SPECS = ('"self"', '"teacher:<litellm model>"')
+
+
+class LazyEngineBackend:
+    """A DSPy custom engine that builds its dspy_p2o Engine on first use."""
+
+    def __init__(self, factory: Callable[[], Engine]) -> None:
+        self._factory = factory
+        self._backend: EngineLMBackend | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine | None:
+        return None if self._backend is None else self._backend.engine
+
+    def _get(self) -> EngineLMBackend:
+        with self._lock:
+            if self._backend is None:
+                self._backend = EngineLMBackend(self._factory())
+            return self._backend
+
+    def complete(self, request):
+        return self._get().complete(request)
+
+    def stream(self, request):
+        return self._get().stream(request)
+
+    def close(self) -> None:
+        """Release the pi_init engine (if it was ever built)."""
+        with self._lock:
+            if self._backend is not None:
+                self._backend.engine.close()
+                self._backend = None
+
+
+def make_reflection_lm(spec: str, *, self_engine_factory: Callable[[], Engine] | None = None,
+                       api_base: str | None = None, api_key_env: str | None = None, num_retries: int = 6,
+                       temperature: float = 1.0, max_tokens: int = 4096, **lm_kwargs: Any) -> dspy.LM:
+    """A `dspy.LM` for GEPA's reflection from "self" or "teacher:<litellm model>"."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"reflection must be one of {', '.join(REFLECTION_SPECS)}; got {spec!r}")
+    spec = spec.strip()
+    if spec == "self":
+        if self_engine_factory is None:
+            raise ValueError('reflection="self" needs self_engine_factory: a callable building an engine for the '
+                             "frozen initial model (never the policy being trained)")
+        return dspy.LM("local/reflection-self", engine=LazyEngineBackend(self_engine_factory), cache=False,
+                       temperature=temperature, max_tokens=max_tokens, **lm_kwargs)
+    if spec.startswith("teacher:"):
+        model = spec[len("teacher:"):].strip()
+        if not model:
+            raise ValueError(f'reflection {spec!r} names no model; write "teacher:<litellm model>", '
+                             'e.g. "teacher:openai/gpt-4.1"')
+        kwargs: dict[str, Any] = dict(lm_kwargs)
+        if api_base:
+            kwargs["api_base"] = api_base
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(f"environment variable {api_key_env!r} (the reflection teacher's API key) "
+                                 "is not set or empty")
+            kwargs["api_key"] = key
+        return dspy.LM(model, num_retries=num_retries, temperature=temperature, max_tokens=max_tokens,
+                       cache=False, **kwargs)
+    raise ValueError(f"reflection must be one of {', '.join(REFLECTION_SPECS)}; got {spec!r}")
+
+
+def describe_reflection_lm(lm: dspy.BaseLM) -> dict[str, Any]:
+    """What the run files may say about the reflection LM: never its key."""
+    state = lm.dump_state() if hasattr(lm, "dump_state") else {"model": getattr(lm, "model", "?")}
+    return {k: v for k, v in state.items() if "key" not in k.lower() and not k.startswith("_")}
+
+
+def close_reflection_lm(lm: dspy.BaseLM) -> None:
+    """Free the pi_init engine behind a "self" reflection LM; a no-op for teachers."""
+    backend = getattr(lm, "_engine_spec", None)
+    if isinstance(backend, LazyEngineBackend):
+        backend.close()
