@@ -360,8 +360,9 @@ class VLLMEngine(Engine):
             reload_start = time.perf_counter()
             self._nccl_sync(source)
         else:
+            save_start = time.perf_counter()  # after the probe: save time is the save alone
             path = self._materialise(source)
-            save_s = time.perf_counter() - start
+            save_s = time.perf_counter() - save_start
             reload_start = time.perf_counter()
             self._reload_from_disk(path)
         reload_s = time.perf_counter() - reload_start
