@@ -1,0 +1,141 @@
+"""The prompt phase end to end: a real tiny policy that follows a cue in its instruction,
+real dspy.GEPA, a scripted reflection LM proposing from the feedback it receives."""
+
+import json
+import socket
+
+import pytest
+
+from dspy_p2o.prompt_phase.gepa_phase import (
+    RESULT_FILE, PromptPhaseConfig, metric_call_budget, run_prompt_phase, split_hard_set,
+)
+from dspy_p2o.prompt_phase.reflection import make_reflection_lm
+from prompt_phase_fixtures import DOUBLE, TRIPLE, build_policy, hard_examples, make_program, metric, scripted_reflection_lm
+
+
+def small_config(**kw):
+    base = dict(min_hard=4, dev_size=6, budget=80, beam_width=2, k=3, num_threads=4, reflection_minibatch_size=3)
+    return PromptPhaseConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    engine = build_policy(tmp_path_factory.mktemp("pp") / "model")
+    yield engine.dspy_lm(temperature=0.0, max_tokens=16)
+    engine.close()
+
+
+def test_too_small_hard_set_does_not_run(tmp_path):
+    lm, _ = scripted_reflection_lm()
+    out = run_prompt_phase(make_program(), hard_examples()[:3], student_lm=lm, reflection_lm=lm, metric=metric,
+                           config=small_config(), log_dir=tmp_path, epoch=2)
+    assert not out.ran and out.reason == "hard set 3 < min_hard 4" and out.assignments == {}
+
+
+def test_budget_presets_follow_gepa_auto():
+    light, heavy, heavy4 = (metric_call_budget(b, 300) for b in ("light", "heavy", "heavy_4"))
+    assert light < heavy and heavy4 == 4 * heavy
+    assert metric_call_budget(1234, 300) == 1234
+    with pytest.raises(ValueError, match="budget must be one of"):
+        PromptPhaseConfig(budget="huge")
+
+
+def test_split_is_half_when_small_and_deterministic():
+    ids = [f"q{i}" for i in range(10)]
+    train, dev = split_hard_set(ids, 300, seed=0)
+    assert len(dev) == 5 and sorted(train + dev) == sorted(ids)
+    assert split_hard_set(list(reversed(ids)), 300, seed=0) == (train, dev)
+    assert len(split_hard_set([f"q{i}" for i in range(1000)], 300, seed=0)[1]) == 300
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    lm, _ = scripted_reflection_lm()
+    exs = hard_examples()
+    with pytest.raises(ValueError, match="duplicate ids"):
+        run_prompt_phase(make_program(), exs + exs[:1], student_lm=lm, reflection_lm=lm, metric=metric,
+                         config=small_config(), log_dir=tmp_path)
+
+
+@pytest.mark.slow  # builds and fine-tunes the tiny policy (~1-2 min on a loaded 2-core box)
+def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp_path):
+    reflection, script = scripted_reflection_lm()
+    examples = hard_examples()
+    out = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+                           config=small_config(), log_dir=tmp_path, epoch=1)
+    assert out.ran, out.reason
+    # the reflection LM saw the policy's failures with their feedback and proposed from it
+    assert script.requests and any("the double of" in r or "the triple of" in r for r in script.requests)
+    by_template = {p["template"]: p for p in out.pool if p["duplicate_of"] is None}
+    assert out.pool[0]["parent"] is None and out.pool[0]["mean_dev_score"] == 0.0  # the seed solves nothing
+    assert DOUBLE in by_template and TRIPLE in by_template, list(by_template)
+    kind = {ex.id: ex.factor for ex in examples}
+    for template, factor in ((DOUBLE, 2), (TRIPLE, 3)):
+        entry = by_template[template]
+        assert entry["on_front"] and entry["in_cover"] and entry["parent"] is not None
+        row = out.scores[entry["index"]]
+        assert [s == 1.0 for s in row] == [kind[i] == factor for i in out.dev_ids]
+    # every hard question, dev and train alike, gets K copies of the template that solves it
+    assert sorted(out.assignments) == sorted(kind)
+    for qid, templates in out.assignments.items():
+        assert templates == [DOUBLE if kind[qid] == 2 else TRIPLE] * 3
+    cost = out.cost
+    assert 0 < cost["metric_calls_gepa"] <= 80 + 2 * 3 * 2 + 2 * 6  # one round may overrun the budget
+    assert cost["reflection_lm"]["calls"] == len(script.requests)
+    assert cost["student_lm"]["calls"] == cost["metric_calls_gepa"] + cost["metric_calls_hard_train"]
+    saved = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert saved["assignments"] == out.assignments and DOUBLE in [p["template"] for p in saved["pool"]]
+
+    # rerun: the finished phase is loaded, nothing runs
+    again = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+                             config=small_config(), log_dir=tmp_path, epoch=1)
+    assert again.assignments == out.assignments and "loaded_from" in again.cost
+    n_requests = len(script.requests)
+
+    # crash after GEPA finished but before the result was written: GEPA resumes from its state,
+    # neither re-evaluating the seed nor reflecting again (its budget is spent)
+    (tmp_path / RESULT_FILE).unlink()
+    resumed = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+                               config=small_config(), log_dir=tmp_path, epoch=1)
+    assert len(script.requests) == n_requests
+    assert [p["template"] for p in resumed.pool] == [p["template"] for p in out.pool]
+    assert resumed.scores == out.scores and resumed.cost["metric_calls_gepa"] == cost["metric_calls_gepa"]
+    # one call: gepa evaluates the seed before loading its state; we cut that to one example
+    assert resumed.cost["student_lm"]["calls"] == resumed.cost["metric_calls_hard_train"] + 1
+
+    # a larger budget continues the same run instead of starting over
+    (tmp_path / RESULT_FILE).unlink()
+    more = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+                            config=small_config(budget=cost["metric_calls_gepa"] + 20), log_dir=tmp_path, epoch=1)
+    assert [p["template"] for p in more.pool][: len(out.pool)] == [p["template"] for p in out.pool]
+    assert more.cost["metric_calls_gepa"] > cost["metric_calls_gepa"]
+    assert more.cost["student_lm"]["calls"] < more.cost["metric_calls_gepa"]  # earlier calls were not repeated
+
+
+@pytest.mark.slow  # builds and fine-tunes the tiny policy (~1-2 min on a loaded 2-core box)
+def test_teacher_failing_mid_phase_ends_cleanly(policy, tmp_path):
+    reflection, script = scripted_reflection_lm(fail_after=1)
+    out = run_prompt_phase(make_program(), hard_examples(), student_lm=policy, reflection_lm=reflection,
+                           metric=metric, config=small_config(budget=500, beam_width=1, max_reflection_failures=2),
+                           log_dir=tmp_path)
+    assert out.ran and "reflection LM failed 2 times in a row" in out.reason
+    assert len(out.pool) == 2  # the seed and the one template proposed before the teacher went away
+    assert out.cost["reflection_failures"] == 2 and out.cost["metric_calls_gepa"] < 500
+    assert out.assignments  # the template found still gets assigned
+
+
+@pytest.mark.slow  # builds and fine-tunes the tiny policy (~1-2 min on a loaded 2-core box)
+def test_unreachable_http_teacher_ends_cleanly(policy, tmp_path, monkeypatch, caplog):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("P2O_TEST_TEACHER_KEY", "sk-test-secret-123")
+    reflection = make_reflection_lm("teacher:openai/teacher", api_base=f"http://127.0.0.1:{port}/v1",
+                                    api_key_env="P2O_TEST_TEACHER_KEY", num_retries=0)
+    caplog.set_level("DEBUG")
+    out = run_prompt_phase(make_program(), hard_examples(), student_lm=policy, reflection_lm=reflection,
+                           metric=metric, config=small_config(budget=500, max_reflection_failures=1),
+                           log_dir=tmp_path)
+    assert out.ran and "reflection LM failed" in out.reason and len(out.pool) == 1
+    assert out.assignments == {}  # nothing solved anything: questions stay on their plain input
+    files = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".bin")
+    assert "sk-test-secret-123" not in files + caplog.text
