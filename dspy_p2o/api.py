@@ -13,7 +13,7 @@ from dspy_p2o.loop import CompileResult, P2OLoop
 
 
 def compile(program: dspy.Module, trainset: list[dspy.Example], *, metric: Callable, policy: str | Path,
-            reflection: str = "self", valset: list[dspy.Example] | None = None, engine: str = "local",
+            reflection: str | dspy.BaseLM = "self", valset: list[dspy.Example] | None = None, engine: str = "local",
             run_dir: str | Path | None = None, config: P2OConfig | Mapping[str, Any] | str | Path | None = None,
             **overrides: Any) -> CompileResult:
     """Co-optimise `program`'s prompt and its policy's weights with P^2O.
@@ -24,7 +24,8 @@ def compile(program: dspy.Module, trainset: list[dspy.Example], *, metric: Calla
         metric: `metric(gold, pred, trace=None, pred_name=None, pred_trace=None)` -> float or
             `dspy.Prediction(score=..., feedback=...)` (e.g. `dspy_p2o.rewards.math_metric`).
         policy: a local model directory or hub id: the model that is trained.
-        reflection: "self" (the frozen initial policy reflects) or "teacher:<litellm model>".
+        reflection: "self" (the frozen initial policy reflects), "teacher:<litellm model>", or any
+            `dspy.LM` object (recorded as "custom" in the run's config).
         engine: "local" (in-process transformers) or "vllm".
         run_dir: where checkpoints, metrics and plots go; an existing run dir resumes.
         config: a P2OConfig, dict or YAML path; keyword `overrides` (bare or dotted field
@@ -33,9 +34,12 @@ def compile(program: dspy.Module, trainset: list[dspy.Example], *, metric: Calla
     Returns a CompileResult whose `.program` answers with the trained weights and the
     program's ORIGINAL instructions, plus `.checkpoint`, `.history` and `.templates`.
     """
-    cfg = P2OConfig.load(config, {"policy": str(policy), "reflection": reflection, "engine": engine, **overrides})
+    reflection_lm = None if isinstance(reflection, str) else reflection
+    spec = reflection if isinstance(reflection, str) else "custom"
+    cfg = P2OConfig.load(config, {"policy": str(policy), "reflection": spec, "engine": engine, **overrides})
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / time.strftime("p2o-%Y%m%d-%H%M%S")
-    loop = P2OLoop(program, trainset, metric=metric, policy=str(policy), config=cfg, run_dir=run_dir, valset=valset)
+    loop = P2OLoop(program, trainset, metric=metric, policy=str(policy), config=cfg, run_dir=run_dir, valset=valset,
+                   reflection_lm=reflection_lm)
     return loop.run_loop()
 
 

@@ -46,7 +46,7 @@ class P2OConfig:
     policy: str | None = None  # local model dir or hub id (CLI); compile() takes it as an argument
     engine: str = "local"  # "local" (in-process transformers) or "vllm"
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"url": ..., "gpu_memory_utilization": 0.4}
-    reflection: str = "self"  # "self" (frozen initial policy) or "teacher:<litellm model>"
+    reflection: str = "self"  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
     reflection_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
     reflection_max_tokens: int = 4096
 
@@ -83,8 +83,8 @@ class P2OConfig:
     def validate(self) -> None:
         checks = [
             (self.engine in ("local", "vllm"), f"engine must be 'local' or 'vllm', got {self.engine!r}"),
-            (self.reflection == "self" or self.reflection.startswith("teacher:"),
-             f"reflection must be 'self' or 'teacher:<litellm model>', got {self.reflection!r}"),
+            (self.reflection in ("self", "custom") or self.reflection.startswith("teacher:"),
+             f"reflection must be 'self', 'teacher:<litellm model>' or 'custom', got {self.reflection!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),

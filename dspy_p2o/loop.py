@@ -28,7 +28,8 @@ from dspy_p2o.config import P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
 from dspy_p2o.metrics import MetricsLogger, read_metrics
-from dspy_p2o.prompt_phase import mine_hard, run_prompt_phase
+from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
+from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
 from dspy_p2o.renderer import Renderer, single_predictor
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
@@ -66,8 +67,12 @@ def with_ids(examples: list[dspy.Example], prefix: str) -> list[dspy.Example]:
 
 class P2OLoop:
     def __init__(self, program: dspy.Module, trainset: list[dspy.Example], *, metric: Callable, policy: str,
-                 config: P2OConfig, run_dir: str | Path, valset: list[dspy.Example] | None = None) -> None:
+                 config: P2OConfig, run_dir: str | Path, valset: list[dspy.Example] | None = None,
+                 reflection_lm: dspy.BaseLM | None = None) -> None:
+        if config.reflection == "custom" and reflection_lm is None:
+            raise ValueError('reflection="custom" needs the reflection LM object itself (compile(..., reflection=lm))')
         self.program, self.metric, self.policy, self.config = program, metric, str(policy), config
+        self._given_reflection_lm = reflection_lm
         self.predictor = single_predictor(program)
         inputs = list(self.predictor.signature.input_fields)
         self.trainset = with_ids(list(trainset), "train")
@@ -102,7 +107,7 @@ class P2OLoop:
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps)
         self.renderer = Renderer(self.predictor, self.engine.tokenizer)
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
-        self._reflection_lm = None
+        self._reflection_lm = self._given_reflection_lm
 
     def reflection_lm(self) -> dspy.LM:
         """Built on first use: self-reflection loads a second, frozen copy of the initial policy."""
@@ -171,13 +176,13 @@ class P2OLoop:
             t_rollout = time.perf_counter() - t0
             self._record_rewards(state, rollouts)
             metrics = self.trainer.train_on(rollouts)
-            metrics.update(_rollout_metrics(rollouts), epoch=epoch, batch=b, **{"time/rollout_s": t_rollout})
+            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout)
             self.logger.log(metrics, step=self.trainer.global_step, prefix="train/")
             state["batch"] = b + 1
             if state["batch"] % cfg.checkpoint_every == 0 or state["batch"] == len(batches):
                 self._checkpoint(state)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward/mean', 0.0):.3f}", step=self.trainer.global_step)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", step=self.trainer.global_step)
         bar.close()
 
     def _record_rewards(self, state: dict[str, Any], rollouts: list[Rollout]) -> None:
@@ -282,13 +287,6 @@ class P2OLoop:
 # ---------------------------------------------------------------------- helpers
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def _rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
-    templated = [r.reward for r in rollouts if r.templated]
-    return {"rollouts": len(rollouts), "templated_rollouts": len(templated),
-            "reward/templated_mean": _mean(templated),
-            "reward/plain_mean": _mean([r.reward for r in rollouts if not r.templated])}
 
 
 def _template_success(stats: dict[str, list[list[float]]] | None) -> dict[str, float]:

@@ -25,7 +25,7 @@ def write_plots(run: RunDir, metrics: list[dict[str, Any]], history: list[dict[s
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("train/reward/mean", "train reward"), ("epoch/val/pass@1", "validation pass@1")):
+    for key, label in (("train/reward_mean", "train reward"), ("epoch/val/pass@1", "validation pass@1")):
         x, y = _series(metrics, key)
         if x:
             ax.plot(x, y, marker="o" if key.startswith("epoch") else None, label=label)

@@ -1,0 +1,170 @@
+"""The P^2O loop end to end on a real tiny model: compile(), run directory, switches, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dspy
+import pytest
+import yaml
+
+import dspy_p2o
+from dspy_p2o.config import ConfigError, P2OConfig
+from dspy_p2o.rewards import math_metric
+from loop_fixtures import sum_examples, tiny_overrides, write_jsonl
+
+
+def program():
+    return dspy.ChainOfThought("question -> answer")
+
+
+@pytest.fixture(scope="module")
+def factor_policy(tmp_path_factory):
+    """The prompt-phase world: a policy that answers 1 unless the instruction says DOUBLE / TRIPLE."""
+    import prompt_phase_fixtures as world
+
+    engine = world.build_policy(tmp_path_factory.mktemp("factor") / "base")
+    out = tmp_path_factory.mktemp("factor") / "policy"
+    engine.model.save_pretrained(out)
+    engine.tokenizer.save_pretrained(out)
+    return out
+
+
+def test_compile_two_epochs_with_prompt_phase(tmp_path, factor_policy):
+    import prompt_phase_fixtures as world
+
+    run_dir = tmp_path / "run"
+    reflection, script = world.scripted_reflection_lm()
+    trainset = world.hard_examples()
+    result = dspy_p2o.compile(world.make_program(), trainset, metric=world.metric, policy=factor_policy,
+                              reflection=reflection, valset=trainset[:4], run_dir=run_dir,
+                              **tiny_overrides(batch_size=6, min_hard=4, dev_size=4, budget=60, plain_per_group=1, temperature=0.5,
+                                               max_tokens=12))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    for name in ("config.yaml", "metrics.jsonl", "summary.md", "state.json", "templates/epoch-0.json",
+                 "templates/epoch-1.json", "hard/epoch-0.jsonl", "hard/epoch-1.jsonl", "plots/training.png",
+                 "plots/hard.png", "plots/templates.png"):
+        assert (run_dir / name).exists(), name
+    assert (result.checkpoint / "config.json").exists() and (result.checkpoint / "tokenizer_config.json").exists()
+    assert any(p.name.startswith("checkpoint-") for p in (run_dir / "checkpoints").iterdir())
+    # epoch 1: every question fails without a template -> all hard; GEPA finds DOUBLE and TRIPLE
+    hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
+    assert len(hard) >= 10 and all(h["success_rate"] == 0 for h in hard)  # sampling at T=1 may luck out once
+    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    assert record["ran"] and script.requests
+    front = {p["template"] for p in record["pool"] if p["on_front"]}
+    assert front & {world.DOUBLE, world.TRIPLE}  # a helpful template was found and kept
+    assignments = record["assignments"]
+    assert len(assignments) >= 8 and all(set(zs) <= {p["template"] for p in record["pool"]} for zs in assignments.values())
+    # epoch 2: templated rollouts succeed, plain ones do not yet -> real gradient steps on x
+    second = result.history[1]
+    assert second["templated/pass@1"] > second.get("plain/pass@1", 0.0)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    batches = [m for m in metrics if "train/reward_mean" in m]
+    assert len(batches) == 4  # 2 epochs x 2 batches
+    assert sum(m["train/steps"] for m in batches if m["train/epoch"] == 1) == 2
+    assert any("epoch/val/pass@1" in m for m in metrics)
+    # the returned program answers through DSPy with the trained weights and its ORIGINAL instruction
+    assert result.program(question=world.question(3)).answer is not None
+    assert result.program.signature.instructions == world.make_program().signature.instructions
+    assert "| epoch |" in (run_dir / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("switch", [
+    {"prompt_phase": False},
+    {"distill": False},
+    {"same_template_in_group": True},
+    {"near_hard": True, "hardness_on": "plain", "plain_per_group": 1},
+])
+def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
+    run_dir = tmp_path / "run"
+    result = dspy_p2o.compile(program(), sum_examples(8, 0, "train"), metric=math_metric, policy=format_model_dir,
+                              run_dir=run_dir, **tiny_overrides(**switch))
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    if switch.get("prompt_phase") is False:
+        assert cfg["prompt_phase"] is False and not record["ran"] and result.templates == {}
+    if "distill" in switch:
+        assert cfg["trainer"]["distill"] is False
+    if switch.get("same_template_in_group"):
+        assert cfg["prompt"]["same_template_in_group"] is True
+        assert all(len(set(zs)) == 1 for zs in record.get("assignments", {}).values())
+    if switch.get("near_hard"):
+        hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
+        assert all(h["success_rate"] <= 1 / 4 for h in hard)
+    assert len(result.history) == 2
+
+
+def test_incompatible_run_dir_is_refused(tmp_path, format_model_dir):
+    run_dir = tmp_path / "run"
+    dspy_p2o.compile(program(), sum_examples(4, 0, "train"), metric=math_metric, policy=format_model_dir,
+                     run_dir=run_dir, **tiny_overrides(epochs=1, prompt_phase=False))
+    with pytest.raises(ConfigError, match=r"incompatible run \(k: 4 -> 2"):
+        dspy_p2o.compile(program(), sum_examples(4, 0, "train"), metric=math_metric, policy=format_model_dir,
+                         run_dir=run_dir, **tiny_overrides(epochs=1, prompt_phase=False, k=2))
+
+
+def test_bad_trainset_and_config_errors(tmp_path, format_model_dir):
+    bad = [dspy.Example(id="q1", prompt="no question field", answer="1").with_inputs("prompt")]
+    with pytest.raises(ValueError, match="q1"):
+        dspy_p2o.compile(program(), bad, metric=math_metric, policy=format_model_dir, run_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="unknown config key 'epochz'"):
+        P2OConfig.load(None, {"epochz": 2})
+    with pytest.raises(ConfigError, match="'trainer.lr' must be a number"):
+        P2OConfig.load({"trainer": {"lr": "fast"}})
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        P2OConfig.load(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="plain_per_group"):
+        P2OConfig.load(None, {"plain_per_group": 6})
+
+
+def _train_cmd(config, run_dir, *extra):
+    return [sys.executable, "-m", "dspy_p2o.cli", "train", "--config", str(config), "--run-dir", str(run_dir), *extra]
+
+
+def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format_model_dir):
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, sum_examples(8, 0, "train"))
+    config = tmp_path / "tiny.yaml"
+    overrides = tiny_overrides(epochs=2, batch_size=4, prompt_phase=False)
+    flat = {"policy": str(format_model_dir), "trainer": {}, "prompt": {},
+            "data": {"train": str(data), "metric": "loop_fixtures:closeness_metric", "program": "loop_fixtures:sum_program"}}
+    for key, value in overrides.items():
+        section = {"lr": "trainer", "micro_batch_tokens": "trainer", "min_hard": "prompt", "dev_size": "prompt",
+                   "budget": "prompt", "beam_width": "prompt", "num_threads": "prompt"}.get(key)
+        (flat[section] if section else flat)[key] = value
+    config.write_text(yaml.safe_dump(flat))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(config, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once a checkpoint inside epoch 2 exists
+        state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+        if state.get("epoch") == 1 and state.get("phase") == "train" and state.get("batch", 0) >= 1:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    refused = subprocess.run(_train_cmd(config, run_dir), env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    resumed = subprocess.run(_train_cmd(config, run_dir, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fresh_dir = tmp_path / "fresh"
+    fresh = subprocess.run(_train_cmd(config, fresh_dir), env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+    def final(run):
+        state = json.loads((run / "state.json").read_text())
+        return state["done"], json.loads((Path(state["checkpoint"]) / "trainer_state.json").read_text())
+
+    done_resumed, resumed_state = final(run_dir)
+    done_fresh, fresh_state = final(fresh_dir)
+    assert done_resumed and done_fresh
+    assert resumed_state["global_step"] == fresh_state["global_step"] > 0
