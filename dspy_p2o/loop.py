@@ -114,9 +114,18 @@ class P2OLoop:
         if self._reflection_lm is None:
             cfg = self.config
             self._reflection_lm = make_reflection_lm(
-                cfg.reflection, self_engine_factory=lambda: make_engine(cfg.engine, self.policy, **cfg.engine_kwargs),
+                cfg.reflection, self_engine_factory=self._initial_policy_engine,
                 max_tokens=cfg.reflection_max_tokens, **cfg.reflection_kwargs)
         return self._reflection_lm
+
+    def _initial_policy_engine(self) -> Engine:
+        """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""
+        cfg = self.config
+        if cfg.engine == "vllm":
+            from dspy_p2o.engines.vllm import reference_engine_kwargs
+
+            return make_engine("vllm", self.policy, **reference_engine_kwargs(cfg.engine_kwargs))
+        return make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
 
     # ------------------------------------------------------------------ state
     def _initial_state(self) -> dict[str, Any]:

@@ -168,3 +168,21 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     done_fresh, fresh_state = final(fresh_dir)
     assert done_resumed and done_fresh
     assert resumed_state["global_step"] == fresh_state["global_step"] > 0
+
+
+def test_vllm_engine_run_against_the_test_server(tmp_path, format_model_dir):
+    """engine="vllm" end to end over HTTP: rollouts with token ids, weight reload, GEPA through the served LM."""
+    from dspy_p2o.testing.fake_vllm import FakeVLLMServer
+    from loop_fixtures import closeness_metric
+
+    key = "sekret-test-key"
+    with FakeVLLMServer(format_model_dir, api_key=key) as server:
+        kwargs = {"url": server.url, "api_key": key, "reference_url": server.url, "reference_api_key": key}
+        result = dspy_p2o.compile(program(), sum_examples(8, 0, "train"), metric=closeness_metric,
+                                  policy=format_model_dir, engine="vllm", engine_kwargs=kwargs,
+                                  run_dir=tmp_path / "run", **tiny_overrides(tau=0.5, near_hard=False))
+        paths = [path for _, path in server.request_log]
+    assert len(result.history) == 2
+    assert paths.count("/v1/completions") >= 4
+    assert any(p.startswith("/collective_rpc") for p in paths)  # weights reloaded after optimiser steps
+    assert key not in (tmp_path / "run" / "config.yaml").read_text()
