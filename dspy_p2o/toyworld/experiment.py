@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dspy_p2o.toyworld.policy import PolicyConfig, greedy_accuracy, pretrain_policy
+from dspy_p2o.toyworld.policy import PolicyConfig, greedy_accuracy, pretrain_policy, torch_threads
 from dspy_p2o.toyworld.reflection import ReflectionNoise, reflection_lm
 from dspy_p2o.toyworld.task import ToyProgram, World, WorldConfig, build_world, metric
 
@@ -37,10 +37,10 @@ class ToyRunConfig:
     epochs: int = 4
     k: int = 8
     batch_size: int = 144  # one phase-1 batch per epoch (the whole train split) ...
-    mini_batch_size: int = 16  # ... split into optimiser steps of this many questions
+    mini_batch_size: int = 8  # ... split into optimiser steps of this many questions
     temperature: float = 1.0
-    max_tokens: int = 16
-    lr: float = 5e-4
+    max_tokens: int = 12
+    lr: float = 1e-3
     plain_per_group: int = 4  # K/2 plain rollouts in every templated group (DESIGN §3: distillation needs contrast)
     template_ratio: str = "off"
     gepa_budget: int = 160  # metric calls per prompt phase
@@ -128,7 +128,8 @@ def run_experiment(seed: int = 0, arms: tuple[str, ...] = DEMO_ARMS, *, out_dir:
     results: dict[str, Any] = {}
     for arm in arms:
         log(f"[toyworld] arm {arm} ...")
-        arm_result = run_arm(arm, world, policy_dir, out_dir, config, progress=progress)
+        with torch_threads(1):
+            arm_result = run_arm(arm, world, policy_dir, out_dir, config, progress=progress)
         results[arm] = arm_result.to_json()
         log(f"[toyworld] arm {arm}: hard {arm_result.hard_acc:.2f}, easy {arm_result.easy_acc:.2f}, "
             f"hard per epoch {arm_result.hard_per_epoch} ({arm_result.seconds:.0f}s)")

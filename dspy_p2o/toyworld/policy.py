@@ -12,6 +12,7 @@ Pretrained weights are cached on disk keyed by the seed and the configuration.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,15 +37,16 @@ class PolicyConfig:
 
     vocab_size: int = 512
     hidden_size: int = 64
-    num_layers: int = 3
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 3e-3
-    num_samples: int = 6000  # distinct pretraining questions (rendering dominates data preparation)
+    short_steps: int = 1200  # curriculum phase 1: prompts without DSPy's constant preamble
+    steps: int = 400  # phase 2: the full rendered prompts
+    batch_size: int = 32
+    lr: float = 4e-3
+    num_samples: int = 3000  # distinct pretraining questions (rendering dominates data preparation)
     corpus_size: int = 600  # rendered prompts the tokenizer is trained on
-    instructed_fraction: float = 0.5  # pretraining prompts whose instruction names rules
+    instructed_fraction: float = 0.65  # pretraining prompts whose instruction names a rule
 
 
 def default_cache_dir() -> Path:
@@ -119,6 +121,19 @@ def build_tokenizer(world: World, config: PolicyConfig):
     return tokenizer
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with n intra-op threads. A model this small gains nothing from more, and on a busy
+    2-core machine extra threads spin against other processes: measured 7 s/step with the
+    default vs 0.9 s/step with one thread (pretraining step, 5 other jobs running)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_policy(path: str | Path):
     """(model, tokenizer) of a cached base policy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,8 +165,17 @@ def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_d
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     renderer = renderer_for(tokenizer)
     pairs = encode_pairs(renderer, pretraining_samples(world, config.num_samples, config, world.seed))
-    losses = supervised_finetune(model, pairs, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
-                                 seed=world.seed, pad_id=tokenizer.pad_token_id, progress=progress)
+    # Curriculum: first without the adapter's constant preamble (the same ~26 tokens in every prompt).
+    # Measured: on full prompts the digits stayed at chance for 450 steps (attention diluted over the
+    # preamble); on the shortened prompts they are learned, and RoPE's relative positions carry over.
+    preamble = len(os.path.commonprefix([p for p, _ in pairs[:200]]))
+    short = [(p[max(0, preamble - 1):], c) for p, c in pairs]
+    with torch_threads(1):
+        losses = supervised_finetune(model, short, steps=config.short_steps, lr=config.lr,
+                                     batch_size=config.batch_size, seed=world.seed, pad_id=tokenizer.pad_token_id,
+                                     progress=progress)
+        losses += supervised_finetune(model, pairs, steps=config.steps, lr=config.lr / 2, batch_size=config.batch_size,
+                                      seed=world.seed + 1, pad_id=tokenizer.pad_token_id, progress=progress)
     # Write to a temporary dir and rename: an interrupted run never leaves a half-written cache entry.
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

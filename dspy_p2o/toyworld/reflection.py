@@ -13,6 +13,7 @@ the examples it is shown; it never sees the world.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -24,9 +25,11 @@ from dspy.lm15 import Message, Request, Response, Usage
 from dspy_p2o.toyworld.task import BASE_INSTRUCTION, RULES, apply_rule, make_instruction
 
 _CODE_BLOCK = re.compile(r"```\n?(.*?)```", re.S)
-# The metric's feedback on a failure states the gold answer: "Wrong: the answer to '#K 3719' is 9173, ..."
-_FEEDBACK = re.compile(r"Wrong: [^\n]*")
-_GOLD = re.compile(r"answer to '(#[A-Z]) (\d+)' is (\d+)")
+# DSPy's GEPA asks through its ProposeInstruction signature (ChatAdapter fields); gepa alone, with ``` blocks.
+_CURRENT_FIELD = re.compile(r"\[\[ ## current_instruction ## \]\]\n(.*?)\n\n\[\[ ## ", re.S)
+_OUTPUT_FIELD = "[[ ## new_instruction ## ]]"
+# The metric's feedback on a failure states the gold answer: "Wrong: the answer to '#K 37' is 73, ..."
+_FAILED = re.compile(r"Wrong: the answer to '(#[A-Z]) (\d+)' is (\d+)")
 
 
 @dataclass(frozen=True)
@@ -52,19 +55,29 @@ class ToyReflection:
         self._lock = threading.Lock()  # DSPy may call from several threads; the rng is shared
         self.calls = 0
 
+    def reply(self, prompt: str) -> str:
+        """The answer in the format the prompt asks for: DSPy's JSON or chat fields, or gepa's code block."""
+        instruction = self.propose(prompt)
+        if "Respond with a JSON object" in prompt and '"new_instruction"' in prompt:
+            return json.dumps({"new_instruction": instruction})
+        if _OUTPUT_FIELD in prompt:
+            return f"{_OUTPUT_FIELD}\n{instruction}\n\n[[ ## completed ## ]]"
+        return f"```\n{instruction}\n```"
+
     def propose(self, prompt: str) -> str:
-        """A new instruction (inside a code block) for GEPA's reflection prompt."""
+        """A new instruction for GEPA's reflection prompt."""
+        # the last match: DSPy's system message first shows the field with a "{current_instruction}" placeholder
+        fields = [f for f in _CURRENT_FIELD.findall(prompt) if f.strip() != "{current_instruction}"]
         blocks = _CODE_BLOCK.findall(prompt)
-        current = blocks[0].strip() if blocks else BASE_INSTRUCTION
+        current = fields[-1].strip() if fields else blocks[0].strip() if blocks else BASE_INSTRUCTION
         failed: dict[str, list[tuple[str, str]]] = {}
-        for feedback in _FEEDBACK.findall(prompt):
-            for tag, digits, gold in _GOLD.findall(feedback):
-                failed.setdefault(tag, []).append((digits, gold))
+        for tag, digits, gold in _FAILED.findall(prompt):
+            failed.setdefault(tag, []).append((digits, gold))
         with self._lock:
             self.calls += 1
             rng, noise = self._rng, self.noise
             if not failed or rng.random() < noise.unchanged:
-                return f"```\n{current}\n```"
+                return current
             tag = rng.choice(sorted(failed))
             pairs = failed[tag] if rng.random() >= noise.one_example else [rng.choice(failed[tag])]
             candidates = infer_rules(pairs)
@@ -72,13 +85,13 @@ class ToyReflection:
                 rule = rng.choice([r for r in RULES if r not in candidates])
             else:
                 rule = rng.choice(candidates)
-        return f"```\n{make_instruction(rule)}\n```"
+        return make_instruction(rule)
 
     def complete(self, request: Request) -> Response:
         from dspy_p2o.engines.dspy_lm import request_messages
 
-        prompt = "\n".join(m["content"] for m in request_messages(request) if m["role"] == "user")
-        text = self.propose(prompt)
+        prompt = "\n".join(m["content"] for m in request_messages(request))
+        text = self.reply(prompt)
         return Response(id=None, model=request.model, message=Message.assistant(text), finish_reason="stop",
                         usage=Usage(input_tokens=len(prompt.split()), output_tokens=len(text.split())))
 

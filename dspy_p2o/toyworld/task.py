@@ -1,7 +1,7 @@
 """The toy world: a verifiable digit-transformation task as a DSPy program.
 
-A question is a tag and four digits (``"#K 3719"``); the tag decides which rule maps the
-digits to the answer (``reverse`` -> ``"9173"``). The base policy is pretrained to apply
+A question is a tag and two digits (``"#K 37"``); the tag decides which rule maps the
+digits to the answer (``reverse`` -> ``"73"``). The base policy is pretrained to apply
 the rules of a few *easy* tags on its own, to apply the rule an instruction names
 ("Transform the digits. Rule: reverse."), and to copy the digits otherwise. The *hard* tags' rules are
 never taught without an instruction, so no rollout solves a hard question until the
@@ -22,7 +22,7 @@ from typing import Callable
 
 import dspy
 
-NUM_DIGITS = 4
+NUM_DIGITS = 2
 TAGS = tuple(f"#{c}" for c in "ABCDEFGHJKLM")  # 12 tags; each is one token in the policy's tokenizer
 DEFAULT_RULE = "copy"
 
@@ -31,16 +31,16 @@ def _digits_map(f: Callable[[int], int]) -> Callable[[str], str]:
     return lambda s: "".join(str(f(int(c))) for c in s)
 
 
-# Each rule is a permutation of positions or a map of digits: easy for attention to execute
-# once the rule is known, impossible to guess from the default.
+# Each rule reverses the digits or maps each digit: easy to execute once the rule is known,
+# hopeless to guess from the default (two digits right by chance).
 RULES: dict[str, Callable[[str], str]] = {
     "copy": lambda s: s,
     "reverse": lambda s: s[::-1],
-    "rotate": lambda s: s[1:] + s[:1],
-    "swap": lambda s: "".join(s[i ^ 1] for i in range(len(s))),
     "increment": _digits_map(lambda d: (d + 1) % 10),
+    "decrement": _digits_map(lambda d: (d - 1) % 10),
     "complement": _digits_map(lambda d: 9 - d),
     "double": _digits_map(lambda d: (2 * d) % 10),
+    "shift": _digits_map(lambda d: (d + 5) % 10),
 }
 
 BASE_INSTRUCTION = "Transform the digits."
@@ -72,7 +72,7 @@ def parse_question(question: str) -> tuple[str, str]:
     """(tag, digits) of a question, with a clear error on anything else."""
     parts = str(question).split()
     if len(parts) != 2 or parts[0] not in TAGS or not parts[1].isdigit():
-        raise ValueError(f"not a toy-world question: {question!r} (expected '<tag> <digits>', e.g. '#K 3719')")
+        raise ValueError(f"not a toy-world question: {question!r} (expected '<tag> <digits>', e.g. '#K 37')")
     return parts[0], parts[1]
 
 
