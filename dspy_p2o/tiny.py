@@ -116,11 +116,11 @@ def default_corpus(n: int = 400, seed: int = 0) -> list[str]:
 
 def supervised_finetune(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                         steps: int = 200, lr: float = 3e-3, batch_size: int = 16, seed: int = 0,
-                        pad_id: int = 0, warmup: int = 10) -> list[float]:
+                        pad_id: int = 0, warmup: int = 10, progress: bool = False) -> list[float]:
     """Next-token training on completions only (prompt tokens masked), AdamW with cosine decay.
 
     `pairs` are (prompt_ids, completion_ids); include the EOS id in the completion so
-    the model learns to stop. Returns the loss per step.
+    the model learns to stop. Returns the loss per step. `progress` shows a tqdm bar.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -130,6 +130,9 @@ def supervised_finetune(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[i
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     losses = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="pretrain", unit="step", disable=not progress, leave=False)
     for _ in range(steps):
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
         width = max(len(p) + len(c) for p, c in batch)
@@ -148,5 +151,9 @@ def supervised_finetune(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[i
         schedule.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
+        bar.update(1)
+        if len(losses) % 25 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.3f}")
+    bar.close()
     model.eval()
     return losses
