@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import dspy
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -141,7 +142,7 @@ def collect_rollouts(
         outputs.update(zip(members, generated))
 
     rollouts: list[Rollout] = []
-    bar = _bar(sum(req.n for req in requests), progress)
+    bar = tqdm(total=sum(req.n for req in requests), desc="score", unit="rollout", leave=False, disable=not progress)
     for r, req in enumerate(requests):
         example = examples[req.example_index]
         for c in outputs[r].completions:
@@ -154,19 +155,3 @@ def collect_rollouts(
             bar.update(1)
     bar.close()
     return rollouts
-
-
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="score", unit="rollout", leave=False)

@@ -20,12 +20,15 @@ def test_chain_of_thought_call_parses(engine):
 
 
 def test_n_samples_through_dspy(engine):
-    program = dspy.Predict("question -> answer")
+    program = dspy.ChainOfThought("question -> answer")
     lm = engine.dspy_lm(temperature=1.0, max_tokens=48)
+    with dspy.context(lm=lm):
+        pred = program(question="What is 3 + 3?", config={"n": 3})
+    assert len(pred.completions.answer) == 3
     outputs = lm("What is 3 + 3?", n=3)
     assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
-    entry = lm.history[-1]
-    assert entry["usage"]["prompt_tokens"] > 0 or entry["usage"].get("input_tokens", 0) > 0
+    usage = lm.history[-1]["usage"]
+    assert usage.get("prompt_tokens", usage.get("input_tokens", 0)) > 0
 
 
 def test_threaded_evaluate_is_batched_and_correctly_mapped(engine):

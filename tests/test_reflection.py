@@ -4,7 +4,6 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import dspy
 import pytest
 
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, describe_reflection_lm, make_reflection_lm

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams, sampling_params
 from dspy_p2o.renderer import check_chat_template
@@ -156,7 +157,7 @@ class LocalEngine(Engine):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         per_chunk = max(1, self.max_batch_size // n)
         chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-        bar = _progress(len(prompts), progress)
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, disable=not progress)
         with self._lock, self._inference_mode():
             for chunk in chunks:
                 done = self._sample_chunk([prompts[i] for i in chunk], n, params, generator)
@@ -298,19 +299,3 @@ def _cut_at_stop_string(text, toks, lps, stops, tokenizer):
         if len(tokenizer.decode(toks[:k], skip_special_tokens=False)) >= stop_end:
             return text[:cut], toks[:k], lps[:k], True
     return text[:cut], toks, lps, True
-
-
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generate", unit="prompt", leave=False)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import httpx
+from tqdm.auto import tqdm
 
 from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, sampling_params
 from dspy_p2o.engines.vllm_server import DEFAULT_SERVER_COMMAND, VLLMServer, VLLMServerError
@@ -277,7 +278,7 @@ class VLLMEngine(Engine):
                 body["seed"] = params.seed + i
             return i, self._parse_completion(self._request("POST", "/v1/completions", json=body), prompts[i], n)
 
-        bar = _progress(len(prompts), progress)
+        bar = tqdm(total=len(prompts), desc="vllm generate", unit="prompt", leave=False, disable=not progress)
         workers = min(self.max_concurrency, len(prompts)) or 1
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-rollout") as pool:
             futures = [pool.submit(run, i) for i in range(len(prompts))]
@@ -618,19 +619,3 @@ def _error_message(response: httpx.Response) -> str:
     if isinstance(error, dict):
         return str(error.get("message", error))
     return str(error)[:500]
-
-
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="vllm generate", unit="prompt", leave=False)

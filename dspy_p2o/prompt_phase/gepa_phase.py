@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
