@@ -19,7 +19,8 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dspy-p2o", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dspy-p2o", description="P^2O: co-optimise the prompt and the weights of a small LM for DSPy programs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
