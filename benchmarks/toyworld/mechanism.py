@@ -22,7 +22,7 @@ import torch
 
 
 def run_setting(world, policy_dir: Path, *, plain: int, ratio: str, k: int, epochs: int, lr: float,
-                mini_batch: int, temperature: float, seed: int) -> dict:
+                mini_batch: int, temperature: float, seed: int, max_grad_norm: float = 1.0) -> dict:
     from dspy_p2o.engines import LocalEngine
     from dspy_p2o.renderer import Renderer
     from dspy_p2o.rollouts import collect_rollouts, make_reward_fn
@@ -31,7 +31,7 @@ def run_setting(world, policy_dir: Path, *, plain: int, ratio: str, k: int, epoc
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     config = TrainerConfig(lr=lr, warmup_ratio=0.0, mini_batch_size=mini_batch, template_ratio=ratio,
-                           temperature=temperature, seed=seed)
+                           temperature=temperature, seed=seed, max_grad_norm=max_grad_norm)
     trainer = GRPOTrainer(str(policy_dir), config=config)
     engine = LocalEngine(trainer.model, trainer.tokenizer)
     trainer.engine = engine
@@ -48,12 +48,14 @@ def run_setting(world, policy_dir: Path, *, plain: int, ratio: str, k: int, epoc
         metrics = trainer.train_on(rollouts)
         kept.append(1.0 - metrics.get("template_masked_frac", 0.0))
         curve.append(greedy_accuracy(engine, renderer, hard_test))
-    return {"plain": plain, "ratio": ratio, "seed": seed, "hard_acc_per_epoch": curve,
+        print(f"  plain={plain} ratio={ratio} epoch {epoch + 1}: templated reward "
+              f"{metrics.get('reward_mean_templated', float('nan')):.2f}, held-out hard acc {curve[-1]:.3f}", flush=True)
+    return {"plain": plain, "ratio": ratio, "seed": seed, "lr": lr, "max_grad_norm": max_grad_norm, "hard_acc_per_epoch": curve,
             "hard_acc": curve[-1], "easy_acc": greedy_accuracy(engine, renderer, easy_test), "kept": kept}
 
 
 def main() -> None:
-    from dspy_p2o.toyworld.policy import pretrain_policy
+    from dspy_p2o.toyworld.policy import pretrain_policy, torch_threads
     from dspy_p2o.toyworld.task import build_world
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--plain", type=int, nargs="+", default=None, help="plain rollouts per group (default 0 1 K/2)")
     parser.add_argument("--ratio", nargs="+", default=["mask", "soft", "off"])
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0 disables clipping")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/toyworld/mechanism.json"))
     args = parser.parse_args()
     plains = args.plain if args.plain is not None else [0, 1, args.k // 2]
@@ -79,8 +82,10 @@ def main() -> None:
                 continue
             torch.manual_seed(seed)
             t0 = time.time()
-            row = run_setting(world, policy_dir, plain=plain, ratio=ratio, k=args.k, epochs=args.epochs, lr=args.lr,
-                              mini_batch=args.mini_batch, temperature=args.temperature, seed=seed)
+            with torch_threads(1):  # tiny model: extra threads only contend (see toyworld.policy.torch_threads)
+                row = run_setting(world, policy_dir, plain=plain, ratio=ratio, k=args.k, epochs=args.epochs, lr=args.lr,
+                                  mini_batch=args.mini_batch, temperature=args.temperature, seed=seed,
+                                  max_grad_norm=args.max_grad_norm)
             row["seconds"] = round(time.time() - t0, 1)
             rows.append(row)
             args.out.write_text(json.dumps(rows, indent=1))  # never lose finished settings

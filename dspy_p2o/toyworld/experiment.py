@@ -34,13 +34,13 @@ DEMO_ARMS = ("grpo", "p2o")
 class ToyRunConfig:
     """The loop's settings for the toy world: small, CPU-sized, and measured (benchmarks/toyworld/RESULTS.md)."""
 
-    epochs: int = 4
+    epochs: int = 5
     k: int = 8
     batch_size: int = 144  # one phase-1 batch per epoch (the whole train split) ...
     mini_batch_size: int = 8  # ... split into optimiser steps of this many questions
     temperature: float = 1.0
     max_tokens: int = 12
-    lr: float = 1e-3
+    lr: float = 3e-4
     plain_per_group: int = 4  # K/2 plain rollouts in every templated group (DESIGN §3: distillation needs contrast)
     template_ratio: str = "off"
     gepa_budget: int = 160  # metric calls per prompt phase
