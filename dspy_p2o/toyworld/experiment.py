@@ -85,13 +85,12 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: Toy
         raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
     start = time.time()
     cfg = P2OConfig.load(None, {"policy": str(policy_dir), "seed": world.seed, "progress": progress,
-                                **config.loop_overrides(), **ARMS[arm]})
+                                "reflection": "custom", **config.loop_overrides(), **ARMS[arm]})
     program = ToyProgram()
+    # The toy world's own teacher, passed as an LM object (what compile(..., reflection=lm) does).
     loop = P2OLoop(program, world.train, metric=metric, policy=str(policy_dir), config=cfg, run_dir=run_dir / arm,
-                   valset=world.split("test", "hard"))
-    # The toy world's own teacher instead of "self"/"teacher:...": an instance attribute shadows the method.
-    toy_teacher = reflection_lm(seed=world.seed, noise=ReflectionNoise())
-    loop.reflection_lm = lambda: toy_teacher
+                   valset=world.split("test", "hard"),
+                   reflection_lm=reflection_lm(seed=world.seed, noise=ReflectionNoise()))
     result = loop.run_loop()
     renderer = Renderer(program.predict, result.engine.tokenizer)
     hard = greedy_accuracy(result.engine, renderer, world.split("test", "hard"), max_tokens=config.max_tokens)
