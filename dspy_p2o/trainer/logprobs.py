@@ -81,11 +81,12 @@ def chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     """log softmax(logits / T)[target] per position, fp32, in chunks of positions."""
     rows, cols, vocab = logits.shape
     step = max(1, CHUNK_ELEMENTS // max(1, rows * vocab))
-    recompute = torch.is_grad_enabled() and logits.requires_grad
+    # Recompute fp32 chunks in backward instead of keeping them all alive -- unless one chunk
+    # covers everything, where recomputing would only add work.
+    recompute = torch.is_grad_enabled() and logits.requires_grad and step < cols
     parts = []
     for s in range(0, cols, step):
         args = (logits[:, s:s + step], targets[:, s:s + step], temperature)
-        # recompute the fp32 chunk in backward instead of keeping every chunk alive
         parts.append(checkpoint(_chosen_logprobs, *args, use_reentrant=False) if recompute else _chosen_logprobs(*args))
     return torch.cat(parts, dim=1)
 
