@@ -95,6 +95,7 @@ class P2OLoop:
         steps_per_batch = 1
         if cfg.trainer.mini_batch_size:
             steps_per_batch = -(-min(cfg.batch_size, len(self.trainset)) // cfg.trainer.mini_batch_size)
+        steps_per_batch *= cfg.trainer.updates_per_batch
         total_steps = cfg.epochs * self.batches_per_epoch * steps_per_batch
         self.logger = MetricsLogger(self.run.metrics_file, trackers=tuple(cfg.trackers), config=cfg.to_dict())
         if cfg.engine == "local":

@@ -131,6 +131,17 @@ def test_mini_batches_step_and_sync_a_separate_engine(trainer_model_dir):
     assert torch.equal(served, param)
 
 
+def test_updates_per_batch_reuses_the_rollouts_off_policy(trainer_model_dir):
+    """A second pass over the same rollouts is off-policy: its PPO ratio departs from 1 and clips."""
+    config = TrainerConfig(lr=5e-2, mini_batch_size=3, updates_per_batch=3, template_ratio="off", max_grad_norm=0)
+    trainer = GRPOTrainer(trainer_model_dir, config=config)
+    metrics = trainer.train_on(_batch(n_groups=3))
+    assert trainer.global_step == 3 and metrics["steps"] == 3
+    assert metrics["clip_frac_low"] + metrics["clip_frac_high"] > 0  # later passes see a moved policy
+    with pytest.raises(ValueError, match="updates_per_batch"):
+        TrainerConfig(updates_per_batch=0)
+
+
 def test_shared_module_engine_sees_updates_and_metrics_are_reported(trainer_model_dir):
     from dspy_p2o.engines import LocalEngine
 

@@ -43,6 +43,7 @@ class TrainerConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clipping; <= 0 disables it
     mini_batch_size: int | None = None  # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
+    updates_per_batch: int = 1  # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward (length-bucketed micro-batches)
     epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
     epsilon_high: float = 0.28  # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
@@ -78,6 +79,8 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"TrainerConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"TrainerConfig.updates_per_batch must be >= 1, got {self.updates_per_batch}")
         if self.micro_batch_tokens < 1:
             raise ValueError(f"TrainerConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
@@ -208,7 +211,7 @@ class GRPOTrainer:
         seqs = self._prepare(rollouts, trained, adv.values, metrics)
         time_sync = 0.0
         step_stats: list[dict[str, float]] = []
-        for rows in self._mini_batches(seqs.groups):
+        for rows in self._mini_batches(seqs.groups) * cfg.updates_per_batch:
             step_stats.append(self._optimiser_step(seqs, rows))
             if cfg.sync == "step":
                 time_sync += self.sync_engine()
@@ -235,7 +238,8 @@ class GRPOTrainer:
         prompts = [r.prompt_ids if d else r.sampled_prompt_ids for r, d in zip(chosen, distilled)]
         completions = [r.completion_ids for r in chosen]
         tilde_rows = [j for j, d in enumerate(distilled) if d]
-        n_steps = math.ceil(len(set(r.example_id for r in chosen)) / (cfg.mini_batch_size or len(chosen)))
+        n_steps = cfg.updates_per_batch * math.ceil(
+            len(set(r.example_id for r in chosen)) / (cfg.mini_batch_size or len(chosen)))
         # On-policy (one step, nothing needs the old log-probs up front): the gradient pass's own
         # detached log-probs are the old ones, saving a forward pass (as TRL does).
         from_forward = n_steps == 1 and cfg.tis_cap is None and (not tilde_rows or cfg.template_ratio == "off")
