@@ -134,9 +134,11 @@ class P2OLoop:
                 "templated_stats": {}, "history": [], "checkpoint": None, "done": False}
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
-        path = self.trainer.save_checkpoint(self.run.checkpoints,
-                                            extra_state={"loop_epoch": state["epoch"], "loop_batch": state["batch"]})
-        state["checkpoint"] = str(path)
+        """Save the trainer (only when it stepped since the last save) and then the loop state."""
+        if state.get("checkpoint_step") != self.trainer.global_step or not state.get("checkpoint"):
+            path = self.trainer.save_checkpoint(self.run.checkpoints, extra_state={"loop_epoch": state["epoch"],
+                                                                                   "loop_batch": state["batch"]})
+            state.update(checkpoint=str(path), checkpoint_step=self.trainer.global_step)
         self.run.save_state(state)
 
     def _restore(self) -> dict[str, Any]:
