@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import statistics
@@ -356,7 +357,8 @@ class GRPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / "state"))
+        with _quiet_tied_weight_warning():
+            acc.save_state(str(tmp / "state"))
         state_dict = acc.get_state_dict(self._model)  # collective under FSDP / DeepSpeed
         if acc.is_main_process:
             import shutil
@@ -386,6 +388,19 @@ class GRPOTrainer:
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _quiet_tied_weight_warning():
+    """accelerate warns on every save that tied embeddings (lm_head = embed_tokens) are stored
+    once; that is expected for these models, and the warning buried the progress output."""
+    logger = logging.getLogger("accelerate.utils.other")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _make_accelerator(dtype: str):
     from accelerate import Accelerator
 
