@@ -27,13 +27,14 @@ import dspy
 from dspy_p2o.config import P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
+from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
 from dspy_p2o.renderer import Renderer, single_predictor
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
-from dspy_p2o.run_dir import RunDir, identity_of, write_json, write_jsonl
+from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer
 
 log = logging.getLogger(__name__)

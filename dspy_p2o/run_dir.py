@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import yaml
 
 from dspy_p2o.config import ConfigError, P2OConfig
+from dspy_p2o.jsonio import write_json
 
 # Keys whose change makes an existing run directory meaningless to resume.
 IDENTITY_KEYS = ("policy", "k", "batch_size", "prompt_phase", "seed", "temperature", "max_tokens",
@@ -112,18 +113,3 @@ def identity_of(config: P2OConfig, policy: str, train_ids: list[str]) -> dict[st
     values["policy"] = str(policy)
     values["trainset"] = fingerprint(train_ids)
     return values
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write: a run killed mid-write never leaves a truncated file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-    os.replace(tmp, path)

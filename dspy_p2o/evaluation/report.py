@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from dspy_p2o.evaluation.protocol import mean, pass_at_k
+from dspy_p2o.jsonio import write_json
 
 # Column order and titles of the paper's Table 1.
 BENCHMARK_TITLES = {
@@ -50,13 +51,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def average(benchmarks: dict[str, dict[str, Any]]) -> float:
     return mean([b["accuracy"] for b in benchmarks.values()])
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -130,5 +124,5 @@ def _pass_table(results: Sequence[dict[str, Any]], columns: list[str]) -> str:
 
 def write_report(out_dir: str | os.PathLike, results: dict[str, Any]) -> None:
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / RESULTS_FILE, results)
+    write_json(out_dir / RESULTS_FILE, results)
     (out_dir / TABLE_FILE).write_text(results_table([results]), encoding="utf-8")

@@ -21,6 +21,7 @@ from dspy_p2o.engines.base import Engine
 from dspy_p2o.evaluation.prompting import Prompting
 from dspy_p2o.evaluation.protocol import Protocol
 from dspy_p2o.evaluation.scoring import score_completions
+from dspy_p2o.jsonio import write_json, write_jsonl
 
 DEFAULT_CHUNK_SEQUENCES = 2048
 
@@ -54,16 +55,6 @@ def complete_problems(records: Sequence[dict[str, Any]], samples: int) -> dict[i
         by_index.setdefault(int(record["index"]), {})[int(record["sample"])] = record
     return {index: [got[s] for s in range(samples)] for index, got in by_index.items()
             if all(s in got for s in range(samples))}
-
-
-def _write_atomic(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _append(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -102,7 +93,7 @@ def run_benchmark(
     _check_same_problems(path, done, examples)
     kept = [r for index in sorted(done) for r in done[index]]
     if len(kept) != len(existing):
-        _write_atomic(path, kept)  # drop partial problems and torn lines before appending
+        write_jsonl(path, kept)  # drop partial problems and torn lines before appending
 
     todo = [ex for ex in examples if int(ex.index) not in done]
     per_chunk = max(1, chunk_sequences // protocol.samples)
@@ -165,9 +156,8 @@ def _check_or_record_config(out_dir: Path, model: str, prompting: Prompting, pro
                 raise ValueError(f"{out_dir} holds {name} samples made with {old}, not {protocol}; "
                                  "use a new --out (or the same settings to resume)")
         current["protocols"] = {**recorded.get("protocols", {}), **current["protocols"]}
-    from dspy_p2o.evaluation.report import write_json_atomic
 
-    write_json_atomic(path, current)
+    write_json(path, current)
 
 
 def evaluate(

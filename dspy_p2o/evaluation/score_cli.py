@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from dspy_p2o.data import load_benchmark
-    from dspy_p2o.evaluation.report import write_json_atomic
+    from dspy_p2o.jsonio import write_json
 
     examples = load_benchmark(args.benchmark, path=args.data)
     pairs = read_predictions(args.predictions, examples)
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.samples_out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.json:
-        write_json_atomic(args.json, {"benchmark": args.benchmark, "n": summary["n_problems"],
+        write_json(args.json, {"benchmark": args.benchmark, "n": summary["n_problems"],
                                       "accuracy": summary["accuracy"]})
     extra = "".join(f", {k} {100 * v:.1f}%" for k, v in summary.items() if k.startswith("pass@"))
     print(f"{args.benchmark}: accuracy {100 * summary['accuracy']:.2f}% over {summary['n_problems']} problems "

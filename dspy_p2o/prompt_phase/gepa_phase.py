@@ -32,6 +32,7 @@ from gepa.strategies.eval_policy import FullEvaluationPolicy
 from gepa.strategies.proposal_sampling import ProposalTask
 from gepa.utils.stop_condition import ScoreThresholdStopper
 
+from dspy_p2o.jsonio import write_json
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, mean_scores, pareto_front, solved_by
 from dspy_p2o.renderer import single_predictor
 from dspy_p2o.rewards import safe_metric
@@ -98,11 +99,7 @@ class PromptPhaseResult:
                    cost=data["cost"], epoch=data.get("epoch", 0))
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False))
-        os.replace(tmp, path)  # atomic: a crash never leaves half a result behind
+        write_json(path, self.to_json())  # atomic: a crash never leaves half a result behind
 
 
 # --------------------------------------------------------------------------- budget

@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from dspy_p2o.jsonio import write_json
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -48,9 +50,7 @@ def prune(run_checkpoints_dir: str | os.PathLike, keep_last: int) -> None:
 
 
 def write_state(directory: Path, state: dict) -> None:
-    tmp = directory / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, directory / STATE_FILE)
+    write_json(directory / STATE_FILE, state)
 
 
 def read_state(directory: str | os.PathLike) -> dict:

@@ -1,0 +1,33 @@
+"""Atomic JSON / JSONL writes: a run killed mid-write never leaves a truncated file behind.
+
+The one writer every artefact goes through (run state, checkpoints' trainer state, the
+prompt phase's result, evaluation samples and results): write a temporary file beside
+the target, fsync it, rename it over the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def _replace_with(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Indented, UTF-8 (people read templates), non-JSON values written as strings."""
+    _replace_with(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    _replace_with(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
