@@ -209,6 +209,17 @@ def test_managed_server_lifecycle(model_dir, tmp_path):
     engine.close()  # idempotent
 
 
+def test_generated_api_keys_parse_as_flag_values(tmp_path):
+    """A random key starting with '-' made the server's argparse fail (`--api-key -x...`): 1 start in 64."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--api-key")
+    for n in range(300):
+        server = VLLMServer("m", server_command=["true"], log_path=tmp_path / f"{n}.log")
+        assert parser.parse_args(["--api-key", server.api_key]).api_key == server.api_key
+
+
 def test_start_failure_shows_the_server_log_tail(tmp_path, engine):
     with pytest.raises(VLLMServerError) as err:
         VLLMEngine(tmp_path / "no-such-model", tokenizer=engine.tokenizer, server_command=FAKE_VLLM,

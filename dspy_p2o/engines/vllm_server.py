@@ -179,7 +179,9 @@ class VLLMServer:
     ) -> None:
         self.model = str(model)
         self.port = int(port) if port else free_port()
-        self.api_key = api_key or secrets.token_urlsafe(24)
+        # hex, not urlsafe: a urlsafe key may start with '-', and the server's argparse then reads
+        # `--api-key -x...` as a missing value (a 1-in-64 start failure, seen as a flaky test)
+        self.api_key = api_key or secrets.token_hex(24)
         self.served_model_name = served_model_name
         self.startup_timeout_s = float(startup_timeout_s)
         if log_path is None:
