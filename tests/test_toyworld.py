@@ -19,18 +19,22 @@ def test_world_is_seeded_disjoint_and_hard_questions_defeat_the_default():
     assert not set(a.easy_rules) & set(a.hard_rules)
     assert not {e.question for e in a.train} & {e.question for e in a.test}
     for e in a.train + a.test:
-        tag, digits = parse_question(e.question)
-        assert e.answer == apply_rule(a.rules[tag], digits) != digits  # copying never scores
+        tag, letter = parse_question(e.question)
+        assert e.answer == apply_rule(a.rules[tag], letter) != letter  # copying never scores
         assert e.kind == ("hard" if tag in a.hard_rules else "easy")
     assert len({e.id for e in a.train + a.test}) == len(a.train) + len(a.test)
+    assert len(a.split("test", "hard")) == 3 * WorldConfig().test_per_tag
     with pytest.raises(ValueError, match="num_easy"):
         WorldConfig(num_easy=4, num_hard=4)
-    with pytest.raises(ValueError, match="not a toy-world question"):
-        parse_question("K 12")
+    with pytest.raises(ValueError, match="letters"):
+        WorldConfig(train_per_tag=20, test_per_tag=10)
+    for bad in ("K g", "#K 12", "#K gh"):
+        with pytest.raises(ValueError, match="not a toy-world question"):
+            parse_question(bad)
 
 
 def test_instruction_round_trip_and_metric_feedback_names_the_gold():
-    assert parse_instruction(make_instruction("reverse")) == "reverse"
+    assert parse_instruction(make_instruction("mirror")) == "mirror"
     assert parse_instruction(BASE_INSTRUCTION) is None
     with pytest.raises(ValueError, match="unknown rule"):
         make_instruction("sort")
@@ -71,10 +75,33 @@ def test_reflection_infers_rules_from_feedback_only_and_is_noisy():
     assert f"Rule: {rule}." in lm(prompt)[0]
 
 
-def test_rules_are_distinct_functions():
-    probes = ["01", "45", "93", "27"]
-    signatures = {tuple(apply_rule(r, p) for p in probes) for r in RULES}
-    assert len(signatures) == len(RULES)
+def test_rules_are_permutations_without_fixed_points():
+    from dspy_p2o.toyworld.task import SYMBOLS
+
+    assert [apply_rule(r, "a") for r in RULES] == ["a", "b", "z", "c", "z", "n", "b"]
+    for rule in RULES:
+        images = [apply_rule(rule, c) for c in SYMBOLS]
+        assert sorted(images) == list(SYMBOLS)  # a permutation: every answer is reachable
+        assert rule == "copy" or all(i != c for i, c in zip(images, SYMBOLS))
+
+
+def test_pretraining_data_teaches_the_world_and_holds_out_its_test_questions():
+    from dspy_p2o.toyworld.policy import PolicyConfig, background_rules, pretraining_samples, target_rule
+
+    world = build_world(2)
+    background = background_rules(world)
+    assert not set(background) & set(world.rules)
+    assert set(background.values()) == set(RULES)  # every rule is some tag's own, copy included
+    samples = pretraining_samples(world, 3000, PolicyConfig(), seed=2)
+    held_out = {e.question: e for e in world.test}
+    for question, instruction, answer in samples:
+        tag, letter = parse_question(question)
+        assert answer == apply_rule(target_rule(world, tag, instruction), letter)
+        if question in held_out:  # only a hard tag's own (wrong) copy answer is ever shown
+            assert held_out[question].kind == "hard" and instruction == BASE_INSTRUCTION and answer == letter
+    hard_tag = next(iter(world.hard_rules))
+    assert target_rule(world, hard_tag, BASE_INSTRUCTION) == "copy"
+    assert target_rule(world, hard_tag, make_instruction(world.hard_rules[hard_tag])) == world.hard_rules[hard_tag]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +126,7 @@ def test_policy_cache_is_keyed_and_reused(tiny_policy):
     assert (path / "toyworld_policy.json").stat().st_mtime_ns == stamp
     model, tokenizer = load_policy(path)
     # tags and rule names are single tokens wherever they appear
-    for word in ("#K", "reverse"):
+    for word in ("#K", "mirror"):
         assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
     other = build_world(1, WorldConfig(train_per_tag=3, test_per_tag=2))
     from dspy_p2o.toyworld.policy import policy_key

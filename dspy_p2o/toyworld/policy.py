@@ -1,11 +1,11 @@
-"""The toy world's base policy: a tiny Qwen3 pretrained offline in about a minute.
+"""The toy world's base policy: a tiny Qwen3 pretrained offline in two to three minutes.
 
 The tokenizer is a BPE trained on rendered DSPy prompts (so the ChatAdapter boilerplate
 costs a few tokens) with each tag as one added token (and so is each rule name). The model is taught, on the adapter's own output
 format, to
-  * apply the rule an instruction names ("Transform the digits. Rule: reverse."),
-  * apply the world's easy rules without any instruction,
-  * copy the digits otherwise -- including for the hard tags, whose rules it never sees
+  * apply the rule an instruction names ("Transform the letter. Rule: mirror."),
+  * apply the rule of every tag it knows (the world's easy tags and background tags),
+  * copy the letter otherwise -- for the hard tags, whose rules it never sees
     without an instruction.
 Pretrained weights are cached on disk keyed by the seed and the configuration.
 """
@@ -25,10 +25,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, NUM_DIGITS, RULES, TAGS, ToyProgram, World,
+from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, RULES, SYMBOLS, TAGS, ToyProgram, World,
                                     apply_rule, make_instruction, parse_question)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,11 @@ class PolicyConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    short_steps: int = 1200  # curriculum phase 1: prompts without DSPy's constant preamble
-    steps: int = 400  # phase 2: the full rendered prompts
+    short_steps: int = 1800  # curriculum phase 1: prompts without DSPy's constant preamble
+    steps: int = 300  # phase 2: the full rendered prompts
     batch_size: int = 32
-    lr: float = 4e-3
-    num_samples: int = 3000  # distinct pretraining questions (rendering dominates data preparation)
+    lr: float = 1e-3  # measured: 4e-3 left some seeds on the chance plateau for 2000 steps
+    num_samples: int = 4000  # distinct pretraining questions (rendering dominates data preparation)
     corpus_size: int = 600  # rendered prompts the tokenizer is trained on
     instructed_fraction: float = 0.65  # pretraining prompts whose instruction names a rule
 
@@ -73,26 +73,48 @@ def sample_instruction(rng: random.Random, config: PolicyConfig) -> str:
     return make_instruction(rng.choice(list(RULES)))
 
 
-def target_rule(world: World, tag: str, instruction: str) -> str:
-    """What the base policy is taught to do: the named rule, else the tag's easy rule, else copy."""
+def background_rules(world: World) -> dict[str, str]:
+    """Rules for the tags outside the world: every non-default rule once, the remaining tags copy.
+
+    Measured: with only the world's three easy tags applying rules on their own, the policy
+    memorised (tag, letter) pairs and got 5-26% of held-out easy questions; with every rule
+    also applied by other tags it learns "a tag selects a rule" and generalises (97%). Copy
+    tags beside the hard ones make "copy" one more tag-selected rule, firmly learned (with
+    the hard tags as the only copiers, one seed sampled the right answer 9% of the time).
+    The tag -> rule mechanism is what context distillation has to re-point for a hard tag.
+    """
+    others = [t for t in TAGS if t not in world.rules]
+    rules = [r for r in RULES if r != DEFAULT_RULE]
+    random.Random(f"background-{world.seed}").shuffle(rules)
+    return {tag: rules[i] if i < len(rules) else DEFAULT_RULE for i, tag in enumerate(others)}
+
+
+def target_rule(world: World, tag: str, instruction: str, background: dict[str, str] | None = None) -> str:
+    """What the base policy is taught: the named rule, else the tag's own rule, else copy (the hard tags)."""
     from dspy_p2o.toyworld.task import parse_instruction
 
-    return parse_instruction(instruction) or world.easy_rules.get(tag, DEFAULT_RULE)
+    background = background_rules(world) if background is None else background
+    return parse_instruction(instruction) or world.easy_rules.get(tag) or background.get(tag, DEFAULT_RULE)
 
 
 def pretraining_samples(world: World, n: int, config: PolicyConfig, seed: int) -> list[tuple[str, str, str]]:
-    """(question, instruction, answer) triples. Questions of the world's held-out split are excluded."""
+    """(question, instruction, answer) triples.
+
+    The world's held-out questions are excluded, except a hard tag's without an instruction:
+    that the base policy copies there (never answers right) is part of the world, not a leak.
+    """
     rng = random.Random(f"pretrain-{seed}")
     held_out = {e.question for e in world.test}
+    background = background_rules(world)
     out = []
     while len(out) < n:
         tag = rng.choice(TAGS)
-        digits = "".join(rng.choice("0123456789") for _ in range(NUM_DIGITS))
-        question = f"{tag} {digits}"
-        if question in held_out:
-            continue
+        letter = rng.choice(SYMBOLS)
+        question = f"{tag} {letter}"
         instruction = sample_instruction(rng, config)
-        out.append((question, instruction, apply_rule(target_rule(world, tag, instruction), digits)))
+        if question in held_out and not (tag in world.hard_rules and instruction == BASE_INSTRUCTION):
+            continue
+        out.append((question, instruction, apply_rule(target_rule(world, tag, instruction, background), letter)))
     return out
 
 
@@ -166,7 +188,7 @@ def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_d
     renderer = renderer_for(tokenizer)
     pairs = encode_pairs(renderer, pretraining_samples(world, config.num_samples, config, world.seed))
     # Curriculum: first without the adapter's constant preamble (the same ~26 tokens in every prompt).
-    # Measured: on full prompts the digits stayed at chance for 450 steps (attention diluted over the
+    # Measured (two-digit world): on full prompts the digits stayed at chance for 450 steps (attention diluted over the
     # preamble); on the shortened prompts they are learned, and RoPE's relative positions carry over.
     preamble = len(os.path.commonprefix([p for p, _ in pairs[:200]]))
     short = [(p[max(0, preamble - 1):], c) for p, c in pairs]

@@ -3,7 +3,7 @@
 It plays the teacher of P^2O's phase 2 without a neural network: it reads the prompt
 GEPA sends (the current instruction and, per example, the question, the policy's answer
 and the metric's feedback, which states the gold answer), picks one tag among the failed
-examples, infers the rules consistent with that tag's (digits -> gold) pairs and writes an
+examples, infers the rules consistent with that tag's (letter -> gold) pairs and writes an
 instruction naming one of them. It is deliberately noisy -- it names a wrong rule, infers
 from a single example, or returns the instruction unchanged -- so GEPA's evaluation and
 Pareto selection have real work to do (and an instruction that serves one tag fails the
@@ -28,8 +28,8 @@ _CODE_BLOCK = re.compile(r"```\n?(.*?)```", re.S)
 # DSPy's GEPA asks through its ProposeInstruction signature (ChatAdapter fields); gepa alone, with ``` blocks.
 _CURRENT_FIELD = re.compile(r"\[\[ ## current_instruction ## \]\]\n(.*?)\n\n\[\[ ## ", re.S)
 _OUTPUT_FIELD = "[[ ## new_instruction ## ]]"
-# The metric's feedback on a failure states the gold answer: "Wrong: the answer to '#K 37' is 73, ..."
-_FAILED = re.compile(r"Wrong: the answer to '(#[A-Z]) (\d+)' is (\d+)")
+# The metric's feedback on a failure states the gold answer: "Wrong: the answer to '#K g' is h, ..."
+_FAILED = re.compile(r"Wrong: the answer to '(#[A-Z]) ([a-z])' is ([a-z])")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ReflectionNoise:
 
 
 def infer_rules(pairs: list[tuple[str, str]]) -> list[str]:
-    """Rules consistent with every (digits, gold) pair of one tag."""
+    """Rules consistent with every (letter, gold) pair of one tag."""
     return [r for r in RULES if all(apply_rule(r, d) == g for d, g in pairs)]
 
 
@@ -71,8 +71,8 @@ class ToyReflection:
         blocks = _CODE_BLOCK.findall(prompt)
         current = fields[-1].strip() if fields else blocks[0].strip() if blocks else BASE_INSTRUCTION
         failed: dict[str, list[tuple[str, str]]] = {}
-        for tag, digits, gold in _FAILED.findall(prompt):
-            failed.setdefault(tag, []).append((digits, gold))
+        for tag, letter, gold in _FAILED.findall(prompt):
+            failed.setdefault(tag, []).append((letter, gold))
         with self._lock:
             self.calls += 1
             rng, noise = self._rng, self.noise

@@ -1,16 +1,16 @@
-"""The toy world: a verifiable digit-transformation task as a DSPy program.
+"""The toy world: a verifiable letter-transformation task as a DSPy program.
 
-A question is a tag and two digits (``"#K 37"``); the tag decides which rule maps the
-digits to the answer (``reverse`` -> ``"73"``). The base policy is pretrained to apply
+A question is a tag and a letter (``"#K g"``); the tag decides which rule maps the
+letter to the answer (``mirror`` -> ``"t"``). The base policy is pretrained to apply
 the rules of a few *easy* tags on its own, to apply the rule an instruction names
-("Transform the digits. Rule: reverse."), and to copy the digits otherwise. The *hard* tags' rules are
+("Transform the letter. Rule: mirror."), and to copy the letter otherwise. The *hard* tags' rules are
 never taught without an instruction, so no rollout solves a hard question until the
 prompt names its rule -- the situation P^2O is built for: GRPO sees only zero-reward
 groups there, GEPA can find instructions that unlock them, and context distillation can
 move that knowledge into the weights.
 
 Everything is decided by one seed: which tags are easy or hard, which rule each uses,
-and the questions of each split (disjoint digit strings, stable ids).
+and the questions of each split (each tag's letters split between train and test, stable ids).
 """
 
 from __future__ import annotations
@@ -22,28 +22,30 @@ from typing import Callable
 
 import dspy
 
-NUM_DIGITS = 2
-TAGS = tuple(f"#{c}" for c in "ABCDEFGHJKLM")  # 12 tags; each is one token in the policy's tokenizer
+SYMBOLS = "abcdefghijklmnopqrstuvwxyz"  # a question transforms one letter
+TAGS = tuple(f"#{c}" for c in "ABCDEFGHJKLMNPQRST")  # 18 tags; each is one token in the policy's tokenizer
 DEFAULT_RULE = "copy"
 
 
-def _digits_map(f: Callable[[int], int]) -> Callable[[str], str]:
-    return lambda s: "".join(str(f(int(c))) for c in s)
+def _shift_map(f: Callable[[int], int]) -> Callable[[str], str]:
+    return lambda s: "".join(SYMBOLS[f(SYMBOLS.index(c)) % len(SYMBOLS)] for c in s)
 
 
-# Each rule reverses the digits or maps each digit: easy to execute once the rule is known,
-# hopeless to guess from the default (two digits right by chance).
+# Each rule is a permutation of the alphabet without fixed points: easy to execute once the rule is
+# named, never the default's answer. One letter per question keeps every lookup the policy needs
+# content-based (find the letter, the tag, the rule name): with two-digit questions the tiny policy
+# had to discover position-based attention first and pretraining stalled on a plateau (RESULTS.md).
 RULES: dict[str, Callable[[str], str]] = {
     "copy": lambda s: s,
-    "reverse": lambda s: s[::-1],
-    "increment": _digits_map(lambda d: (d + 1) % 10),
-    "decrement": _digits_map(lambda d: (d - 1) % 10),
-    "complement": _digits_map(lambda d: 9 - d),
-    "double": _digits_map(lambda d: (2 * d) % 10),
-    "shift": _digits_map(lambda d: (d + 5) % 10),
+    "next": _shift_map(lambda i: i + 1),
+    "prev": _shift_map(lambda i: i - 1),
+    "skip": _shift_map(lambda i: i + 2),
+    "mirror": _shift_map(lambda i: 25 - i),
+    "rotate": _shift_map(lambda i: i + 13),
+    "swap": _shift_map(lambda i: i ^ 1),
 }
 
-BASE_INSTRUCTION = "Transform the digits."
+BASE_INSTRUCTION = "Transform the letter."
 _RULE_RE = re.compile(r"Rule: ([a-z]+)\.")
 
 
@@ -64,20 +66,20 @@ def parse_instruction(instruction: str | None) -> str | None:
     return None
 
 
-def apply_rule(rule: str, digits: str) -> str:
-    return RULES[rule](digits)
+def apply_rule(rule: str, letter: str) -> str:
+    return RULES[rule](letter)
 
 
 def parse_question(question: str) -> tuple[str, str]:
-    """(tag, digits) of a question, with a clear error on anything else."""
+    """(tag, letter) of a question, with a clear error on anything else."""
     parts = str(question).split()
-    if len(parts) != 2 or parts[0] not in TAGS or not parts[1].isdigit():
-        raise ValueError(f"not a toy-world question: {question!r} (expected '<tag> <digits>', e.g. '#K 37')")
+    if len(parts) != 2 or parts[0] not in TAGS or len(parts[1]) != 1 or parts[1] not in SYMBOLS:
+        raise ValueError(f"not a toy-world question: {question!r} (expected '<tag> <letter>', e.g. '#K g')")
     return parts[0], parts[1]
 
 
 class ToySignature(dspy.Signature):
-    """Transform the digits."""
+    """Transform the letter."""
 
     question: str = dspy.InputField()
     answer: str = dspy.OutputField()
@@ -106,12 +108,12 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> dspy.Pred
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Sizes of the world. Per split, each tag gets `per_tag` questions."""
+    """Sizes of the world. Per split, each tag gets `per_tag` questions (distinct letters)."""
 
     num_easy: int = 3
     num_hard: int = 3
-    train_per_tag: int = 24
-    test_per_tag: int = 24
+    train_per_tag: int = 13
+    test_per_tag: int = 13
 
     def __post_init__(self) -> None:
         non_default = len(RULES) - 1
@@ -119,6 +121,8 @@ class WorldConfig:
             raise ValueError(f"num_easy + num_hard must be <= {non_default} (the non-default rules)")
         if min(self.num_easy, self.num_hard, self.train_per_tag, self.test_per_tag) < 1:
             raise ValueError("every WorldConfig size must be >= 1")
+        if self.train_per_tag + self.test_per_tag > len(SYMBOLS):
+            raise ValueError(f"train_per_tag + test_per_tag must be <= {len(SYMBOLS)} (the letters)")
 
 
 @dataclass
@@ -144,14 +148,14 @@ class World:
         return [e for e in examples if kind is None or e.kind == kind]
 
 
-def make_example(tag: str, digits: str, rule: str, kind: str, split: str, seed: int) -> dspy.Example:
-    ex = dspy.Example(question=f"{tag} {digits}", answer=apply_rule(rule, digits), kind=kind, tag=tag,
-                      id=f"toy{seed}-{split}-{tag[1:]}{digits}")
+def make_example(tag: str, letter: str, rule: str, kind: str, split: str, seed: int) -> dspy.Example:
+    ex = dspy.Example(question=f"{tag} {letter}", answer=apply_rule(rule, letter), kind=kind, tag=tag,
+                      id=f"toy{seed}-{split}-{tag[1:]}{letter}")
     return ex.with_inputs("question")
 
 
 def build_world(seed: int = 0, config: WorldConfig | None = None) -> World:
-    """A seeded world. Hard questions are chosen so the default (copy) answer is wrong."""
+    """A seeded world: random easy/hard tags and rules; each tag's letters split between train and test."""
     config = config or WorldConfig()
     rng = random.Random(f"toyworld-{seed}")
     tags = list(TAGS)
@@ -162,18 +166,11 @@ def build_world(seed: int = 0, config: WorldConfig | None = None) -> World:
     hard_tags = tags[config.num_easy: config.num_easy + config.num_hard]
     hard = dict(zip(hard_tags, rules[config.num_easy: config.num_easy + config.num_hard]))
     world = World(seed, easy, hard)
-    used: set[str] = set()
-    for split, per_tag in (("train", config.train_per_tag), ("test", config.test_per_tag)):
-        out = world.train if split == "train" else world.test
-        for tag, rule in world.rules.items():
-            kind = "easy" if tag in easy else "hard"
-            made = 0
-            while made < per_tag:
-                digits = "".join(rng.choice("0123456789") for _ in range(NUM_DIGITS))
-                if (tag, digits) in used or apply_rule(rule, digits) == digits:
-                    continue  # held-out splits are disjoint; no rule may coincide with the default
-                used.add((tag, digits))
-                out.append(make_example(tag, digits, rule, kind, split, seed))
-                made += 1
-        rng.shuffle(out)
+    for tag, rule in world.rules.items():
+        kind = "easy" if tag in easy else "hard"
+        letters = rng.sample(SYMBOLS, config.train_per_tag + config.test_per_tag)
+        world.train += [make_example(tag, c, rule, kind, "train", seed) for c in letters[: config.train_per_tag]]
+        world.test += [make_example(tag, c, rule, kind, "test", seed) for c in letters[config.train_per_tag:]]
+    rng.shuffle(world.train)
+    rng.shuffle(world.test)
     return world
