@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 
 import dspy
 
@@ -34,6 +35,13 @@ def closeness_metric(gold, pred, trace=None, pred_name=None, pred_trace=None) ->
         return max(0.0, 1.0 - abs(int(str(pred.answer).strip()) - int(gold.answer)) / 10)
     except (TypeError, ValueError):
         return 0.0
+
+
+def slow_closeness_metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> float:
+    """closeness_metric taking 50 ms: keeps a tiny run inside each training batch long enough for a
+    test to observe (and SIGKILL) it mid-epoch; at full speed a whole epoch fit between two polls."""
+    time.sleep(0.05)
+    return closeness_metric(gold, pred)
 
 
 def sum_program():

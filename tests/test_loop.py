@@ -133,7 +133,8 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     config = tmp_path / "tiny.yaml"
     overrides = tiny_overrides(epochs=2, batch_size=4, prompt_phase=False)
     flat = {"policy": str(format_model_dir), "trainer": {}, "prompt": {},
-            "data": {"train": str(data), "metric": "loop_fixtures:closeness_metric", "program": "loop_fixtures:sum_program"}}
+            "data": {"train": str(data), "metric": "loop_fixtures:slow_closeness_metric",
+                     "program": "loop_fixtures:sum_program"}}
     for key, value in overrides.items():
         section = {"lr": "trainer", "micro_batch_tokens": "trainer", "min_hard": "prompt", "dev_size": "prompt",
                    "budget": "prompt", "beam_width": "prompt", "num_threads": "prompt"}.get(key)
@@ -149,7 +150,7 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
         if state.get("epoch") == 1 and state.get("phase") == "train" and state.get("batch", 0) >= 1:
             break
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     refused = subprocess.run(_train_cmd(config, run_dir), env=env, capture_output=True, text=True)
