@@ -132,6 +132,8 @@ def test_policy_cache_is_keyed_and_reused(tiny_policy):
     from dspy_p2o.toyworld.policy import policy_key
 
     assert policy_key(other, config) != policy_key(world, config)
+    resplit = build_world(0, WorldConfig(train_per_tag=2, test_per_tag=3))  # same rules, other held-out letters
+    assert resplit.rules == world.rules and policy_key(resplit, config) != policy_key(world, config)
 
 
 def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path):

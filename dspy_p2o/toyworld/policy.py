@@ -55,8 +55,10 @@ def default_cache_dir() -> Path:
 
 
 def policy_key(world: World, config: PolicyConfig) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "easy": world.easy_rules, "cfg": asdict(config)},
-                      sort_keys=True)
+    # The held-out questions are part of the key: pretraining leaves them out, so a policy cached for
+    # another split (another WorldConfig) would have seen this split's test questions.
+    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "rules": world.rules, "cfg": asdict(config),
+                       "held_out": sorted(e.question for e in world.test)}, sort_keys=True)
     return f"seed{world.seed}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
