@@ -75,3 +75,22 @@ def test_truncated_importance_weights():
     trainer = torch.tensor([LOG(0.5), LOG(0.5), LOG(0.9)])
     engine = torch.tensor([LOG(0.5), LOG(0.1), LOG(0.9 / 0.8)])
     assert truncated_is_weights(trainer, engine, cap=2.0).tolist() == pytest.approx([1.0, 2.0, 0.8])
+
+
+def test_template_clip_lets_a_distilled_token_climb_to_its_template_probability():
+    from dspy_p2o.trainer.losses import template_clip_upper
+
+    # log pi(y|x) before the update vs log pi(y|x~): unlocked by the template, already likely, less likely
+    old = torch.tensor([[LOG(0.01), LOG(0.5), LOG(0.5)]])
+    tilde = torch.tensor([[LOG(0.9), LOG(0.55), LOG(0.2)]])
+    upper = template_clip_upper(old, tilde, epsilon_high=0.28)
+    assert upper.squeeze(0).tolist() == pytest.approx([90.0, 1.28, 1.28])
+    # ratio 20 on the unlocked token: inside its ceiling (gradient flows); ratio 1.5 elsewhere: clipped
+    logp = (old + torch.tensor([[LOG(20.0), LOG(1.5), LOG(1.5)]])).requires_grad_()
+    out = token_loss(logp, old, torch.tensor([1.0]), upper=upper)
+    assert out.clipped_high.squeeze(0).tolist() == [False, True, True]
+    out.loss.sum().backward()
+    assert logp.grad.squeeze(0).tolist() == pytest.approx([-20.0, 0.0, 0.0])
+    # without the ceiling the unlocked token is clipped like any other
+    plain = token_loss(logp.detach(), old, torch.tensor([1.0]))
+    assert plain.clipped_high.squeeze(0).tolist() == [True, True, True]

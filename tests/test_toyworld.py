@@ -12,20 +12,25 @@ from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, RULES, WorldConfig, apply_
                                     make_instruction, metric, parse_instruction, parse_question)
 
 
-def test_world_is_seeded_disjoint_and_hard_questions_defeat_the_default():
+def test_world_is_seeded_disjoint_and_hard_questions_defeat_the_base_beliefs():
     a, b = build_world(3), build_world(3)
     assert [e.id for e in a.train] == [e.id for e in b.train] and a.hard_rules == b.hard_rules
     assert build_world(4).rules != a.rules or [e.id for e in build_world(4).train] != [e.id for e in a.train]
     assert not set(a.easy_rules) & set(a.hard_rules)
+    assert set(a.beliefs) == set(a.hard_rules)
+    used = list(a.easy_rules.values()) + list(a.hard_rules.values()) + list(a.beliefs.values())
+    assert len(set(used)) == len(used) and "copy" not in used  # every tag and belief has a rule of its own
     assert not {e.question for e in a.train} & {e.question for e in a.test}
     for e in a.train + a.test:
         tag, letter = parse_question(e.question)
         assert e.answer == apply_rule(a.rules[tag], letter) != letter  # copying never scores
+        if tag in a.beliefs:  # nor does the base policy's belief about a hard tag
+            assert apply_rule(a.beliefs[tag], letter) != e.answer
         assert e.kind == ("hard" if tag in a.hard_rules else "easy")
     assert len({e.id for e in a.train + a.test}) == len(a.train) + len(a.test)
     assert len(a.split("test", "hard")) == 3 * WorldConfig().test_per_tag
     with pytest.raises(ValueError, match="num_easy"):
-        WorldConfig(num_easy=4, num_hard=4)
+        WorldConfig(num_easy=4, num_hard=3)
     with pytest.raises(ValueError, match="letters"):
         WorldConfig(train_per_tag=20, test_per_tag=10)
     for bad in ("K g", "#K 12", "#K gh"):
@@ -78,7 +83,7 @@ def test_reflection_infers_rules_from_feedback_only_and_is_noisy():
 def test_rules_are_permutations_without_fixed_points():
     from dspy_p2o.toyworld.task import SYMBOLS
 
-    assert [apply_rule(r, "a") for r in RULES] == ["a", "b", "z", "c", "z", "n", "b"]
+    assert [apply_rule(r, "a") for r in RULES] == ["a", "b", "z", "c", "y", "d", "f", "z", "n", "b"]
     for rule in RULES:
         images = [apply_rule(rule, c) for c in SYMBOLS]
         assert sorted(images) == list(SYMBOLS)  # a permutation: every answer is reachable
@@ -94,13 +99,21 @@ def test_pretraining_data_teaches_the_world_and_holds_out_its_test_questions():
     assert set(background.values()) == set(RULES)  # every rule is some tag's own, copy included
     samples = pretraining_samples(world, 3000, PolicyConfig(), seed=2)
     held_out = {e.question: e for e in world.test}
-    for question, instruction, answer in samples:
+    for question, instruction, rule in samples:
         tag, letter = parse_question(question)
-        assert answer == apply_rule(target_rule(world, tag, instruction), letter)
-        if question in held_out:  # only a hard tag's own (wrong) copy answer is ever shown
-            assert held_out[question].kind == "hard" and instruction == BASE_INSTRUCTION and answer == letter
+        assert rule == target_rule(world, tag, instruction)
+        if question in held_out:  # never with its gold answer: another rule named, or a hard tag's belief
+            assert apply_rule(rule, letter) != held_out[question].answer
+            assert instruction != BASE_INSTRUCTION or rule == world.beliefs[tag]
     hard_tag = next(iter(world.hard_rules))
-    assert target_rule(world, hard_tag, BASE_INSTRUCTION) == "copy"
+    assert target_rule(world, hard_tag, BASE_INSTRUCTION) == world.beliefs[hard_tag]
+    # the taught completion is the program's chain of thought: the rule as reasoning, then its answer
+    from dspy_p2o.toyworld.policy import completion_text
+    from dspy_p2o.toyworld.task import ToyProgram
+
+    adapter, signature = dspy.ChatAdapter(), ToyProgram().predictor.signature
+    parsed = adapter.parse(signature, completion_text(adapter, signature, "#K g", "mirror"))
+    assert parse_instruction(parsed["reasoning"]) == "mirror" and parsed["answer"] == "t"
     assert target_rule(world, hard_tag, make_instruction(world.hard_rules[hard_tag])) == world.hard_rules[hard_tag]
 
 

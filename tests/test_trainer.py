@@ -240,3 +240,24 @@ def test_killed_run_resumes_to_the_same_final_state(trainer_model_dir, tmp_path)
     assert got["adam_step"] == ref["adam_step"] == steps
     assert got["weights_sum"] == pytest.approx(ref["weights_sum"], rel=1e-6)
     assert got["lr"] == pytest.approx(ref["lr"])
+
+
+def test_template_clip_moves_a_distilled_completion_further_per_batch(trainer_model_dir, tmp_path):
+    """PPO's clip bounds what one batch can teach pi(y | x); with `template_clip` the bound is the
+    template's own probability, so several passes over one batch move pi(y | x) further."""
+    x, x_tilde, good, bad = _prompts()
+    # prime: make `good` likely under x~ only (the template "unlocks" it)
+    primer = GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-2, distill=False, warmup_ratio=0.0))
+    for _ in range(10):
+        primer.train_on(templated_group("q", x, x_tilde, [good, good, bad, bad], [1.0, 1.0, 0.0, 0.0]))
+    primer.model.save_pretrained(tmp_path / "primed")
+    primer.tokenizer.save_pretrained(tmp_path / "primed")
+    assert _logp(primer, x_tilde, good) - _logp(primer, x, good) > 3.0
+    gains = {}
+    for clip in (False, True):
+        trainer = GRPOTrainer(tmp_path / "primed", config=TrainerConfig(
+            lr=3e-3, updates_per_batch=8, template_ratio="off", template_clip=clip, warmup_ratio=0.0))
+        before = _logp(trainer, x, good)
+        trainer.train_on(templated_group("q", x, x_tilde, [good, good, bad, bad], [1.0, 1.0, 0.0, 0.0]))
+        gains[clip] = _logp(trainer, x, good) - before
+    assert gains[True] > gains[False] + 0.5, gains

@@ -35,7 +35,7 @@ def run_setting(world, policy_dir: Path, *, plain: int, ratio: str, k: int, epoc
     trainer = GRPOTrainer(str(policy_dir), config=config)
     engine = LocalEngine(trainer.model, trainer.tokenizer)
     trainer.engine = engine
-    renderer = Renderer(ToyProgram().predict, engine.tokenizer)
+    renderer = Renderer(ToyProgram().predictor, engine.tokenizer)
     reward_fn = make_reward_fn(renderer, metric)
     assignments = {e.id: [world.oracle_instruction(e.tag)] for e in world.split("train", "hard")}
     hard_test, easy_test = world.split("test", "hard"), world.split("test", "easy")

@@ -5,8 +5,8 @@ costs a few tokens) with each tag as one added token (and so is each rule name).
 format, to
   * apply the rule an instruction names ("Transform the letter. Rule: mirror."),
   * apply the rule of every tag it knows (the world's easy tags and background tags),
-  * copy the letter otherwise -- for the hard tags, whose rules it never sees
-    without an instruction.
+  * apply a wrong rule (its belief) for each hard tag, whose true rule it never sees
+    without an instruction, and copy the letter for tags it does not know.
 Pretrained weights are cached on disk keyed by the seed and the configuration.
 """
 
@@ -26,9 +26,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, RULES, SYMBOLS, TAGS, ToyProgram, World,
-                                    apply_rule, make_instruction, parse_question)
+                                    apply_rule, make_instruction, parse_instruction, parse_question,
+                                    reasoning_text)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 6  # bump whenever the pretraining data or format changes
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,11 @@ class PolicyConfig:
     """Size of the base policy and of its pretraining."""
 
     vocab_size: int = 512
-    hidden_size: int = 64
+    hidden_size: int = 96  # measured: 64 executed the ten rules imperfectly (easy 69-92% held out)
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    short_steps: int = 1800  # curriculum phase 1: prompts without DSPy's constant preamble
+    short_steps: int = 1400  # curriculum phase 1: prompts without DSPy's constant preamble
     steps: int = 300  # phase 2: the full rendered prompts
     batch_size: int = 32
     lr: float = 1e-3  # measured: 4e-3 left some seeds on the chance plateau for 2000 steps
@@ -57,7 +58,7 @@ def default_cache_dir() -> Path:
 def policy_key(world: World, config: PolicyConfig) -> str:
     # The held-out questions are part of the key: pretraining leaves them out, so a policy cached for
     # another split (another WorldConfig) would have seen this split's test questions.
-    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "rules": world.rules, "cfg": asdict(config),
+    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "rules": world.rules, "beliefs": world.beliefs, "cfg": asdict(config),
                        "held_out": sorted(e.question for e in world.test)}, sort_keys=True)
     return f"seed{world.seed}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -65,7 +66,7 @@ def policy_key(world: World, config: PolicyConfig) -> str:
 def renderer_for(tokenizer: Any, program: ToyProgram | None = None):
     from dspy_p2o.renderer import Renderer
 
-    return Renderer((program or ToyProgram()).predict, tokenizer)
+    return Renderer((program or ToyProgram()).predictor, tokenizer)
 
 
 def sample_instruction(rng: random.Random, config: PolicyConfig) -> str:
@@ -80,9 +81,7 @@ def background_rules(world: World) -> dict[str, str]:
 
     Measured: with only the world's three easy tags applying rules on their own, the policy
     memorised (tag, letter) pairs and got 5-26% of held-out easy questions; with every rule
-    also applied by other tags it learns "a tag selects a rule" and generalises (97%). Copy
-    tags beside the hard ones make "copy" one more tag-selected rule, firmly learned (with
-    the hard tags as the only copiers, one seed sampled the right answer 9% of the time).
+    also applied by other tags it learns "a tag selects a rule" and generalises (97%).
     The tag -> rule mechanism is what context distillation has to re-point for a hard tag.
     """
     others = [t for t in TAGS if t not in world.rules]
@@ -92,21 +91,23 @@ def background_rules(world: World) -> dict[str, str]:
 
 
 def target_rule(world: World, tag: str, instruction: str, background: dict[str, str] | None = None) -> str:
-    """What the base policy is taught: the named rule, else the tag's own rule, else copy (the hard tags)."""
-    from dspy_p2o.toyworld.task import parse_instruction
-
+    """What the base policy is taught: the named rule, else the tag's own rule (its belief for a hard tag)."""
     background = background_rules(world) if background is None else background
-    return parse_instruction(instruction) or world.easy_rules.get(tag) or background.get(tag, DEFAULT_RULE)
+    return (parse_instruction(instruction) or world.easy_rules.get(tag) or world.beliefs.get(tag)
+            or background.get(tag, DEFAULT_RULE))
 
 
 def pretraining_samples(world: World, n: int, config: PolicyConfig, seed: int) -> list[tuple[str, str, str]]:
-    """(question, instruction, answer) triples.
+    """(question, instruction, rule) triples: the policy is taught to reason "Rule: <rule>." and apply it.
 
-    The world's held-out questions are excluded, except a hard tag's without an instruction:
-    that the base policy copies there (never answers right) is part of the world, not a leak.
+    A held-out question appears only with an answer that is not its gold one: under an instruction
+    naming another rule, or a hard tag's without an instruction (the base policy answers it with
+    its belief: part of the world, not a leak). Measured: with held-out questions excluded
+    altogether, the answer step also keyed on the (tag, letter) pair and missed 8-18% of held-out
+    easy letters whose tag it reasoned right (RESULTS.md §5).
     """
     rng = random.Random(f"pretrain-{seed}")
-    held_out = {e.question for e in world.test}
+    gold = {e.question: e.answer for e in world.test}
     background = background_rules(world)
     out = []
     while len(out) < n:
@@ -114,14 +115,17 @@ def pretraining_samples(world: World, n: int, config: PolicyConfig, seed: int) -
         letter = rng.choice(SYMBOLS)
         question = f"{tag} {letter}"
         instruction = sample_instruction(rng, config)
-        if question in held_out and not (tag in world.hard_rules and instruction == BASE_INSTRUCTION):
+        rule = target_rule(world, tag, instruction, background)
+        if question in gold and apply_rule(rule, letter) == gold[question]:
             continue
-        out.append((question, instruction, apply_rule(target_rule(world, tag, instruction, background), letter)))
+        out.append((question, instruction, rule))
     return out
 
 
-def completion_text(renderer, answer: str) -> str:
-    return renderer.adapter.format_assistant_message_content(renderer.signature, {"answer": answer})
+def completion_text(adapter, signature, question: str, rule: str) -> str:
+    """The completion the base policy is taught: the rule as reasoning, then its answer."""
+    answer = apply_rule(rule, parse_question(question)[1])
+    return adapter.format_assistant_message_content(signature, {"reasoning": reasoning_text(rule), "answer": answer})
 
 
 def build_tokenizer(world: World, config: PolicyConfig):
@@ -131,11 +135,11 @@ def build_tokenizer(world: World, config: PolicyConfig):
     from dspy_p2o.tiny import train_tokenizer
 
     adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
-    signature = ToyProgram().predict.signature
+    signature = ToyProgram().predictor.signature
     texts = []
-    for question, instruction, answer in pretraining_samples(world, config.corpus_size, config, seed=-1):
+    for question, instruction, rule in pretraining_samples(world, config.corpus_size, config, seed=-1):
         messages = adapter.format(signature.with_instructions(instruction), [], {"question": question})
-        completion = adapter.format_assistant_message_content(signature, {"answer": answer})
+        completion = completion_text(adapter, signature, question, rule)
         texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
                      + f"<|im_start|>assistant\n{completion}<|im_end|>")
     tokenizer = train_tokenizer(texts, config.vocab_size)
@@ -218,9 +222,10 @@ def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_d
 def encode_pairs(renderer, samples: Sequence[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
     tok = renderer.tokenizer
     pairs = []
-    for question, instruction, answer in samples:
+    for question, instruction, rule in samples:
         prompt = renderer.render({"question": question}, instruction).token_ids
-        completion = tok(completion_text(renderer, answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        text = completion_text(renderer.adapter, renderer.signature, question, rule)
+        completion = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         pairs.append((prompt, completion))
     return pairs
 

@@ -1,16 +1,18 @@
 """The toy world: a verifiable letter-transformation task as a DSPy program.
 
 A question is a tag and a letter (``"#K g"``); the tag decides which rule maps the
-letter to the answer (``mirror`` -> ``"t"``). The base policy is pretrained to apply
-the rules of a few *easy* tags on its own, to apply the rule an instruction names
-("Transform the letter. Rule: mirror."), and to copy the letter otherwise. The *hard* tags' rules are
-never taught without an instruction, so no rollout solves a hard question until the
-prompt names its rule -- the situation P^2O is built for: GRPO sees only zero-reward
-groups there, GEPA can find instructions that unlock them, and context distillation can
-move that knowledge into the weights.
+letter to the answer (``mirror`` -> ``"t"``); the program reasons "Rule: mirror." before it
+answers. The base policy is pretrained to apply
+the rules of a few *easy* tags on its own and to apply the rule an instruction names
+("Transform the letter. Rule: mirror."). For each *hard* tag it was taught a wrong rule
+instead (its *belief*, which never gives the right answer), so no rollout solves a hard
+question until the prompt names the true rule -- the situation P^2O is built for: GRPO
+sees only zero-reward groups there, GEPA can find instructions that unlock them, and
+context distillation can move that knowledge into the weights.
 
-Everything is decided by one seed: which tags are easy or hard, which rule each uses,
-and the questions of each split (each tag's letters split between train and test, stable ids).
+Everything is decided by one seed: which tags are easy or hard, which rule each uses and
+believes, and the questions of each split (each tag's letters split between train and
+test, stable ids).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable
 import dspy
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyz"  # a question transforms one letter
-TAGS = tuple(f"#{c}" for c in "ABCDEFGHJKLMNPQRST")  # 18 tags; each is one token in the policy's tokenizer
+TAGS = tuple(f"#{c}" for c in "ABCDEFGHJKLMNPQRSTUVWXYZ")  # 24 tags; each is one token in the policy's tokenizer
 DEFAULT_RULE = "copy"
 
 
@@ -40,10 +42,18 @@ RULES: dict[str, Callable[[str], str]] = {
     "next": _shift_map(lambda i: i + 1),
     "prev": _shift_map(lambda i: i - 1),
     "skip": _shift_map(lambda i: i + 2),
+    "back": _shift_map(lambda i: i - 2),
+    "hop": _shift_map(lambda i: i + 3),
+    "leap": _shift_map(lambda i: i + 5),
     "mirror": _shift_map(lambda i: 25 - i),
     "rotate": _shift_map(lambda i: i + 13),
     "swap": _shift_map(lambda i: i ^ 1),
 }
+
+
+def rules_disagree(a: str, b: str) -> bool:
+    """True when rules `a` and `b` give different answers on every letter (a belief that never scores)."""
+    return all(apply_rule(a, c) != apply_rule(b, c) for c in SYMBOLS)
 
 BASE_INSTRUCTION = "Transform the letter."
 _RULE_RE = re.compile(r"Rule: ([a-z]+)\.")
@@ -85,15 +95,30 @@ class ToySignature(dspy.Signature):
     answer: str = dspy.OutputField()
 
 
+def reasoning_text(rule: str) -> str:
+    """The policy's reasoning before it answers: the rule it applies."""
+    return f"Rule: {rule}."
+
+
 class ToyProgram(dspy.Module):
-    """The one-predictor DSPy program the toy world trains."""
+    """The DSPy program the toy world trains: chain of thought over one signature, as for maths.
+
+    The reasoning names a rule, then the answer applies it. Measured (RESULTS.md §5): when the
+    policy had to answer directly, training memorised (tag, letter) pairs instead of re-pointing
+    a tag, and held-out letters were lost; with the rule written first, what a template unlocks
+    is one token per tag that distillation can move into the weights.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.predict = dspy.Predict(ToySignature)
+        self.solve = dspy.ChainOfThought(ToySignature)
+
+    @property
+    def predictor(self) -> dspy.Predict:
+        return self.solve.predict
 
     def forward(self, question: str) -> dspy.Prediction:
-        return self.predict(question=question)
+        return self.solve(question=question)
 
 
 def metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> dspy.Prediction:
@@ -117,8 +142,9 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         non_default = len(RULES) - 1
-        if self.num_easy + self.num_hard > non_default:
-            raise ValueError(f"num_easy + num_hard must be <= {non_default} (the non-default rules)")
+        if self.num_easy + 2 * self.num_hard > non_default:
+            raise ValueError(f"num_easy + 2 * num_hard must be <= {non_default} (the non-default rules: each easy "
+                             "tag, each hard tag and each hard tag's belief gets a rule of its own)")
         if min(self.num_easy, self.num_hard, self.train_per_tag, self.test_per_tag) < 1:
             raise ValueError("every WorldConfig size must be >= 1")
         if self.train_per_tag + self.test_per_tag > len(SYMBOLS):
@@ -127,11 +153,12 @@ class WorldConfig:
 
 @dataclass
 class World:
-    """One seeded world: the tag->rule map, the easy/hard tags and the splits."""
+    """One seeded world: the tag->rule map, the easy/hard tags, the base policy's beliefs and the splits."""
 
     seed: int
     easy_rules: dict[str, str]  # tag -> rule the base policy applies on its own
     hard_rules: dict[str, str]  # tag -> rule only an instruction unlocks
+    beliefs: dict[str, str] = field(default_factory=dict)  # hard tag -> the wrong rule the base policy applies
     train: list[dspy.Example] = field(default_factory=list)
     test: list[dspy.Example] = field(default_factory=list)
 
@@ -155,19 +182,30 @@ def make_example(tag: str, letter: str, rule: str, kind: str, split: str, seed: 
 
 
 def build_world(seed: int = 0, config: WorldConfig | None = None) -> World:
-    """A seeded world: random easy/hard tags and rules; each tag's letters split between train and test."""
+    """A seeded world: random easy/hard tags, rules and beliefs; each tag's letters split between train and test.
+
+    Every easy rule, hard rule and belief is a different rule, and each belief disagrees with its
+    tag's true rule on every letter. Distinct beliefs keep the hard tags apart in the base policy:
+    when all of them copied (session 2), a tag re-pointed by training dragged the others to the same rule.
+    """
     config = config or WorldConfig()
     rng = random.Random(f"toyworld-{seed}")
     tags = list(TAGS)
     rng.shuffle(tags)
     rules = [r for r in RULES if r != DEFAULT_RULE]
-    rng.shuffle(rules)
-    easy = dict(zip(tags[: config.num_easy], rules[: config.num_easy]))
-    hard_tags = tags[config.num_easy: config.num_easy + config.num_hard]
-    hard = dict(zip(hard_tags, rules[config.num_easy: config.num_easy + config.num_hard]))
-    world = World(seed, easy, hard)
+    n_easy, n_hard = config.num_easy, config.num_hard
+    for _ in range(1000):
+        rng.shuffle(rules)
+        hard, beliefs = rules[n_easy: n_easy + n_hard], rules[n_easy + n_hard: n_easy + 2 * n_hard]
+        if all(rules_disagree(h, b) for h, b in zip(hard, beliefs)):
+            break
+    else:  # pragma: no cover - the rules admit many valid draws
+        raise RuntimeError("could not draw beliefs that disagree with the hard rules")
+    hard_tags = tags[n_easy: n_easy + n_hard]
+    world = World(seed, dict(zip(tags[:n_easy], rules[:n_easy])), dict(zip(hard_tags, hard)),
+                  dict(zip(hard_tags, beliefs)))
     for tag, rule in world.rules.items():
-        kind = "easy" if tag in easy else "hard"
+        kind = "easy" if tag in world.easy_rules else "hard"
         letters = rng.sample(SYMBOLS, config.train_per_tag + config.test_per_tag)
         world.train += [make_example(tag, c, rule, kind, "train", seed) for c in letters[: config.train_per_tag]]
         world.test += [make_example(tag, c, rule, kind, "test", seed) for c in letters[config.train_per_tag:]]

@@ -28,8 +28,8 @@ from dspy_p2o.trainer import checkpoint as ckpt
 from dspy_p2o.trainer.advantages import SCALES, group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
                                        sequence_logprobs, supports_logits_to_keep)
-from dspy_p2o.trainer.losses import (LOSS_AGGREGATIONS, TEMPLATE_RATIO_MODES, aggregate, template_ratio_weights,
-                                     token_loss, truncated_is_weights)
+from dspy_p2o.trainer.losses import (LOSS_AGGREGATIONS, TEMPLATE_RATIO_MODES, aggregate, template_clip_upper,
+                                     template_ratio_weights, token_loss, truncated_is_weights)
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -56,6 +56,7 @@ class TrainerConfig:
     distill: bool = True  # gradient on x (context distillation) or, False, on the sampled T(x, z) (ablation)
     template_ratio: str = "mask"  # distilled tokens with pi(y_t|x)/pi(y_t|x~) outside the bounds: "mask" | "soft" | "off"
     template_ratio_bounds: tuple[float, float] = (0.01, 10.0)  # the authors' bounds
+    template_clip: bool = False  # distilled tokens may climb to pi(y_t|x~) in one batch (upper clip, losses.py)
     temperature: float = 1.0  # log-probs are taken at the sampling temperature (paper: 0.6)
     gradient_checkpointing: bool = False  # recompute activations in backward (long completions on GPU)
     dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
@@ -115,6 +116,7 @@ class _Sequences:
     behaviour: list[torch.Tensor] = field(default_factory=list)
     templated: list[bool] = field(default_factory=list)
     tilde: dict[int, torch.Tensor] = field(default_factory=dict)  # log pi(y | x~) of distilled rows
+    upper: list[torch.Tensor] | None = None  # per-token upper clip (template_clip), else 1 + epsilon_high
     old_from_forward: bool = False  # on-policy: `old` is filled by the (only) gradient pass
 
 
@@ -243,7 +245,8 @@ class GRPOTrainer:
             len(set(r.example_id for r in chosen)) / (cfg.mini_batch_size or len(chosen)))
         # On-policy (one step, nothing needs the old log-probs up front): the gradient pass's own
         # detached log-probs are the old ones, saving a forward pass (as TRL does).
-        from_forward = n_steps == 1 and cfg.tis_cap is None and (not tilde_rows or cfg.template_ratio == "off")
+        from_forward = n_steps == 1 and cfg.tis_cap is None and (
+            not tilde_rows or (cfg.template_ratio == "off" and not cfg.template_clip))
         old = [torch.empty(0)] * len(chosen) if from_forward else self._logprobs(self._model, prompts, completions)
         # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
         tilde = self._logprobs(self._model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
@@ -259,9 +262,14 @@ class GRPOTrainer:
             on_sampled = [dict(zip(tilde_rows, tilde)).get(j, lp) for j, lp in enumerate(old)]
             weights = [w * truncated_is_weights(t, b, cfg.tis_cap) for w, t, b in zip(weights, on_sampled, behaviour)]
         ref = self._logprobs(self.ref_model, prompts, completions) if self.ref_model is not None else None
+        upper = None
+        if cfg.template_clip and tilde_rows:
+            upper = [torch.full((len(c),), 1 + cfg.epsilon_high) for c in completions]
+            for j, lp_tilde in zip(tilde_rows, tilde):
+                upper[j] = template_clip_upper(old[j], lp_tilde, cfg.epsilon_high)
         return _Sequences(prompts, completions, advantages[trained], old, weights, kept, ref,
                           [r.example_id for r in chosen], behaviour, [r.templated for r in chosen],
-                          dict(zip(tilde_rows, tilde)), from_forward)
+                          dict(zip(tilde_rows, tilde)), upper=upper, old_from_forward=from_forward)
 
     def _logprobs(self, model, prompts, completions) -> list[torch.Tensor]:
         return sequence_logprobs(model, prompts, completions, pad_id=self.pad_id, max_tokens=self.config.micro_batch_tokens,
@@ -327,7 +335,8 @@ class GRPOTrainer:
             old = right_align(seqs.old, rows, width).to(device)
         tl = token_loss(logp, old, seqs.advantages[rows].to(device),
                         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                        weights=right_align(seqs.weights, rows, width).to(device), ref_logp=ref, beta=cfg.beta)
+                        weights=right_align(seqs.weights, rows, width).to(device), ref_logp=ref, beta=cfg.beta,
+                        upper=right_align(seqs.upper, rows, width, fill=1.0).to(device) if seqs.upper else None)
         loss = aggregate(tl.loss, mask, cfg.loss_agg, **norm)
         m = mask.float()
         stats = {"loss": loss.item(), "clip_low": (tl.clipped_low * m).sum().item(),

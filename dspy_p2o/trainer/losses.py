@@ -27,16 +27,19 @@ class TokenLoss:
 
 def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
                epsilon_low: float = 0.2, epsilon_high: float = 0.28, weights: torch.Tensor | None = None,
-               ref_logp: torch.Tensor | None = None, beta: float = 0.0) -> TokenLoss:
+               ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+               upper: torch.Tensor | None = None) -> TokenLoss:
     """-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) * weight + beta * KL.
 
     `advantages` is one value per row; `weights` (detached, per token) carries the
-    truncated importance-sampling and template-ratio factors. The KL term is the k3
+    truncated importance-sampling and template-ratio factors. `upper` (per token) replaces
+    1 + eps_high as the upper clip (see `template_clip_upper`). The KL term is the k3
     estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative).
     """
     adv = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
-    clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    high = torch.full_like(ratio, 1 + epsilon_high) if upper is None else upper
+    clipped_ratio = torch.minimum(ratio.clamp(min=1 - epsilon_low), high)
     loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
     if weights is not None:
         loss = loss * weights
@@ -49,7 +52,19 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
         loss = loss + beta * kl_tok
         kl = kl_tok.detach()
     r = ratio.detach()
-    return TokenLoss(loss, r, (r < 1 - epsilon_low) & (adv < 0), (r > 1 + epsilon_high) & (adv > 0), kl)
+    return TokenLoss(loss, r, (r < 1 - epsilon_low) & (adv < 0), (r > high) & (adv > 0), kl)
+
+
+def template_clip_upper(logp_x: torch.Tensor, logp_tilde: torch.Tensor, epsilon_high: float) -> torch.Tensor:
+    """Upper clip per distilled token: max(1 + eps_high, pi(y_t | x~) / pi_old(y_t | x)).
+
+    PPO's trust region lets pi(y_t | x) gain at most log(1 + eps_high) (~0.25 nats) per batch,
+    while a token the template unlocked can start tens of nats lower under x: distillation
+    would then take dozens of epochs (measured in the toy world, RESULTS.md). The template's
+    own probability is the target of distillation, so it is a natural ceiling: a token may
+    climb up to it, never beyond, and tokens already likelier under x keep the usual clip.
+    """
+    return torch.maximum(torch.exp(logp_tilde - logp_x), torch.full_like(logp_x, 1 + epsilon_high))
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, *, num_sequences: int, num_tokens: int,
