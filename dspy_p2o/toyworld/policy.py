@@ -58,8 +58,8 @@ def default_cache_dir() -> Path:
 def policy_key(world: World, config: PolicyConfig) -> str:
     # The held-out questions are part of the key: pretraining leaves them out, so a policy cached for
     # another split (another WorldConfig) would have seen this split's test questions.
-    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "rules": world.rules, "beliefs": world.beliefs, "cfg": asdict(config),
-                       "held_out": sorted(e.question for e in world.test)}, sort_keys=True)
+    blob = json.dumps({"v": CACHE_VERSION, "seed": world.seed, "rules": world.rules, "beliefs": world.beliefs,
+                       "cfg": asdict(config), "held_out": sorted(e.question for e in world.test)}, sort_keys=True)
     return f"seed{world.seed}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -51,10 +51,6 @@ RULES: dict[str, Callable[[str], str]] = {
 }
 
 
-def rules_disagree(a: str, b: str) -> bool:
-    """True when rules `a` and `b` give different answers on every letter (a belief that never scores)."""
-    return all(apply_rule(a, c) != apply_rule(b, c) for c in SYMBOLS)
-
 BASE_INSTRUCTION = "Transform the letter."
 _RULE_RE = re.compile(r"Rule: ([a-z]+)\.")
 
@@ -78,6 +74,11 @@ def parse_instruction(instruction: str | None) -> str | None:
 
 def apply_rule(rule: str, letter: str) -> str:
     return RULES[rule](letter)
+
+
+def rules_disagree(a: str, b: str) -> bool:
+    """True when rules `a` and `b` give different answers on every letter (a belief that never scores)."""
+    return all(apply_rule(a, c) != apply_rule(b, c) for c in SYMBOLS)
 
 
 def parse_question(question: str) -> tuple[str, str]:

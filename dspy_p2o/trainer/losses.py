@@ -38,8 +38,12 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
     """
     adv = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
-    high = torch.full_like(ratio, 1 + epsilon_high) if upper is None else upper
-    clipped_ratio = torch.minimum(ratio.clamp(min=1 - epsilon_low), high)
+    if upper is None:
+        high = 1 + epsilon_high
+        clipped_ratio = ratio.clamp(1 - epsilon_low, high)
+    else:
+        high = upper
+        clipped_ratio = torch.minimum(ratio.clamp(min=1 - epsilon_low), high)
     loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
     if weights is not None:
         loss = loss * weights
