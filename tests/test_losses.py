@@ -90,7 +90,26 @@ def test_template_clip_lets_a_distilled_token_climb_to_its_template_probability(
     out = token_loss(logp, old, torch.tensor([1.0]), upper=upper)
     assert out.clipped_high.squeeze(0).tolist() == [False, True, True]
     out.loss.sum().backward()
-    assert logp.grad.squeeze(0).tolist() == pytest.approx([-20.0, 0.0, 0.0])
+    # its gradient weight stays 1 + eps_high, not the ratio (20 here, e^20 in a run: it would own the batch)
+    assert logp.grad.squeeze(0).tolist() == pytest.approx([-1.28, 0.0, 0.0])
+    # the same token in a failed rollout is pushed down with that held weight, too (PPO: 20)
+    logp.grad = None
+    token_loss(logp, old, torch.tensor([-1.0]), upper=upper).loss.sum().backward()
+    assert logp.grad.squeeze(0).tolist() == pytest.approx([1.28, 1.5, 1.5])
     # without the ceiling the unlocked token is clipped like any other
     plain = token_loss(logp.detach(), old, torch.tensor([1.0]))
     assert plain.clipped_high.squeeze(0).tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_ceiling_of_one_plus_eps_high_gives_ppos_gradient(advantage):
+    old = torch.full((1, 5), LOG(0.5))
+    ratios = [0.5, 0.9, 1.1, 1.5, 20.0]  # below, inside and above PPO's trust region
+    grads = []
+    for upper in (None, torch.full((1, 5), 1.28)):
+        logp = (old + torch.tensor([[LOG(r) for r in ratios]])).requires_grad_()
+        token_loss(logp, old, torch.tensor([advantage]), upper=upper).loss.sum().backward()
+        grads.append(logp.grad)
+    assert torch.allclose(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+

@@ -33,18 +33,18 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
 
     `advantages` is one value per row; `weights` (detached, per token) carries the
     truncated importance-sampling and template-ratio factors. `upper` (per token) replaces
-    1 + eps_high as the upper clip (see `template_clip_upper`). The KL term is the k3
+    1 + eps_high as the upper clip (see `template_clip_upper`); a token whose ceiling is raised
+    gets the gradient weight min(ratio, 1 + eps_high) (`_raised_ceiling_loss`). The KL term is the k3
     estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative).
     """
     adv = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     if upper is None:
         high = 1 + epsilon_high
-        clipped_ratio = ratio.clamp(1 - epsilon_low, high)
+        loss = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, high) * adv)
     else:
         high = upper
-        clipped_ratio = torch.minimum(ratio.clamp(min=1 - epsilon_low), high)
-    loss = -torch.minimum(ratio * adv, clipped_ratio * adv)
+        loss = _raised_ceiling_loss(logp, ratio, adv, epsilon_low, epsilon_high, upper)
     if weights is not None:
         loss = loss * weights
     kl = None
@@ -57,6 +57,26 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
         kl = kl_tok.detach()
     r = ratio.detach()
     return TokenLoss(loss, r, (r < 1 - epsilon_low) & (adv < 0), (r > high) & (adv > 0), kl)
+
+
+def _raised_ceiling_loss(logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, epsilon_low: float,
+                         epsilon_high: float, upper: torch.Tensor) -> torch.Tensor:
+    """PPO's clipped surrogate with a per-token ceiling `upper`; a token whose ceiling was
+    raised has its gradient weight held at min(ratio, 1 + eps_high).
+
+    PPO's gradient is A * ratio * grad log pi. Inside PPO's own trust region the ratio is
+    ~1; under a raised ceiling it may reach e^20 for a token the template unlocked (and the
+    same token in a failed rollout, A < 0, is pushed down with that weight too). That one
+    token then owns the mini-batch's norm-clipped gradient: measured in the toy world, grad
+    norm 1e6 and easy skills lost within an epoch. Holding its weight keeps it one token
+    among others while it may still climb up to its ceiling.
+    """
+    r = ratio.detach()
+    raised = upper > 1 + epsilon_high  # tokens with a raised ceiling; the others get PPO's gradient exactly
+    weight = torch.where(raised, r.clamp(max=1 + epsilon_high), r)
+    clipped = ((r > upper) & (adv > 0)) | ((r < 1 - epsilon_low) & (adv < 0))
+    live = torch.where(clipped, torch.ones_like(r), torch.exp(logp - logp.detach()))  # value 1; gradient only unclipped
+    return -weight * live * adv
 
 
 def template_clip_upper(logp_x: torch.Tensor, logp_tilde: torch.Tensor, epsilon_high: float) -> torch.Tensor:
