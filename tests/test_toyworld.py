@@ -123,7 +123,7 @@ def tiny_policy(tmp_path_factory):
 
     world = build_world(0, WorldConfig(train_per_tag=3, test_per_tag=2))
     config = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, short_steps=20, steps=10, batch_size=16,
-                          num_samples=200, corpus_size=100)
+                          num_samples=200, corpus_size=100, execution_samples=50)
     cache = tmp_path_factory.mktemp("toycache")
     return world, config, cache, pretrain_policy(world, config, cache_dir=cache, progress=False)
 
@@ -147,6 +147,29 @@ def test_policy_cache_is_keyed_and_reused(tiny_policy):
     assert policy_key(other, config) != policy_key(world, config)
     resplit = build_world(0, WorldConfig(train_per_tag=2, test_per_tag=3))  # same rules, other held-out letters
     assert resplit.rules == world.rules and policy_key(resplit, config) != policy_key(world, config)
+
+
+def test_execution_samples_teach_the_answer_to_follow_the_reasoning(tiny_policy):
+    from dspy_p2o.toyworld.policy import encode_pairs, execution_samples, load_policy, renderer_for
+    from dspy_p2o.toyworld.task import reasoning_text
+
+    world, config, _, path = tiny_policy
+    samples = execution_samples(world, 400, config, seed=0)
+    gold = {e.question: e.answer for e in world.test}
+    assert len({rule for _, _, rule in samples}) == len(RULES)
+    # the reasoning's rule is independent of the tag: a hard tag is seen reasoning its true rule, too
+    assert any(world.hard_rules.get(parse_question(q)[0]) == rule for q, _, rule in samples)
+    assert all(gold.get(q) != apply_rule(rule, parse_question(q)[1]) for q, _, rule in samples)
+    _, tokenizer = load_policy(path)
+    renderer = renderer_for(tokenizer)
+    question, instruction, rule = samples[0]
+    (prompt, completion), = encode_pairs(renderer, [(question, instruction, rule)], answer_only=True)
+    (full_prompt, full_completion), = encode_pairs(renderer, [(question, instruction, rule)])
+    assert prompt + completion == full_prompt + full_completion  # same tokens, only the trained part moves
+    assert reasoning_text(rule).rstrip(".") in tokenizer.decode(prompt[-12:])  # the reasoning: prompt side
+    trained = tokenizer.decode(completion)
+    assert "Rule:" not in trained
+    assert trained.split("[[ ## answer ## ]]")[-1].strip().startswith(apply_rule(rule, parse_question(question)[1]))
 
 
 def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path):

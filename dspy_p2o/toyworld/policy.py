@@ -29,7 +29,7 @@ from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, RULES, SYMBO
                                     apply_rule, make_instruction, parse_instruction, parse_question,
                                     reasoning_text)
 
-CACHE_VERSION = 6  # bump whenever the pretraining data or format changes
+CACHE_VERSION = 7  # bump whenever the pretraining data or format changes
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class PolicyConfig:
     num_samples: int = 4000  # distinct pretraining questions (rendering dominates data preparation)
     corpus_size: int = 600  # rendered prompts the tokenizer is trained on
     instructed_fraction: float = 0.65  # pretraining prompts whose instruction names a rule
+    execution_samples: int = 1000  # extra questions whose reasoning names a random rule; only the answer is taught
 
 
 def default_cache_dir() -> Path:
@@ -122,6 +123,26 @@ def pretraining_samples(world: World, n: int, config: PolicyConfig, seed: int) -
     return out
 
 
+def execution_samples(world: World, n: int, config: PolicyConfig, seed: int) -> list[tuple[str, str, str]]:
+    """(question, instruction, rule) triples whose reasoning names a random rule, any tag.
+
+    Trained on the answer only (`encode_pairs(..., answer_only=True)`): the answer step learns
+    to apply the rule its reasoning names, whatever the tag or instruction says. Measured
+    without them: P^2O re-pointed the reasoning of held-out hard questions (38 of 39 right)
+    but the answer kept following the tag (15 of 39 right).
+    """
+    rng = random.Random(f"execute-{seed}")
+    gold = {e.question: e.answer for e in world.test}
+    out = []
+    while len(out) < n:
+        question = f"{rng.choice(TAGS)} {rng.choice(SYMBOLS)}"
+        rule = rng.choice(list(RULES))
+        if gold.get(question) == apply_rule(rule, parse_question(question)[1]):
+            continue  # held-out questions are never taught their gold answer
+        out.append((question, sample_instruction(rng, config), rule))
+    return out
+
+
 def completion_text(adapter, signature, question: str, rule: str) -> str:
     """The completion the base policy is taught: the rule as reasoning, then its answer."""
     answer = apply_rule(rule, parse_question(question)[1])
@@ -193,6 +214,8 @@ def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_d
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     renderer = renderer_for(tokenizer)
     pairs = encode_pairs(renderer, pretraining_samples(world, config.num_samples, config, world.seed))
+    pairs += encode_pairs(renderer, execution_samples(world, config.execution_samples, config, world.seed),
+                          answer_only=True)
     # Curriculum: first without the adapter's constant preamble (the same ~26 tokens in every prompt).
     # Measured (two-digit world): on full prompts the digits stayed at chance for 450 steps (attention diluted over the
     # preamble); on the shortened prompts they are learned, and RoPE's relative positions carry over.
@@ -219,15 +242,29 @@ def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_d
     return out
 
 
-def encode_pairs(renderer, samples: Sequence[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(renderer, samples: Sequence[tuple[str, str, str]], *,
+                 answer_only: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) per sample; `answer_only` moves the reasoning into the
+    prompt side, so that only the answer is trained (the split is at a token boundary)."""
     tok = renderer.tokenizer
     pairs = []
     for question, instruction, rule in samples:
         prompt = renderer.render({"question": question}, instruction).token_ids
         text = completion_text(renderer.adapter, renderer.signature, question, rule)
         completion = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if answer_only:
+            cut = _answer_start(tok, completion, text.index(reasoning_text(rule)) + len(reasoning_text(rule)))
+            prompt, completion = prompt + completion[:cut], completion[cut:]
         pairs.append((prompt, completion))
     return pairs
+
+
+def _answer_start(tok, ids: list[int], chars: int) -> int:
+    """The first token index whose decoded prefix covers `chars` characters of the text."""
+    for i in range(len(ids) + 1):
+        if len(tok.decode(ids[:i])) >= chars:
+            return i
+    raise ValueError("the reasoning is longer than the completion")
 
 
 def greedy_accuracy(engine, renderer, examples: Sequence, instruction: str | Callable[[Any], str] | None = None, *,
