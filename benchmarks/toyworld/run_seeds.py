@@ -2,6 +2,8 @@
 
     python benchmarks/toyworld/run_seeds.py --seeds 0 1 2 --arms grpo p2o p2o_no_distill p2o_same_template \
         --out runs/toyworld_seeds
+    # a loop setting changed (any ToyRunConfig field), e.g. the plain rollouts per templated group:
+    python benchmarks/toyworld/run_seeds.py --arms p2o --set plain_per_group=0 --out runs/toyworld_ppg0
 
 Finished seeds are read back from their results.json, so an interrupted sweep resumes.
 """
@@ -13,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, run_experiment
+from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, ToyRunConfig, run_experiment
 
 
 def summarise(docs: list[dict]) -> str:
@@ -38,19 +40,44 @@ def _ms(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f} [{', '.join(f'{100 * v:.0f}' for v in values)}]"
 
 
+def run_config(settings: list[str]) -> ToyRunConfig:
+    """ToyRunConfig with `field=value` settings: numbers, true/false, anything else a string (`off`)."""
+    values = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ToyRunConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(ToyRunConfig.__dataclass_fields__)}")
+        values[key] = _scalar(value)
+    return ToyRunConfig(**values)
+
+
+def _scalar(text: str) -> int | float | bool | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld_seeds"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ToyRunConfig settings")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="base-policy cache (default: the user cache)")
     args = parser.parse_args()
+    config = run_config(args.set)
     docs = []
     for seed in args.seeds:
         done = args.out / f"seed{seed}" / "results.json"
         if done.exists() and all(a in json.loads(done.read_text())["arms"] for a in args.arms):
             docs.append(json.loads(done.read_text()))
             continue
-        docs.append(run_experiment(seed, tuple(args.arms), out_dir=args.out))
+        docs.append(run_experiment(seed, tuple(args.arms), out_dir=args.out, config=config, cache_dir=args.cache_dir))
     text = summarise(docs)
     (args.out / "summary.md").write_text(text)
     print(text)
