@@ -195,7 +195,7 @@ def load_policy(path: str | Path):
 
 def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_dir: str | Path | None = None,
                     progress: bool = True, force: bool = False) -> Path:
-    """The directory of the base policy for `world`: loaded from the cache or pretrained now (~1 min)."""
+    """The directory of the base policy for `world`: loaded from the cache or pretrained now (~3 min on one core)."""
     from transformers import AutoModelForCausalLM
 
     from dspy_p2o.tiny import supervised_finetune, tiny_config
