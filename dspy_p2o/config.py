@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
@@ -152,14 +153,29 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings from the command line; values are parsed as YAML scalars."""
+    """`key=value` strings from the command line; values are parsed by `parse_scalar`."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw else None
+        out[key.strip()] = parse_scalar(raw) if raw else None
     return out
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_scalar(raw: str) -> Any:
+    """A command-line value as YAML, minus YAML 1.1's surprises: `off`/`on`/`yes`/`no` stay
+    strings (`template_ratio=off`) and `1e-5` is a number, not the string YAML 1.1 makes of it."""
+    value = yaml.safe_load(raw)
+    text = raw.strip()
+    if isinstance(value, bool) and text.lower() not in ("true", "false"):
+        return text
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(text):
+        return float(text)
+    return value
 
 
 def resolve_key(key: str) -> list[str]:

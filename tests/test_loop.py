@@ -123,6 +123,19 @@ def test_bad_trainset_and_config_errors(tmp_path, format_model_dir):
         P2OConfig.load(None, {"plain_per_group": 6})
 
 
+def test_command_line_overrides_parse_like_their_documentation():
+    from dspy_p2o.config import parse_overrides
+
+    # YAML 1.1 reads `off` as False and `1e-5` as a string; the README's examples must work as written
+    cfg = P2OConfig.load(None, parse_overrides(["trainer.lr=1e-5", "trainer.template_ratio=off", "epochs=2",
+                                                "distill=false"]))
+    assert (cfg.trainer.lr, cfg.trainer.template_ratio, cfg.epochs, cfg.trainer.distill) == (1e-5, "off", 2, False)
+    assert parse_overrides(["a=-2E+3", "b=1e-4x", "c=[1, 2]", "d=true"]) == {"a": -2000.0, "b": "1e-4x", "c": [1, 2],
+                                                                            "d": True}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
 def _train_cmd(config, run_dir, *extra):
     return [sys.executable, "-m", "dspy_p2o.cli", "train", "--config", str(config), "--run-dir", str(run_dir), *extra]
 

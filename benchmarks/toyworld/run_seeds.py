@@ -15,6 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
+from dspy_p2o.config import parse_overrides
 from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, ToyRunConfig, run_experiment
 
 
@@ -41,25 +42,13 @@ def _ms(values: list[float]) -> str:
 
 
 def run_config(settings: list[str]) -> ToyRunConfig:
-    """ToyRunConfig with `field=value` settings: numbers, true/false, anything else a string (`off`)."""
-    values = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ToyRunConfig.__dataclass_fields__:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(ToyRunConfig.__dataclass_fields__)}")
-        values[key] = _scalar(value)
+    """ToyRunConfig with `field=value` settings, parsed as `dspy-p2o train` parses its overrides."""
+    values = parse_overrides(settings)
+    unknown = sorted(set(values) - set(ToyRunConfig.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"--set {', '.join(unknown)}: not a ToyRunConfig field; choose from "
+                         f"{sorted(ToyRunConfig.__dataclass_fields__)}")
     return ToyRunConfig(**values)
-
-
-def _scalar(text: str) -> int | float | bool | str:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main() -> None:
