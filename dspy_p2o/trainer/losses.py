@@ -39,12 +39,13 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
     """
     adv = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
+    r = ratio.detach()
+    high = 1 + epsilon_high if upper is None else upper
+    clipped_low, clipped_high = (r < 1 - epsilon_low) & (adv < 0), (r > high) & (adv > 0)
     if upper is None:
-        high = 1 + epsilon_high
         loss = -torch.minimum(ratio * adv, ratio.clamp(1 - epsilon_low, high) * adv)
     else:
-        high = upper
-        loss = _raised_ceiling_loss(logp, ratio, adv, epsilon_low, epsilon_high, upper)
+        loss = _raised_ceiling_loss(logp, r, adv, epsilon_high, upper, clipped_low | clipped_high)
     if weights is not None:
         loss = loss * weights
     kl = None
@@ -55,12 +56,11 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
         kl_tok = torch.exp(delta) - delta - 1
         loss = loss + beta * kl_tok
         kl = kl_tok.detach()
-    r = ratio.detach()
-    return TokenLoss(loss, r, (r < 1 - epsilon_low) & (adv < 0), (r > high) & (adv > 0), kl)
+    return TokenLoss(loss, r, clipped_low, clipped_high, kl)
 
 
-def _raised_ceiling_loss(logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor, epsilon_low: float,
-                         epsilon_high: float, upper: torch.Tensor) -> torch.Tensor:
+def _raised_ceiling_loss(logp: torch.Tensor, r: torch.Tensor, adv: torch.Tensor, epsilon_high: float,
+                         upper: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
     """PPO's clipped surrogate with a per-token ceiling `upper`; a token whose ceiling was
     raised has its gradient weight held at min(ratio, 1 + eps_high).
 
@@ -71,10 +71,8 @@ def _raised_ceiling_loss(logp: torch.Tensor, ratio: torch.Tensor, adv: torch.Ten
     norm 1e6 and easy skills lost within an epoch. Holding its weight keeps it one token
     among others while it may still climb up to its ceiling.
     """
-    r = ratio.detach()
     raised = upper > 1 + epsilon_high  # tokens with a raised ceiling; the others get PPO's gradient exactly
-    weight = torch.where(raised, r.clamp(max=1 + epsilon_high), r)
-    clipped = ((r > upper) & (adv > 0)) | ((r < 1 - epsilon_low) & (adv < 0))
+    weight = torch.where(raised, r.clamp(max=1 + epsilon_high), r)  # r: the detached ratio
     live = torch.where(clipped, torch.ones_like(r), torch.exp(logp - logp.detach()))  # value 1; gradient only unclipped
     return -weight * live * adv
 
