@@ -58,18 +58,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, merge_acros
 
 def tiny_config(tokenizer: Any, *, arch: str = "qwen3", hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-                max_positions: int = 2048):
-    """A small transformers config of the given family sized for `tokenizer`."""
+                max_positions: int = 2048, head_dim: int | None = None, tie_word_embeddings: bool = True):
+    """A small transformers config of the given family sized for `tokenizer`.
+
+    `head_dim` (Qwen3 only) decouples the attention head size from hidden_size / num_heads:
+    vLLM's CPU attention serves head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 and 512
+    only, so a model meant for a real vLLM server needs one of those (see `VLLM_CPU_HEAD_DIMS`).
+    """
     from transformers import LlamaConfig, Qwen3Config
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     if arch == "qwen3":
-        return Qwen3Config(head_dim=hidden_size // num_heads, **common)
+        return Qwen3Config(head_dim=head_dim or hidden_size // num_heads, **common)
+    if head_dim is not None:
+        raise ValueError("head_dim is a Qwen3 option; a Llama config's head size is hidden_size / num_heads")
     if arch == "llama":
         return LlamaConfig(**common)
     raise ValueError(f"unknown tiny-model architecture {arch!r}; use 'qwen3' or 'llama'")

@@ -27,13 +27,28 @@ def tiny_model_dir(tmp_path_factory):
 def format_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny model taught DSPy's ChatAdapter output format for `question -> answer` CoT
     (single-digit sums), so real DSPy calls parse. Accuracy is not the point; format is."""
+    return teach_format(tiny_model_dir, tmp_path_factory.mktemp("format") / "model")
+
+
+@pytest.fixture(scope="session")
+def vllm_format_model_dir(tmp_path_factory):
+    """`format_model_dir` in a shape a real vLLM CPU server serves (head_dim 32, 2 heads)."""
+    from dspy_p2o.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path_factory.mktemp("vllm-tiny") / "model", hidden_size=32, num_layers=2,
+                            num_heads=2, num_kv_heads=1, head_dim=32)
+    return teach_format(base, tmp_path_factory.mktemp("vllm-format") / "model")
+
+
+def teach_format(model_dir, out):
+    """Fine-tune `model_dir` on the CoT format of single-digit sums; save_pretrained into `out`."""
     import dspy
 
     from dspy_p2o.engines import LocalEngine
     from dspy_p2o.renderer import Renderer
     from dspy_p2o.tiny import supervised_finetune
 
-    engine = LocalEngine(tiny_model_dir)
+    engine = LocalEngine(model_dir)
     renderer = Renderer(dspy.ChainOfThought("question -> answer").predict, engine.tokenizer)
     rng = random.Random(0)
     pairs = []
@@ -45,7 +60,6 @@ def format_model_dir(tmp_path_factory, tiny_model_dir):
         completion = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
         pairs.append((prompt, completion))
     supervised_finetune(engine.model, pairs, steps=150, lr=8e-3, batch_size=16, pad_id=engine.pad_id)
-    out = tmp_path_factory.mktemp("format") / "model"
     engine.model.save_pretrained(out)
     engine.tokenizer.save_pretrained(out)
     return out
