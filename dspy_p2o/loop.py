@@ -31,7 +31,7 @@ from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
-from dspy_p2o.prompt_phase.reflection import make_reflection_lm
+from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm
 from dspy_p2o.renderer import Renderer, single_predictor
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
@@ -50,6 +50,17 @@ class CompileResult:
     templates: dict[str, list[str]]
     run_dir: Path
     engine: Engine | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Release the engine serving `program` (a managed vLLM server, its weights in /dev/shm)."""
+        if self.engine is not None:
+            self.engine.close()
+
+    def __enter__(self) -> "CompileResult":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def with_ids(examples: list[dspy.Example], prefix: str) -> list[dspy.Example]:
@@ -165,8 +176,18 @@ class P2OLoop:
                     self._phase2(state)
                     self._end_epoch(state)
             return self._result(state)
+        except BaseException:
+            self.engine.close()  # nothing returned will use it: stop its server now, not at exit
+            raise
         finally:
+            self._close_reflection_lm()
             self.logger.close()
+
+    def _close_reflection_lm(self) -> None:
+        """The pi_init engine (a second model or vLLM server) is needed only inside the loop."""
+        if self._reflection_lm is not None and self._given_reflection_lm is None:
+            close_reflection_lm(self._reflection_lm)
+            self._reflection_lm = None
 
     def _batches(self, epoch: int) -> list[list[dspy.Example]]:
         order = list(self.trainset)

@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
     from dspy_p2o.tiny import build_tiny_model, default_corpus
 
     return build_tiny_model(tmp_path_factory.mktemp("vllm") / "model", texts=default_corpus(60), vocab_size=512,
-                            hidden_size=32, num_layers=1)
+                            hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=32)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,14 @@ def test_bad_requests_and_auth_give_clear_errors(fake, model_dir, engine):
     with pytest.raises(VLLMRequestError, match="no vLLM server answers"):
         VLLMEngine(model_dir, url="http://127.0.0.1:9", tokenizer=engine.tokenizer)
     too_long = [engine.tokenizer.eos_token_id] * 10
-    with pytest.raises(VLLMRequestError, match="maximum context length"):
+    with pytest.raises(ValueError, match=r"prompt 0 \(10 tokens\) \+ max_tokens \(1000000\) exceeds the server's context"):
         engine.generate([too_long], max_tokens=10**6)
+    engine.max_model_len = None  # a server that does not say its length: its own error comes through
+    try:
+        with pytest.raises(VLLMRequestError, match="maximum context length"):
+            engine.generate([too_long], max_tokens=10**6)
+    finally:
+        engine.max_model_len = fake.max_model_len
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([too_long, []])
 
@@ -129,8 +135,9 @@ def test_reload_serves_the_new_weights(engine, fake, model_dir):
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    report = engine.sync_weights(trained)  # module -> save_pretrained -> pause/reload/reset/resume
-    assert report.changed is True and report.seconds > 0 and report.reload_seconds > 0
+    report = engine.sync_weights(trained)  # module -> full state dict -> pause/reload/reset/resume -> verified
+    assert report.logprob_diff is not None and report.logprob_diff < 1e-4
+    assert report.seconds > 0 and report.reload_seconds > 0
     assert [p for _, p in fake.request_log if p in ("/pause", "/collective_rpc", "/reset_prefix_cache",
                                                      "/resume")][-4:] == [
         "/pause", "/collective_rpc", "/reset_prefix_cache", "/resume"]
@@ -143,11 +150,11 @@ def test_reload_serves_the_new_weights(engine, fake, model_dir):
                                        atol=1e-4, rtol=0)
     assert [c.logprobs for c in served[0].completions] != [c.logprobs for c in original[0].completions]
 
-    engine.sync_weights(trained.state_dict())  # a state dict (tied embeddings) works too
-    assert engine.last_sync.changed is False  # same weights: the probe must not move
+    engine.sync_weights(trained.state_dict())  # a state dict (tied embeddings) works too: nothing to verify with
+    assert engine.last_sync.logprob_diff is None
 
     engine.sync_weights(model_dir)  # a saved dir is used as is: back to the original weights
-    assert engine.last_sync.changed is True and engine.last_sync.weights_path == str(model_dir.resolve())
+    assert engine.last_sync.weights_path == str(model_dir.resolve())
     restored = engine.generate(prompts, n=2, max_tokens=8, seed=3)
     assert [[c.token_ids for c in o.completions] for o in restored] == [[c.token_ids for c in o.completions]
                                                                         for o in original]
@@ -187,15 +194,17 @@ def test_managed_server_lifecycle(model_dir, tmp_path):
     try:
         cmd = " ".join(server.command)
         for flag in ("--host 127.0.0.1", "--logprobs-mode processed_logprobs", "--generation-config vllm",
-                     "--gpu-memory-utilization 0.3", "--max-model-len 512", f"--api-key {engine.api_key}"):
+                     "--gpu-memory-utilization 0.3", "--max-model-len 512", "--dtype float32"):
             assert flag in cmd
+        assert engine.api_key not in cmd and "--api-key" not in cmd  # argv is visible in `ps`
+        assert server.env["VLLM_API_KEY"] == engine.api_key
         assert server.env["VLLM_SERVER_DEV_MODE"] == "1"
         assert engine.api_key not in log.read_text()  # the key is redacted from the log
 
         out = engine.generate(_prompts(engine)[:2], n=2, max_tokens=4)
         assert all(len(o.completions) == 2 for o in out)
         assert httpx.get(f"{engine.url}/v1/models").status_code == 401  # the key is required
-        assert engine.sync_weights(model_dir).changed is False  # dev routes are there
+        assert engine.sync_weights(model_dir).weights_path == str(model_dir.resolve())  # dev routes are there
 
         os.killpg(server.process.pid, signal.SIGKILL)  # the server dies under us
         server.process.wait(10)
@@ -210,7 +219,8 @@ def test_managed_server_lifecycle(model_dir, tmp_path):
 
 
 def test_generated_api_keys_parse_as_flag_values(tmp_path):
-    """A random key starting with '-' made the server's argparse fail (`--api-key -x...`): 1 start in 64."""
+    """A random key starting with '-' made the server's argparse fail (`--api-key -x...`): 1 start in 64.
+    (The key now travels in VLLM_API_KEY, but a user may still pass it on a command line.)"""
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -221,12 +231,16 @@ def test_generated_api_keys_parse_as_flag_values(tmp_path):
 
 
 def test_start_failure_shows_the_server_log_tail(tmp_path, engine):
+    with pytest.raises(FileNotFoundError, match="model directory .*no-such-model.* does not exist"):
+        VLLMEngine(tmp_path / "no-such-model", tokenizer=engine.tokenizer, server_command=FAKE_VLLM)  # before launch
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a directory the server cannot load
     with pytest.raises(VLLMServerError) as err:
-        VLLMEngine(tmp_path / "no-such-model", tokenizer=engine.tokenizer, server_command=FAKE_VLLM,
-                   startup_timeout_s=120)
+        VLLMEngine(broken, tokenizer=engine.tokenizer, server_command=FAKE_VLLM, startup_timeout_s=120)
     message = str(err.value)
     assert "exited with code 1" in message, message
-    assert "does not exist" in message and "Last lines of" in message, message
+    assert "failed to load model" in message and "Last lines of" in message, message
 
 
 def test_health_timeout_stops_the_server(tmp_path):

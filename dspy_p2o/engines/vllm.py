@@ -12,23 +12,31 @@
   failures are retried with back-off, and outputs come back in prompt order.
 - **DSPy LM**: litellm's `hosted_vllm/` provider on `/v1/chat/completions`, which sends
   a real `n` (DSPy's default route sends n separate requests), cache off.
-- **Weight sync** (`weight_sync="reload"`): save the weights as safetensors to a local
-  dir, then `POST /pause?mode=wait` -> `POST /collective_rpc` `reload_weights` ->
-  `POST /reset_prefix_cache` -> `POST /resume` (needs VLLM_SERVER_DEV_MODE=1, which the
-  managed server sets). A fixed probe prompt is sampled before and after (fixed seed),
-  and the sync is reported as not taking effect if nothing moved.
-  `weight_sync="nccl"`: vLLM's NCCL weight-transfer API (see `NCCLWeightSync`);
-  UNTESTED HERE (no GPU, no vLLM on our machines).
+- **Weight sync** (`weight_sync="reload"`): save the FULL state dict as safetensors to a
+  local dir (the tied `lm_head.weight` included: `save_pretrained` of a tied model omits
+  it, and vLLM's in-place `reload_weights` then keeps the launch-time head, so the server
+  would run the new body with the old head), then `POST /pause?mode=wait` ->
+  `POST /collective_rpc` `reload_weights` -> `POST /reset_prefix_cache` -> `POST /resume`
+  (needs VLLM_SERVER_DEV_MODE=1, which the managed server sets).
+  **Verified**: after a sync from a module, a fixed probe completion is sampled from the
+  server and its served log-probs are compared with the module's own log-probs of the same
+  tokens (one forward pass). "The output changed" is not "the output is right": a stale
+  head changes the output too. Above `sync_tolerance` the reload is retried once, then
+  `WeightSyncError`; the difference is `SyncReport.logprob_diff` (a training metric).
+  `weight_sync="nccl"`: vLLM's NCCL weight-transfer API (see `NCCLWeightSync`); it needs
+  GPUs, so here only its API surface is tested against the installed vLLM.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import random
 import tempfile
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +54,16 @@ WEIGHT_SYNC_MODES = ("reload", "nccl")
 # Transient failures worth retrying: the connection broke, or a proxy/server said "try again".
 _RETRY_STATUS = {502, 503, 504}
 _PROBE_MESSAGES = [{"role": "user", "content": "Probe: say something."}]
+_PROBE_TOKENS = 8
+_WEIGHTS_PREFIX = "dspy-p2o-vllm-weights-"
 
 
 class VLLMRequestError(RuntimeError):
     """The vLLM server rejected a request or could not be reached after retries."""
+
+
+class WeightSyncError(RuntimeError):
+    """After a weight sync the server's log-probs still differ from the trainer's."""
 
 
 @dataclass
@@ -57,10 +71,13 @@ class SyncReport:
     """What one weight sync did and cost."""
 
     weights_path: str
-    seconds: float  # total wall time, save included
+    seconds: float  # total wall time, save and verification included
     save_seconds: float
     reload_seconds: float  # pause -> reload -> reset cache -> resume
-    changed: bool | None  # did the probe's tokens/log-probs move? None when not verified
+    #: max |served log-prob - trainer log-prob| over the probe's tokens; None when not verified
+    #: (sync from a path or a state dict, verify_sync=False, or a rank that did not sync)
+    logprob_diff: float | None = None
+    attempts: int = 1
 
 
 class VLLMEngine(Engine):
@@ -77,9 +94,14 @@ class VLLMEngine(Engine):
         max_concurrency: requests in flight at once (vLLM schedules them together).
         max_retries: attempts per request after connection errors / 502-504.
         log_path: the managed server's log file (default: a temp file).
-        weight_sync: "reload" (save + `/collective_rpc reload_weights`) or "nccl" (untested here).
-        verify_sync: sample a fixed probe before/after each sync and warn when nothing changed.
-        server_command: the launch prefix (default `vllm serve`); tests use the fake server module.
+        host, allow_remote_dev_routes, device, kv_cache_memory_bytes, enforce_eager: managed
+            server settings (see `vllm_server.VLLMServer`: loopback only, CPU defaults).
+        weight_sync: "reload" (save + `/collective_rpc reload_weights`) or "nccl" (GPU only).
+        verify_sync: after a sync from a module, compare served log-probs of a probe with the
+            module's own (see the module docstring).
+        sync_tolerance: the largest log-prob difference a verified sync may leave; default
+            1e-3 for a float32 server, 0.15 otherwise (bf16 serving differs by ~1e-2 legitimately).
+        server_command: the launch prefix (default vLLM's CLI); tests use the fake server module.
         served_model_name: the model id requests carry (managed default "policy"; attach: the server's first).
         sync_dir: where modules / state dicts are saved for reload (default: a temp dir;
             /dev/shm makes saving a 4B model take ~seconds).
@@ -97,10 +119,15 @@ class VLLMEngine(Engine):
         url: str | None = None,
         api_key: str | None = None,
         port: int | None = None,
+        host: str = "127.0.0.1",
+        allow_remote_dev_routes: bool = False,
         gpu_memory_utilization: float = 0.45,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
+        device: str | None = None,
         dtype: str = "auto",
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool = False,
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 600.0,
         request_timeout_s: float = 3600.0,
@@ -109,6 +136,7 @@ class VLLMEngine(Engine):
         log_path: str | os.PathLike | None = None,
         weight_sync: str = "reload",
         verify_sync: bool = True,
+        sync_tolerance: float | None = None,
         server_command: Sequence[str] = DEFAULT_SERVER_COMMAND,
         served_model_name: str | None = None,
         sync_dir: str | os.PathLike | None = None,
@@ -133,6 +161,7 @@ class VLLMEngine(Engine):
         self.model = str(model)
         self.weight_sync = weight_sync
         self.verify_sync = verify_sync
+        self.sync_tolerance = sync_tolerance
         self.max_concurrency = int(max_concurrency)
         self.max_retries = int(max_retries)
         self.reload_kwargs = dict(reload_kwargs or {})
@@ -147,14 +176,18 @@ class VLLMEngine(Engine):
         self._nccl: NCCLWeightSync | None = None
         self.last_sync: SyncReport | None = None
 
+        self.served_dtype = dtype
         if url is None:
             self.server = VLLMServer(
-                self.model, server_command=server_command, port=port, api_key=api_key,
-                served_model_name=served_model_name or "policy", gpu_memory_utilization=gpu_memory_utilization,
-                tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
-                weight_transfer_backend="nccl" if weight_sync == "nccl" else None, extra_args=extra_args,
-                startup_timeout_s=startup_timeout_s, log_path=log_path, env=env,
-            ).start()
+                self.model, server_command=server_command, port=port, api_key=api_key, host=host,
+                allow_remote_dev_routes=allow_remote_dev_routes, served_model_name=served_model_name or "policy",
+                gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_len, device=device, dtype=dtype, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                enforce_eager=enforce_eager, weight_transfer_backend="nccl" if weight_sync == "nccl" else None,
+                extra_args=extra_args, startup_timeout_s=startup_timeout_s, log_path=log_path, env=env,
+            )
+            self.served_dtype = self.server.dtype
+            self.server.start()
             self.url, self.api_key = self.server.url, self.server.api_key
         else:
             self.url, self.api_key = url.rstrip("/"), api_key or os.environ.get("VLLM_API_KEY")
@@ -170,19 +203,22 @@ class VLLMEngine(Engine):
             if self.server is None and not self.health():
                 raise VLLMRequestError(f"no vLLM server answers at {self.url}/health; is it running (and is the URL "
                                        "the server root, e.g. http://127.0.0.1:8000)?")
-            self.served_model_name = served_model_name or self._discover_model_name()
+            self.served_model_name, self.max_model_len = self._discover_model()
         except BaseException:
             self.close()
             raise
+        _LIVE_ENGINES.add(self)
 
     # ------------------------------------------------------------------ HTTP
-    def _discover_model_name(self) -> str:
-        if self.server is not None:
-            return self.server.served_model_name
+    def _discover_model(self) -> tuple[str, int | None]:
+        """The served model's name and context length (`max_model_len`, None if the server does not say)."""
         data = self._request("GET", "/v1/models", retries=2).get("data") or []
         if not data:
             raise VLLMRequestError(f"the vLLM server at {self.url} serves no model")
-        return str(data[0]["id"])
+        wanted = self.server.served_model_name if self.server is not None else None
+        entry = next((d for d in data if d.get("id") == wanted), data[0])
+        length = entry.get("max_model_len")
+        return str(wanted or entry["id"]), int(length) if length else None
 
     def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
                  retries: int | None = None) -> dict:
@@ -255,6 +291,10 @@ class VLLMEngine(Engine):
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
+            if self.max_model_len and len(p) + params.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} ({len(p)} tokens) + max_tokens ({params.max_tokens}) exceeds the server's context "
+                    f"length (max_model_len {self.max_model_len}); lower max_tokens or serve a longer max_model_len")
         base = {
             "model": self.served_model_name,
             "n": n,
@@ -350,36 +390,53 @@ class VLLMEngine(Engine):
             import torch.distributed as dist
 
             dist.barrier()
-            return report if report is not None else SyncReport("<rank 0>", 0.0, 0.0, 0.0, None)
+            return report if report is not None else SyncReport("<rank 0>", 0.0, 0.0, 0.0)
         return self._sync(source)
 
     def _sync(self, source: Any) -> SyncReport:
         start = time.perf_counter()
-        before = self._probe() if self.verify_sync else None
+        module = _unwrap(source)
         if self.weight_sync == "nccl":
             path, save_s = "<nccl>", 0.0
             reload_start = time.perf_counter()
             self._nccl_sync(source)
         else:
-            save_start = time.perf_counter()  # after the probe: save time is the save alone
+            save_start = time.perf_counter()
             path = self._materialise(source)
             save_s = time.perf_counter() - save_start
             reload_start = time.perf_counter()
             self._reload_from_disk(path)
         reload_s = time.perf_counter() - reload_start
-        changed = None
-        if before is not None:
-            changed = self._probe() != before
-            if not changed:
-                logger.warning("weight sync from %s did not change the served model's probe output: either the "
-                               "weights are unchanged or the reload did not take effect", path)
-        self.last_sync = SyncReport(weights_path=str(path), seconds=time.perf_counter() - start,
-                                    save_seconds=save_s, reload_seconds=reload_s, changed=changed)
-        logger.info("vLLM weight sync: %.2f s (save %.2f s, reload %.2f s), changed=%s", self.last_sync.seconds,
-                    save_s, reload_s, changed)
+        diff, attempts = None, 1
+        if self.verify_sync and isinstance(module, _torch_module_type()):
+            diff = self._served_logprob_diff(module)
+            if diff > self._tolerance():  # one more reload: a transient failure must not end a run
+                attempts = 2
+                logger.warning("weight sync: served log-probs differ from the trainer's by %.3g; reloading again",
+                               diff)
+                if self.weight_sync == "nccl":
+                    self._nccl_sync(source)
+                else:
+                    self._reload_from_disk(path)
+                diff = self._served_logprob_diff(module)
+            if diff > self._tolerance():
+                raise WeightSyncError(
+                    f"after syncing weights into {self!r} the served log-probs differ from the trainer's by {diff:.3g} "
+                    f"(> sync_tolerance {self._tolerance():g}): the server does not serve the trained weights")
+        self.last_sync = SyncReport(weights_path=str(path), seconds=time.perf_counter() - start, save_seconds=save_s,
+                                    reload_seconds=reload_s, logprob_diff=diff, attempts=attempts)
+        logger.info("vLLM weight sync: %.2f s (save %.2f s, reload %.2f s), log-prob diff %s", self.last_sync.seconds,
+                    save_s, reload_s, "n/a" if diff is None else f"{diff:.2e}")
         return self.last_sync
 
+    def _tolerance(self) -> float:
+        if self.sync_tolerance is not None:
+            return float(self.sync_tolerance)
+        return 1e-3 if str(self.served_dtype) in ("float32", "float") else 0.15
+
     def _reload_from_disk(self, path: str) -> None:
+        if not (Path(path) / "config.json").is_file():  # vLLM's worker dies on a missing dir (500, then dead)
+            raise FileNotFoundError(f"cannot reload weights from {path!r}: no config.json there")
         self._request("POST", "/pause", params={"mode": "wait"})
         try:
             self._request("POST", "/collective_rpc", retries=0, json={
@@ -397,19 +454,21 @@ class VLLMEngine(Engine):
         raise VLLMRequestError("vLLM could not reset its prefix cache; stale KV from old weights may be reused")
 
     def _materialise(self, source: Any) -> str:
-        """A local dir holding `source` as a loadable checkpoint (config + safetensors)."""
+        """A local dir holding `source` as a loadable checkpoint (config + safetensors, every tensor)."""
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
-            if not path.is_dir():
+            if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"cannot sync weights from {str(source)!r}: not a model directory")
-            return str(path.resolve())
+            if not _lacks_tied_head(path):
+                return str(path.resolve())
+            source = _load_for_sync(path)  # tied and saved without lm_head.weight: write the full state dict
         target = self._weights_dir()
-        while not hasattr(source, "save_pretrained") and hasattr(source, "module"):
-            source = source.module  # DDP / DeepSpeed wrappers hold the transformers model in .module
-        if hasattr(source, "save_pretrained"):
-            source.save_pretrained(target)  # safetensors; shards big models
+        module = _unwrap(source)
+        if hasattr(module, "state_dict") and hasattr(module, "config"):
+            # the full state dict, NOT save_pretrained: a tied model's save omits lm_head.weight
+            _save_state_dict(module.state_dict(), target, config=module.config)
         elif isinstance(source, Mapping):
-            _save_state_dict(source, target, self.model)
+            _save_state_dict(source, target, config=None, model=self.model)
         else:
             raise TypeError(f"cannot sync weights from a {type(source).__name__}: pass a transformers module, "
                             "a state dict or a saved model directory")
@@ -418,23 +477,44 @@ class VLLMEngine(Engine):
     def _weights_dir(self) -> Path:
         if self._sync_dir is None:
             shm = Path("/dev/shm")
-            self._sync_dir = Path(tempfile.mkdtemp(prefix="dspy-p2o-vllm-weights-",
-                                                   dir=str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None))
+            root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+            _sweep_dead_weight_dirs(root)
+            self._sync_dir = Path(tempfile.mkdtemp(prefix=f"{_WEIGHTS_PREFIX}{os.getpid()}-", dir=str(root)))
         self._sync_dir.mkdir(parents=True, exist_ok=True)
         for stale in self._sync_dir.glob("*.safetensors*"):  # a smaller save must not leave old shards behind
             stale.unlink()
         return self._sync_dir
 
-    def _probe(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """Tokens and log-probs of a fixed, seeded sample: any weight change moves them."""
+    def _served_logprob_diff(self, module: Any) -> float:
+        """max |served - trainer| log-prob over a fixed, seeded probe completion (T = 1, no filters)."""
+        import torch
+
         prompt = self.chat_prompt_ids(_PROBE_MESSAGES)
-        out = self.generate([prompt], n=1, temperature=1.0, max_tokens=4, seed=1234)[0].completions[0]
-        return tuple(out.token_ids), tuple(round(lp, 6) for lp in out.logprobs)
+        completion = self.generate([prompt], n=1, temperature=1.0, max_tokens=_PROBE_TOKENS,
+                                   seed=1234)[0].completions[0]
+        if not completion.token_ids:
+            return 0.0
+        device = next(module.parameters()).device
+        ids = torch.tensor([prompt + completion.token_ids], device=device)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                logits = module(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        finally:
+            module.train(was_training)
+        mine = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1).cpu()
+        served = torch.tensor(completion.logprobs, dtype=torch.float32)
+        return float((mine - served).abs().max())
 
     def _nccl_sync(self, source: Any) -> None:
-        if self._nccl is None:
-            self._nccl = NCCLWeightSync(self)
-        self._nccl.sync(source)
+        module = _unwrap(source)
+        if not isinstance(module, _torch_module_type()):
+            raise TypeError("weight_sync='nccl' sends a module's parameters: pass the torch module, not a path "
+                            "or a state dict")
+        if self._nccl is None or self._nccl.module is not module:
+            self._nccl = NCCLWeightSync(self, module)
+        self._nccl.sync()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -443,6 +523,8 @@ class VLLMEngine(Engine):
         self._closed = True
         try:
             self.client.close()
+            if self._nccl is not None:
+                self._nccl.close()
         except Exception:
             pass
         if self.server is not None:
@@ -465,7 +547,7 @@ class VLLMEngine(Engine):
 
 # Policy-server settings that must not carry over to the reference server.
 _POLICY_ONLY = ("url", "api_key", "port", "log_path", "served_model_name", "sync_dir", "weight_sync", "verify_sync",
-                "reload_kwargs", "frozen")
+                "sync_tolerance", "reload_kwargs", "frozen")
 
 
 def reference_engine_kwargs(policy_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -495,66 +577,64 @@ def reference_engine(model: str | os.PathLike, **policy_kwargs: Any) -> VLLMEngi
 class NCCLWeightSync:
     """vLLM's NCCL weight transfer (server started with `--weight-transfer-config {"backend": "nccl"}`).
 
-    UNTESTED HERE: derived from vLLM's dev RL router (/init_weight_transfer_engine,
-    /start_weight_update, /update_weights, /finish_weight_update) and
-    vllm.distributed.weight_transfer.nccl_engine; needs vLLM importable in the trainer
-    process and a GPU. Sequence:
-      once:      trainer joins a stateless NCCL group as rank 0 while
-                 POST /init_weight_transfer_engine {"init_info": {master_address, master_port,
-                 rank_offset: 1, world_size: 1 + TP}} makes the vLLM workers join (both block
-                 until the group forms, so they run concurrently);
-      each sync: POST /pause?mode=wait -> POST /start_weight_update ->
-                 POST /update_weights {"update_info": {names, dtype_names, shapes, packed}}
-                 concurrently with the trainer broadcasting the tensors in that order ->
-                 POST /finish_weight_update -> POST /reset_prefix_cache -> POST /resume.
-    The trainer must hold the full (unsharded) parameters on the sending GPU: with FSDP
-    / ZeRO-3 gather them first (or use weight_sync="reload" with a rank-0 state dict).
+    Built on vLLM's own trainer-side API (vLLM >= 0.30: `vllm.distributed.weight_transfer`),
+    as its RL examples use it:
+      once:      `NCCLTrainerWeightTransferEngine.trainer_init(NCCLTrainerInitInfo(master_address,
+                 master_port, world_size = 1 + server world size, rank=0), client=HTTPVLLMWeightSyncClient(url),
+                 source=ModuleSource(module))` -- the trainer opens NCCL rank 0 while the client's
+                 POST /init_weight_transfer_engine makes the vLLM workers join;
+      each sync: POST /pause?mode=wait -> `send_weights()` (POST /start_weight_update, POST /update_weights
+                 concurrently with the broadcast, POST /finish_weight_update) -> POST /reset_prefix_cache
+                 -> POST /resume.
+    It needs GPUs on both sides; tests/test_vllm_real.py checks every class, method and route
+    used here against the installed vLLM. `ModuleSource` gathers FSDP DTensors itself.
+    vLLM's HTTP client sends no API key: the RL routes are dev routes, unguarded by the key
+    (the server binds to loopback).
     """
 
-    def __init__(self, engine: VLLMEngine, *, master_address: str = "127.0.0.1", master_port: int | None = None,
-                 packed: bool = True) -> None:
-        try:
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
-        except ImportError as exc:
-            raise ImportError("weight_sync='nccl' needs vLLM importable in the trainer process "
-                              "(pip install 'dspy_p2o[vllm]'); use weight_sync='reload' otherwise") from exc
+    def __init__(self, engine: VLLMEngine, module: Any, *, master_address: str = "127.0.0.1",
+                 master_port: int | None = None, packed: bool = True) -> None:
         from dspy_p2o.engines.vllm_server import free_port
 
-        self.engine, self.packed = engine, packed
-        self._transfer = NCCLWeightTransferEngine
-        world = 1 + int(engine._request("GET", "/get_world_size", params={"include_dp": "true"}).get("world_size", 1))
-        info = {"master_address": master_address, "master_port": master_port or free_port(master_address),
-                "rank_offset": 1, "world_size": world}
-        with ThreadPoolExecutor(1) as pool:
-            joined = pool.submit(engine._request, "POST", "/init_weight_transfer_engine", json={"init_info": info},
-                                 retries=0)
-            self.group = NCCLWeightTransferEngine.trainer_init(info)
-            joined.result()
+        self.engine, self.module = engine, module
+        workers = int(engine._request("GET", "/get_world_size", params={"include_dp": "true"}).get("world_size", 1))
+        self.transfer = nccl_trainer_engine(engine.url, module, master_address=master_address,
+                                            master_port=master_port or free_port(master_address),
+                                            world_size=1 + workers, packed=packed)
 
-    def sync(self, source: Any) -> None:
-        import torch
-
-        if isinstance(source, Mapping):
-            named = list(source.items())
-        elif isinstance(source, torch.nn.Module):
-            named = list(source.state_dict().items())
-        else:
-            raise TypeError("weight_sync='nccl' sends tensors: pass a module or a state dict, not a path")
-        update_info = {"names": [k for k, _ in named], "dtype_names": [str(v.dtype).removeprefix("torch.") for _, v in named],
-                       "shapes": [list(v.shape) for _, v in named], "packed": self.packed}
+    def sync(self) -> None:
         engine = self.engine
         engine._request("POST", "/pause", params={"mode": "wait"})
         try:
-            engine._request("POST", "/start_weight_update", retries=0)
-            with ThreadPoolExecutor(1) as pool:
-                received = pool.submit(engine._request, "POST", "/update_weights",
-                                       json={"update_info": update_info}, retries=0)
-                self._transfer.trainer_send_weights(iter(named), {"group": self.group, "packed": self.packed})
-                received.result()
-            engine._request("POST", "/finish_weight_update", retries=0)
+            self.transfer.send_weights()
             engine._reset_prefix_cache()
         finally:
             engine._request("POST", "/resume")
+
+    def close(self) -> None:
+        self.transfer.shutdown()
+
+
+def nccl_trainer_engine(url: str, module: Any, *, master_address: str, master_port: int, world_size: int,
+                        packed: bool = True, connect: bool = True) -> Any:
+    """vLLM's trainer-side NCCL engine for `module`, rank 0 of a group with the server's workers.
+
+    `connect=False` returns the pieces unconnected ((init_info, client, source)) -- what a
+    test can build without GPUs to check the API we call against the installed vLLM.
+    """
+    try:
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+    except ImportError as exc:
+        raise ImportError("weight_sync='nccl' needs vLLM >= 0.30 importable in the trainer process "
+                          "(pip install 'dspy_p2o[vllm]'); use weight_sync='reload' otherwise") from exc
+    info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
+                               packed=packed, rank=0)
+    client, source = HTTPVLLMWeightSyncClient(url), ModuleSource(module)
+    if not connect:
+        return info, client, source
+    return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -594,12 +674,53 @@ def _eos_ids(tokenizer: Any, model: str) -> set[int]:
     return ids
 
 
-def _save_state_dict(state: Mapping[str, Any], target: Path, model: str) -> None:
-    """config.json (from the served model) + model.safetensors (tied tensors de-duplicated by copy)."""
-    from safetensors.torch import save_file
+def _unwrap(source: Any) -> Any:
+    """The transformers model inside DDP / DeepSpeed / accelerate wrappers (their `.module`)."""
+    while not hasattr(source, "save_pretrained") and hasattr(source, "module"):
+        source = source.module
+    return source
+
+
+def _lacks_tied_head(path: Path) -> bool:
+    """A tied-embedding checkpoint without `lm_head.weight` (what `save_pretrained` writes for one)."""
+    from safetensors import safe_open
     from transformers import AutoConfig
 
-    AutoConfig.from_pretrained(model).save_pretrained(target)
+    config = AutoConfig.from_pretrained(str(path))
+    if not getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False):
+        return False
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            if any(key.endswith("lm_head.weight") for key in handle.keys()):
+                return False
+    return True
+
+
+def _load_for_sync(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+
+
+def _torch_module_type() -> type:
+    import torch
+
+    return torch.nn.Module
+
+
+def _save_state_dict(state: Mapping[str, Any], target: Path, *, config: Any = None, model: str | None = None) -> None:
+    """config.json (the module's, else the served model's) + model.safetensors with EVERY key.
+
+    Tied tensors (embed_tokens / lm_head) are written once each, by copy: safetensors refuses
+    shared storage, and vLLM's reload needs `lm_head.weight` present to update the head.
+    """
+    from safetensors.torch import save_file
+
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    config.save_pretrained(target)
     seen: set[int] = set()
     tensors = {}
     for key, value in state.items():
@@ -608,6 +729,36 @@ def _save_state_dict(state: Mapping[str, Any], target: Path, model: str) -> None
         tensors[key] = tensor.clone() if ptr in seen else tensor  # safetensors refuses shared storage
         seen.add(ptr)
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+# Engines alive in this interpreter: closed at exit, so a forgotten engine leaves no weights in /dev/shm.
+_LIVE_ENGINES: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
+
+
+def _sweep_dead_weight_dirs(root: Path) -> None:
+    """Remove weight dirs left by dead processes (a SIGKILLed trainer cannot clean /dev/shm itself)."""
+    import shutil
+
+    for path in root.glob(f"{_WEIGHTS_PREFIX}*"):
+        pid = path.name[len(_WEIGHTS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _error_message(response: httpx.Response) -> str:

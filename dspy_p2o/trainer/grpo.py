@@ -143,6 +143,7 @@ class GRPOTrainer:
 
         self.config = replace(config)  # the default instance is shared; never mutate it
         self.engine = engine
+        self.sync_diffs: list[float] = []  # log-prob differences reported by verified weight syncs
         self.logger = logger
         self.total_steps = total_steps
         set_seed(config.seed)
@@ -214,10 +215,13 @@ class GRPOTrainer:
         seqs = self._prepare(rollouts, trained, adv.values, metrics)
         time_sync = 0.0
         step_stats: list[dict[str, float]] = []
+        self.sync_diffs = []
         for rows in self._mini_batches(seqs.groups) * cfg.updates_per_batch:
             step_stats.append(self._optimiser_step(seqs, rows))
             if cfg.sync == "step":
                 time_sync += self.sync_engine()
+        if self.sync_diffs:  # served vs trained log-probs after each sync (vLLM verifies every sync)
+            metrics["sync_logprob_diff"] = max(self.sync_diffs)
         for key in step_stats[0]:
             metrics[key] = statistics.fmean(s[key] for s in step_stats)
         on_sampled = [seqs.tilde.get(j, lp) for j, lp in enumerate(seqs.old)]
@@ -350,7 +354,10 @@ class GRPOTrainer:
         if self.engine is None:
             return 0.0
         start = time.perf_counter()
-        self.engine.sync_weights(self.model)
+        report = self.engine.sync_weights(self.model)
+        diff = getattr(report, "logprob_diff", None)
+        if diff is not None:
+            self.sync_diffs.append(diff)
         return time.perf_counter() - start
 
     def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None) -> Path:
