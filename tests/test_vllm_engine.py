@@ -116,8 +116,10 @@ def test_bad_requests_and_auth_give_clear_errors(fake, model_dir, engine):
         engine.generate([too_long], max_tokens=10**6)
     engine.max_model_len = None  # a server that does not say its length: its own error comes through
     try:
-        with pytest.raises(VLLMRequestError, match="maximum context length"):
+        with pytest.raises(VLLMRequestError, match="HTTP 400: max_tokens=1000000 cannot be greater than max_model_len"):
             engine.generate([too_long], max_tokens=10**6)
+        with pytest.raises(VLLMRequestError, match="maximum context length"):
+            engine.generate([too_long], max_tokens=fake.max_model_len - 5)
     finally:
         engine.max_model_len = fake.max_model_len
     with pytest.raises(ValueError, match="prompt 1 is empty"):

