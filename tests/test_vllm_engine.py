@@ -155,11 +155,38 @@ def test_reload_serves_the_new_weights(engine, fake, model_dir):
     engine.sync_weights(trained.state_dict())  # a state dict (tied embeddings) works too: nothing to verify with
     assert engine.last_sync.logprob_diff is None
 
-    engine.sync_weights(model_dir)  # a saved dir is used as is: back to the original weights
-    assert engine.last_sync.weights_path == str(model_dir.resolve())
+    # a saved dir: back to the original weights. It is tied and has no lm_head.weight, so the engine
+    # writes the full state dict first (reloaded as it is, the server would keep the trained head)
+    engine.sync_weights(model_dir)
+    assert engine.last_sync.weights_path != str(model_dir.resolve())
     restored = engine.generate(prompts, n=2, max_tokens=8, seed=3)
     assert [[c.token_ids for c in o.completions] for o in restored] == [[c.token_ids for c in o.completions]
                                                                         for o in original]
+
+
+def test_sync_check_catches_a_stale_lm_head(engine, fake, model_dir, monkeypatch):
+    """The fake reloads like vLLM: a tied checkpoint without lm_head.weight keeps the old head, and the
+    verified sync must see it (the real-server twin is in test_vllm_real.py)."""
+    import tempfile
+
+    from dspy_p2o.engines.vllm import WeightSyncError
+
+    trained = _load(model_dir)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def save_pretrained_only(source):  # the sync as it was: no lm_head.weight for a tied model
+        target = tempfile.mkdtemp(prefix="stale-head-")
+        source.save_pretrained(target)
+        return target
+
+    monkeypatch.setattr(engine, "_materialise", save_pretrained_only)
+    with pytest.raises(WeightSyncError, match="served log-probs differ"):
+        engine.sync_weights(trained)
+    monkeypatch.undo()
+    assert engine.sync_weights(trained).logprob_diff < 1e-4  # the full state dict fixes the head
+    engine.sync_weights(_load(model_dir))
 
 
 def test_reference_engine_is_frozen_and_never_the_policy_server(fake, model_dir):
@@ -206,7 +233,7 @@ def test_managed_server_lifecycle(model_dir, tmp_path):
         out = engine.generate(_prompts(engine)[:2], n=2, max_tokens=4)
         assert all(len(o.completions) == 2 for o in out)
         assert httpx.get(f"{engine.url}/v1/models").status_code == 401  # the key is required
-        assert engine.sync_weights(model_dir).weights_path == str(model_dir.resolve())  # dev routes are there
+        assert engine.sync_weights(model_dir).seconds > 0  # dev routes are there
 
         os.killpg(server.process.pid, signal.SIGKILL)  # the server dies under us
         server.process.wait(10)

