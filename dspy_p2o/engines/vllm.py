@@ -408,7 +408,7 @@ class VLLMEngine(Engine):
             self._reload_from_disk(path)
         reload_s = time.perf_counter() - reload_start
         diff, attempts = None, 1
-        if self.verify_sync and isinstance(module, _torch_module_type()):
+        if self.verify_sync and _verifiable(source, module):
             diff = self._served_logprob_diff(module)
             if diff > self._tolerance():  # one more reload: a transient failure must not end a run
                 attempts = 2
@@ -700,6 +700,17 @@ def _load_for_sync(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+
+
+def _verifiable(source: Any, module: Any) -> bool:
+    """A module one rank can run a forward pass of alone (not FSDP-sharded: that forward is a collective)."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module) or "FullyShardedDataParallel" in type(source).__name__:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _torch_module_type() -> type:
