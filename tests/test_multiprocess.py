@@ -73,7 +73,8 @@ TRAIN_SIZE, BATCH, K, EPOCHS = 12, 4, 4, 2
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, format_model_dir):
     """A tiny `dspy-p2o train` config with the prompt phase on: every question is hard (tau > 1),
-    so GEPA runs after epoch 1; the metric records which rank scored each rollout."""
+    so GEPA runs after epoch 1 (self-reflection by the tiny model); the metric records which
+    rank scored each rollout."""
     root = tmp_path_factory.mktemp("multiprocess")
     data = root / "train.jsonl"
     write_jsonl(data, sum_examples(TRAIN_SIZE, 0, "train"))
@@ -111,7 +112,7 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
         assert all(len(r["rewards"]) == K for r in _read_jsonl(run_dir / f"rewards/epoch-{epoch}.jsonl"))
         assert sorted(h["id"] for h in _read_jsonl(run_dir / f"hard/epoch-{epoch}.jsonl")) == ids
     gepa = json.loads((run_dir / "templates/epoch-0.json").read_text())
-    assert gepa["ran"] and gepa["assignments"]
+    assert gepa["ran"] and gepa["cost"]["metric_calls_gepa"] > 0  # (the tiny self-reflection LM may find nothing)
     assert "last epoch" in json.loads((run_dir / "templates/epoch-1.json").read_text())["reason"]
     # rank 1 scored exactly its half of every batch's rollouts; rank 0 its half plus GEPA's calls
     calls = log.read_text().split()
