@@ -139,6 +139,10 @@ class P2OLoop:
             self.engine = LocalEngine(self.trainer.model, self.trainer.tokenizer, **cfg.engine_kwargs)
             self.trainer.engine = self.engine
         else:
+            if acc.num_processes > 1 and not cfg.engine_kwargs.get("url"):
+                raise ConfigError(f"engine={cfg.engine!r} under {acc.num_processes} processes needs a shared server "
+                                  "(engine_kwargs.url; benchmarks/gpu/run.sh starts one): a managed server per rank "
+                                  "would load the policy once per rank")
             self.engine = make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps,
                                        accelerator=acc)

@@ -284,7 +284,8 @@ class GRPOTrainer:
         # detached log-probs are the old ones, saving a forward pass (as TRL does).
         from_forward = n_steps == 1 and cfg.tis_cap is None and (
             not tilde_rows or (cfg.template_ratio == "off" and not cfg.template_clip))
-        old = [torch.empty(0)] * len(chosen) if from_forward else self._logprobs(self._scoring_model, prompts, completions)
+        old = ([torch.empty(0)] * len(chosen) if from_forward
+               else self._logprobs(self._scoring_model, prompts, completions))
         # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
         tilde = self._logprobs(self._scoring_model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
                                [completions[j] for j in tilde_rows]) if tilde_rows else []
