@@ -4,8 +4,9 @@
 
 Each process trains on its contiguous share of the batch's groups (`dspy_p2o.loop.shard`,
 as the loop does) with a fresh fp32 trainer per case; rank 0 writes OUT_DIR/<case>.pt (the
-weights after the batch and the all-reduced gradients of each optimiser step) and OUT_DIR/<case>.json (the batch's metrics). Used by
-test_multiprocess.py to compare N = 2 with N = 1.
+weights after the batch and the all-reduced gradients of each optimiser step) and
+OUT_DIR/<case>.json (the batch's metrics). Used by test_multiprocess.py to compare N = 2
+with N = 1.
 """
 
 import json

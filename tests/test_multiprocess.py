@@ -44,7 +44,17 @@ def _run(cmd, timeout=400, **env) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.slow  # two torchrun launches: ~30 s on 2 cores
+def test_shard_gives_each_rank_a_contiguous_near_equal_share():
+    from dspy_p2o.loop import shard
+
+    for n in range(0, 9):
+        items = list(range(n))
+        shares = [shard(items, rank, 3) for rank in range(3)]
+        assert sum(shares, []) == items  # in rank order, every item once
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.slow  # two torchrun launches: ~40 s on 2 cores
 def test_ddp_step_of_two_processes_equals_one_process_step(trainer_model_dir, tmp_path):
     """Same global batch, shared over 2 processes vs all on 1: same all-reduced gradients and weights
     for every loss aggregation (their normalisers are global sums), on-policy and with the template
