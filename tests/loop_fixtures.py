@@ -60,14 +60,15 @@ def rank_recording_metric(gold, pred, trace=None, pred_name=None, pred_trace=Non
     return slow_closeness_metric(gold, pred)
 
 
-def write_train_config(path, policy, train_file, metric: str, **overrides) -> None:
+def write_train_config(path, policy, train_file, metric: str, val_file=None, **overrides) -> None:
     """A `dspy-p2o train` YAML config from tiny_overrides-style flat settings (nested where they belong)."""
     import yaml
 
     sections = {"lr": "trainer", "micro_batch_tokens": "trainer", "min_hard": "prompt", "dev_size": "prompt",
                 "budget": "prompt", "beam_width": "prompt", "num_threads": "prompt"}
     flat = {"policy": str(policy), "trainer": {}, "prompt": {},
-            "data": {"train": str(train_file), "metric": metric, "program": "loop_fixtures:sum_program"}}
+            "data": {"train": str(train_file), "metric": metric, "program": "loop_fixtures:sum_program",
+                     "val": str(val_file) if val_file else None}}
     for key, value in tiny_overrides(**overrides).items():
         (flat[sections[key]] if key in sections else flat)[key] = value
     path.write_text(yaml.safe_dump(flat))

@@ -77,20 +77,21 @@ def test_ddp_step_of_two_processes_equals_one_process_step(trainer_model_dir, tm
 
 
 # ---------------------------------------------------------------------- the CLI under torchrun
-TRAIN_SIZE, BATCH, K, EPOCHS = 12, 4, 4, 2
+TRAIN_SIZE, VAL_SIZE, BATCH, K, EPOCHS = 12, 4, 4, 4, 2
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, format_model_dir):
     """A tiny `dspy-p2o train` config with the prompt phase on: every question is hard (tau > 1),
-    so GEPA runs after epoch 1 (self-reflection by the tiny model); the metric records which
-    rank scored each rollout."""
+    so GEPA runs after epoch 1 (self-reflection by the tiny model); a validation set is scored
+    after every epoch; the metric records which rank scored each rollout."""
     root = tmp_path_factory.mktemp("multiprocess")
-    data = root / "train.jsonl"
+    data, val = root / "train.jsonl", root / "val.jsonl"
     write_jsonl(data, sum_examples(TRAIN_SIZE, 0, "train"))
+    write_jsonl(val, sum_examples(VAL_SIZE, 1, "val"))
     config = root / "tiny.yaml"
-    write_train_config(config, format_model_dir, data, "loop_fixtures:rank_recording_metric", epochs=EPOCHS,
-                       batch_size=BATCH, k=K, tau=1.01, min_hard=1, plain_per_group=2)
+    write_train_config(config, format_model_dir, data, "loop_fixtures:rank_recording_metric", val_file=val,
+                       epochs=EPOCHS, batch_size=BATCH, k=K, tau=1.01, min_hard=1, plain_per_group=2)
     return root, config
 
 
@@ -124,9 +125,10 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
     gepa = json.loads((run_dir / "templates/epoch-0.json").read_text())
     assert gepa["ran"] and gepa["cost"]["metric_calls_gepa"] > 0  # (the tiny self-reflection LM may find nothing)
     assert "last epoch" in json.loads((run_dir / "templates/epoch-1.json").read_text())["reason"]
-    # rank 1 scored exactly its half of every batch's rollouts; rank 0 its half plus GEPA's calls
+    # rank 1 scored exactly its half of every batch's rollouts and of the validation set (greedy,
+    # one sample); rank 0 its halves plus GEPA's calls
     calls = log.read_text().split()
-    per_rank = EPOCHS * (TRAIN_SIZE // BATCH) * (BATCH // 2) * K
+    per_rank = EPOCHS * ((TRAIN_SIZE // BATCH) * (BATCH // 2) * K + VAL_SIZE // 2)
     assert calls.count("1") == per_rank and calls.count("0") > per_rank and set(calls) == {"0", "1"}
     # metrics.jsonl: each batch once, with the global batch's numbers; each optimiser step once
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
@@ -137,7 +139,8 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
     stepped = [m["step"] for m in batches if m["train/steps"] > 0]
     assert stepped == sorted(set(stepped))
     assert sum(m["train/steps"] for m in batches) == _final_step(run_dir) == stepped[-1]
-    assert len([m for m in metrics if "epoch/epoch" in m]) == EPOCHS
+    epochs = [m for m in metrics if "epoch/epoch" in m]
+    assert len(epochs) == EPOCHS and all(0 <= m["epoch/val/pass@1"] <= 1 for m in epochs)
     assert len([m for m in metrics if any(k.startswith("gepa/") for k in m)]) == 1
     assert {k for m in metrics for k in m if k.startswith("epoch/wait_frac/")} == {
         "epoch/wait_frac/rank0", "epoch/wait_frac/rank1"}
