@@ -171,3 +171,22 @@ def test_two_process_run_killed_in_epoch_two_resumes_to_the_same_step_count(tiny
     _run(_train(2, config, run_dir, "--resume"))
     assert _final_step(run_dir) == _final_step(two_process_run[0])
     assert len(_read_jsonl(run_dir / "rewards/epoch-1.jsonl")) == TRAIN_SIZE
+
+
+def test_gpu_accelerate_configs_load_and_fsdp_wraps_the_policys_decoder_layer(trainer_model_dir):
+    """What can be checked of the GPU recipe's accelerate configs on CPU (accelerate 1.15 runs no FSDP
+    here): they load, DDP is the default's type, and FSDP's wrap class is the Qwen3 decoder layer."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    configs = {name: load_config_from_file(str(ROOT / "benchmarks/gpu/accelerate" / f"{name}.yaml"))
+               for name in ("ddp", "fsdp", "zero")}
+    assert [configs[n].distributed_type for n in ("ddp", "fsdp", "zero")] == [
+        DistributedType.MULTI_GPU, DistributedType.FSDP, DistributedType.DEEPSPEED]
+    fsdp = configs["fsdp"].fsdp_config
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # checkpoints and weight sync need the full weights
+    model = AutoModelForCausalLM.from_pretrained(trainer_model_dir)
+    layers = [m for m in model.modules() if type(m).__name__ == fsdp["fsdp_transformer_layer_cls_to_wrap"]]
+    assert len(layers) == model.config.num_hidden_layers
+    assert "DIST=${DIST:-ddp}" in (ROOT / "benchmarks/gpu/run.sh").read_text()
