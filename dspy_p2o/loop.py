@@ -7,9 +7,17 @@ Per epoch t:
   sync     the engine serves the new weights (also after every step by default);
   phase 2  GEPA on the new hard set -> template pool -> K templates per hard question.
 
-Everything needed to resume lives in the run directory: the loop state (state.json)
-points at the last trainer checkpoint, written after every `checkpoint_every` batches
-and around the prompt phase, so a killed run continues where it stopped.
+Everything needed to resume lives in the run directory: the loop state (state.json,
+`LoopState`) points at the last trainer checkpoint, written after every
+`checkpoint_every` batches and around the prompt phase, so a killed run continues where
+it stopped.
+
+Under N processes (torchrun / accelerate launch) the same loop runs on every rank:
+each rank rolls out its contiguous share of every batch (whole GRPO groups) with its
+own engine replica or the shared server, the trainer sums the ranks' gradients (DDP),
+the rewards are gathered so every rank mines the same hard set, GEPA runs on the main
+process only and its assignment is broadcast, and only the main process writes the run
+directory. Batch size, K and the number of optimiser steps do not depend on N.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from typing import Any, Callable
 
 import dspy
 
-from dspy_p2o.config import P2OConfig
+from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
 from dspy_p2o.jsonio import write_json, write_jsonl
+from dspy_p2o.loop_state import LoopState
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
@@ -35,7 +44,7 @@ from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflectio
 from dspy_p2o.renderer import Renderer, single_predictor
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
-from dspy_p2o.trainer import GRPOTrainer
+from dspy_p2o.trainer import GRPOTrainer, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +105,31 @@ class P2OLoop:
             raise ValueError("the trainset is empty")
         self.by_id = {ex.id: ex for ex in self.trainset}
         self.run = RunDir(run_dir)
-        self.resuming = self.run.create_or_check(config, identity_of(config, self.policy, list(self.by_id)))
+        self.accelerator = make_accelerator(config.trainer.dtype, config.trainer.process_timeout_s)
+        self.is_main = self.accelerator.is_main_process
+        self.resuming = self._open_run_dir(identity_of(config, self.policy, list(self.by_id)))
         self.batches_per_epoch = -(-len(self.trainset) // config.batch_size)
+        self.wait_s = 0.0  # this process's seconds blocked waiting for the others (gathers, broadcasts)
+        self._epoch_start = time.perf_counter()  # reset when phase 1 starts; the wait fraction's denominator
+
+    def _open_run_dir(self, identity: dict[str, Any]) -> bool:
+        """The main process creates or checks the run directory; the others take its verdict
+        (True when resuming) rather than race it. Its error is raised on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        verdict: list[Any] = [None]
+        error: Exception | None = None
+        if self.is_main:
+            try:
+                verdict = [(self.run.create_or_check(self.config, identity), None)]
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                error, verdict = exc, [(False, f"{type(exc).__name__}: {exc}")]
+        resuming, message = broadcast_object_list(verdict)[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise ConfigError(f"on the main process: {message}")
+        return resuming
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -109,15 +141,22 @@ class P2OLoop:
             steps_per_batch = -(-min(cfg.batch_size, len(self.trainset)) // cfg.trainer.mini_batch_size)
         steps_per_batch *= cfg.trainer.updates_per_batch
         total_steps = cfg.epochs * self.batches_per_epoch * steps_per_batch
-        self.logger = MetricsLogger(self.run.metrics_file, trackers=tuple(cfg.trackers), config=cfg.to_dict())
+        acc = self.accelerator
+        self.logger = MetricsLogger(self.run.metrics_file, accelerator=acc, trackers=tuple(cfg.trackers),
+                                    config=cfg.to_dict())
         if cfg.engine == "local":
-            # The engine samples from the trainer's own module: weight sync costs nothing.
-            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, total_steps=total_steps)
+            # The engine samples from the trainer's own module (this rank's replica): weight sync costs nothing.
+            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, total_steps=total_steps, accelerator=acc)
             self.engine = LocalEngine(self.trainer.model, self.trainer.tokenizer, **cfg.engine_kwargs)
             self.trainer.engine = self.engine
         else:
+            if acc.num_processes > 1 and not cfg.engine_kwargs.get("url"):
+                raise ConfigError(f"engine={cfg.engine!r} under {acc.num_processes} processes needs a shared server "
+                                  "(engine_kwargs.url; benchmarks/gpu/run.sh starts one): a managed server per rank "
+                                  "would load the policy once per rank")
             self.engine = make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
-            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps)
+            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps,
+                                       accelerator=acc)
         self.renderer = Renderer(self.predictor, self.engine.tokenizer)
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
         self._reflection_lm = self._given_reflection_lm
@@ -141,38 +180,54 @@ class P2OLoop:
         return make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
 
     # ------------------------------------------------------------------ state
-    def _initial_state(self) -> dict[str, Any]:
-        return {"epoch": 0, "phase": "train", "batch": 0, "rewards": {}, "assignments": {},
-                "templated_stats": {}, "history": [], "checkpoint": None, "done": False}
+    def _checkpoint(self, state: LoopState) -> None:
+        """Save the trainer (every rank, through accelerate's save_state; only when it stepped
+        since the last save), then the loop state (main process)."""
+        if state.checkpoint_step != self.trainer.global_step or not state.checkpoint:
+            path = self.trainer.save_checkpoint(self.run.checkpoints, extra_state={"loop_epoch": state.epoch,
+                                                                                   "loop_batch": state.batch})
+            state.checkpoint, state.checkpoint_step = str(path), self.trainer.global_step
+        if self.is_main:
+            self.run.save_state(state.to_json())
 
-    def _checkpoint(self, state: dict[str, Any]) -> None:
-        """Save the trainer (only when it stepped since the last save) and then the loop state."""
-        if state.get("checkpoint_step") != self.trainer.global_step or not state.get("checkpoint"):
-            path = self.trainer.save_checkpoint(self.run.checkpoints, extra_state={"loop_epoch": state["epoch"],
-                                                                                   "loop_batch": state["batch"]})
-            state.update(checkpoint=str(path), checkpoint_step=self.trainer.global_step)
-        self.run.save_state(state)
-
-    def _restore(self) -> dict[str, Any]:
-        state = self.run.load_state()
-        if state.get("checkpoint"):
-            self.trainer.load_checkpoint(state["checkpoint"])
+    def _restore(self) -> LoopState:
+        state = LoopState.from_json(self.run.load_state())
+        if state.checkpoint:
+            self.trainer.load_checkpoint(state.checkpoint)
             self.trainer.sync_engine()
             log.info("resumed %s at epoch %d, %s phase, batch %d (optimizer step %d)", self.run.path,
-                     state["epoch"], state["phase"], state["batch"], self.trainer.global_step)
+                     state.epoch, state.phase, state.batch, self.trainer.global_step)
         return state
+
+    def _gather(self, items: list[Any]) -> list[Any]:
+        """Every process's `items`, concatenated in rank order (the time blocked is counted as waiting)."""
+        from accelerate.utils import gather_object
+
+        start = time.perf_counter()
+        out = gather_object(items)
+        self.wait_s += time.perf_counter() - start
+        return out
+
+    def _from_main(self, value: Any) -> Any:
+        """The main process's `value` on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        start = time.perf_counter()
+        out = broadcast_object_list([value])[0]
+        self.wait_s += time.perf_counter() - start
+        return out
 
     # ------------------------------------------------------------------ Alg. 1
     def run_loop(self) -> CompileResult:
         self._build()
-        state = self._restore() if self.resuming else self._initial_state()
+        state = self._restore() if self.resuming else LoopState()
         try:
-            while not state["done"]:
-                if state["phase"] == "train":
+            while not state.done:
+                if state.phase == "train":
                     self._phase1(state)
-                    state["phase"] = "prompt"
+                    state.phase = "prompt"
                     self._checkpoint(state)
-                if state["phase"] == "prompt":
+                if state.phase == "prompt":
                     self._phase2(state)
                     self._end_epoch(state)
             return self._result(state)
@@ -196,55 +251,63 @@ class P2OLoop:
         size = self.config.batch_size
         return [order[i:i + size] for i in range(0, len(order), size)]
 
-    def _phase1(self, state: dict[str, Any]) -> None:
-        cfg, epoch = self.config, state["epoch"]
+    def _phase1(self, state: LoopState) -> None:
+        cfg, epoch, acc = self.config, state.epoch, self.accelerator
         batches = self._batches(epoch)
-        bar = _bar(len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
-        for b in range(state["batch"], len(batches)):
-            assignments = {i: z for i, z in state["assignments"].items()} if cfg.prompt_phase else {}
+        self._epoch_start, self.wait_s = time.perf_counter(), 0.0
+        bar = _bar(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   enabled=cfg.progress and self.is_main)
+        for b in range(state.batch, len(batches)):
+            assignments = {i: z for i, z in state.assignments.items()} if cfg.prompt_phase else {}
+            share = shard(batches[b], acc.process_index, acc.num_processes)
             t0 = time.perf_counter()
             rollouts = collect_rollouts(
-                self.engine, self.renderer, batches[b], self.reward_fn, k=cfg.k, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed * 100_003 + epoch * 1_009 + b,
-                assignments=assignments, plain_per_group=cfg.plain_per_group, progress=cfg.progress)
+                self.engine, self.renderer, share, self.reward_fn, k=cfg.k, temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+                seed=cfg.seed * 100_003 + epoch * 1_009 + b + acc.process_index * 7_919,
+                assignments=assignments, plain_per_group=cfg.plain_per_group, progress=cfg.progress and self.is_main)
             t_rollout = time.perf_counter() - t0
+            waited = self.wait_s
             self._record_rewards(state, rollouts)
             metrics = self.trainer.train_on(rollouts)
-            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout)
+            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout, time_wait=self.wait_s - waited)
             self.logger.log(metrics, step=self.trainer.global_step, prefix="train/")
-            state["batch"] = b + 1
-            if state["batch"] % cfg.checkpoint_every == 0 or state["batch"] == len(batches):
+            state.batch = b + 1
+            if state.batch % cfg.checkpoint_every == 0 or state.batch == len(batches):
                 self._checkpoint(state)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", step=self.trainer.global_step)
         bar.close()
 
-    def _record_rewards(self, state: dict[str, Any], rollouts: list[Rollout]) -> None:
-        """Rewards for hard mining, and with-vs-without-template success for the Fig. 4 plot."""
+    def _record_rewards(self, state: LoopState, rollouts: list[Rollout]) -> None:
+        """Rewards for hard mining, and with-vs-without-template success for the Fig. 4 plot,
+        gathered from every process (each holds whole groups) in batch order."""
         use_plain = self.config.hardness_on == "plain"
         groups: dict[str, list[Rollout]] = {}
         for r in rollouts:
             groups.setdefault(r.example_id, []).append(r)
-        stats = state["templated_stats"].setdefault(str(state["epoch"]), {"templated": [], "plain": []})
-        for ident, group in groups.items():
-            plain = [r.reward for r in group if not r.templated]
-            chosen = plain if use_plain and plain else [r.reward for r in group]
-            state["rewards"][ident] = chosen
-            templated = [r.reward for r in group if r.templated]
+        local = [(ident, [r.reward for r in g], [r.reward for r in g if not r.templated],
+                  [r.reward for r in g if r.templated]) for ident, g in groups.items()]
+        stats = state.templated_stats.setdefault(str(state.epoch), {"templated": [], "plain": []})
+        for ident, every, plain, templated in self._gather(local):
+            if ident in state.rewards:
+                raise RuntimeError(f"question {ident!r} was rolled out twice in epoch {state.epoch + 1}")
+            state.rewards[ident] = plain if use_plain and plain else every
             if templated:
                 stats["templated"].append(templated)
                 if plain:
                     stats["plain"].append(plain)
 
-    def _phase2(self, state: dict[str, Any]) -> None:
-        cfg, epoch = self.config, state["epoch"]
-        rewards = state["rewards"]
+    def _phase2(self, state: LoopState) -> None:
+        cfg, epoch = self.config, state.epoch
+        rewards = state.rewards
         hard = mine_hard(rewards, tau=cfg.tau, near_hard=cfg.near_hard)
-        write_jsonl(self.run.hard_file(epoch), (
-            {"id": i, "success_rate": sum(rewards[i]) / len(rewards[i]), "rewards": rewards[i]} for i in hard))
+        if self.is_main:
+            write_jsonl(self.run.rewards_file(epoch), ({"id": i, "rewards": r} for i, r in rewards.items()))
+            write_jsonl(self.run.hard_file(epoch), (
+                {"id": i, "success_rate": sum(rewards[i]) / len(rewards[i]), "rewards": rewards[i]} for i in hard))
         sync_s = self.trainer.sync_engine()
-        state["hard_count"] = len(hard)
-        assignments: dict[str, list[str]] = {}
+        state.hard_count = len(hard)
         record: dict[str, Any] = {"epoch": epoch, "ran": False, "hard": len(hard)}
         if not cfg.prompt_phase:
             record["reason"] = "prompt phase disabled (GRPO baseline)"
@@ -252,73 +315,97 @@ class P2OLoop:
             record["reason"] = "last epoch: no later epoch would use new templates"
         elif len(hard) < cfg.prompt.min_hard:
             record["reason"] = f"hard set {len(hard)} < min_hard {cfg.prompt.min_hard}"
-        else:
-            prompt_cfg = dataclasses.replace(cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch)
-            student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-            program = self.program.deepcopy()
-            program.set_lm(student)
-            result = run_prompt_phase(
-                program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
-                metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch)
-            assignments = result.assignments
-            record = {"epoch": epoch, "hard": len(hard), **result.to_json()}
-            self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
-                            step=self.trainer.global_step)
-        write_json(self.run.templates_file(epoch), record)
-        state["assignments"] = assignments
-        state["sync_s"] = sync_s
+        elif self.is_main:  # GEPA runs once, on the main process (with the local engine: its replica)
+            record = self._run_gepa(epoch, hard)
+        record = self._from_main(record)
+        if self.is_main:
+            write_json(self.run.templates_file(epoch), record)
+        state.assignments = record.get("assignments", {})
+        state.sync_s = sync_s
 
-    def _end_epoch(self, state: dict[str, Any]) -> None:
-        cfg, epoch = self.config, state["epoch"]
-        entry = {"epoch": epoch + 1, "step": self.trainer.global_step, "hard": state.get("hard_count", 0),
-                 "templated_questions": len(state["assignments"]),
-                 "train_reward": _mean([r for rs in state["rewards"].values() for r in rs])}
-        entry.update(_template_success(state["templated_stats"].get(str(epoch))))
+    def _run_gepa(self, epoch: int, hard: list[str]) -> dict[str, Any]:
+        cfg = self.config
+        prompt_cfg = dataclasses.replace(cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch)
+        student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+        program = self.program.deepcopy()
+        program.set_lm(student)
+        result = run_prompt_phase(
+            program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
+            metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch)
+        self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
+                        step=self.trainer.global_step)
+        return {"epoch": epoch, "hard": len(hard), **result.to_json()}
+
+    def _end_epoch(self, state: LoopState) -> None:
+        cfg, epoch = self.config, state.epoch
+        entry = {"epoch": epoch + 1, "step": self.trainer.global_step, "hard": state.hard_count,
+                 "templated_questions": len(state.assignments),
+                 "train_reward": _mean([r for rs in state.rewards.values() for r in rs])}
+        entry.update(_template_success(state.templated_stats.get(str(epoch))))
         if self.valset and cfg.eval_every_epoch:
             entry.update(self.evaluate(self.valset))
+        entry.update(self._wait_fractions())
         self.logger.log({f"epoch/{k}": v for k, v in entry.items()}, step=self.trainer.global_step)
-        state["history"].append(entry)
+        state.history.append(entry)
         _print(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
                f"hard {entry['hard']}, templated next {entry['templated_questions']}"
-               + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""), cfg.progress)
-        state.update(epoch=epoch + 1, phase="train", batch=0, rewards={})
-        state["done"] = state["epoch"] >= cfg.epochs
+               + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
+               cfg.progress and self.is_main)
+        state.epoch, state.phase, state.batch, state.rewards = epoch + 1, "train", 0, {}
+        state.done = state.epoch >= cfg.epochs
         self._checkpoint(state)
-        self._write_reports(state)
+        if self.is_main:
+            self._write_reports(state)
+
+    def _wait_fractions(self) -> dict[str, float]:
+        """Per process: the fraction of this epoch (since the loop entered it) spent blocked
+        waiting for the other processes at the loop's gathers and broadcasts (multi-process only)."""
+        if self.accelerator.num_processes == 1:
+            return {}
+        elapsed = time.perf_counter() - self._epoch_start
+        fractions = self._gather([self.wait_s / max(1e-9, elapsed)])
+        return {f"wait_frac/rank{r}": f for r, f in enumerate(fractions)}
 
     def evaluate(self, examples: list[dspy.Example]) -> dict[str, float]:
-        """pass@1 (and pass@k when eval_k > 1) WITHOUT templates: greedy for one sample, else sampled."""
-        cfg = self.config
+        """pass@1 (and pass@k when eval_k > 1) WITHOUT templates: greedy for one sample, else sampled.
+        Each process evaluates its share; the rewards are gathered."""
+        cfg, acc = self.config, self.accelerator
         rollouts = collect_rollouts(
-            self.engine, self.renderer, examples, self.reward_fn, k=cfg.eval_k,
-            temperature=0.0 if cfg.eval_k == 1 else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_tokens=cfg.max_tokens, seed=cfg.seed, progress=cfg.progress)
+            self.engine, self.renderer, shard(examples, acc.process_index, acc.num_processes), self.reward_fn,
+            k=cfg.eval_k, temperature=0.0 if cfg.eval_k == 1 else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            max_tokens=cfg.max_tokens, seed=cfg.seed, progress=cfg.progress and self.is_main)
         by_id: dict[str, list[float]] = {}
-        for r in rollouts:
-            by_id.setdefault(r.example_id, []).append(r.reward)
+        for ident, reward in self._gather([(r.example_id, r.reward) for r in rollouts]):
+            by_id.setdefault(ident, []).append(reward)
         out = {"val/pass@1": _mean([_mean(v) for v in by_id.values()])}
         if cfg.eval_k > 1:
             out[f"val/pass@{cfg.eval_k}"] = _mean([float(max(v) > 0) for v in by_id.values()])
         return out
 
-    def _write_reports(self, state: dict[str, Any]) -> None:
+    def _write_reports(self, state: LoopState) -> None:
         from dspy_p2o.reports import write_plots, write_summary
 
         try:
-            write_plots(self.run, read_metrics(self.run.metrics_file), state["history"])
+            write_plots(self.run, read_metrics(self.run.metrics_file), state.history)
         except Exception as exc:  # a plotting problem must never cost a training run
             log.warning("could not write plots: %s", exc)
-        write_summary(self.run, self.config, state["history"], state["assignments"], state.get("checkpoint"))
+        write_summary(self.run, self.config, state.history, state.assignments, state.checkpoint)
 
-    def _result(self, state: dict[str, Any]) -> CompileResult:
-        checkpoint = Path(state["checkpoint"]) / "model"  # save_pretrained model + tokenizer
+    def _result(self, state: LoopState) -> CompileResult:
+        checkpoint = Path(state.checkpoint) / "model"  # save_pretrained model + tokenizer
         program = self.program.deepcopy()  # ORIGINAL instructions: no template at inference
         program.set_lm(self.engine.dspy_lm(temperature=0.0, max_tokens=self.config.max_tokens))
-        return CompileResult(program=program, checkpoint=checkpoint, history=state["history"],
-                             templates=state["assignments"], run_dir=self.run.path, engine=self.engine)
+        return CompileResult(program=program, checkpoint=checkpoint, history=state.history,
+                             templates=state.assignments, run_dir=self.run.path, engine=self.engine)
 
 
 # ---------------------------------------------------------------------- helpers
+def shard(items: list[Any], index: int, count: int) -> list[Any]:
+    """Process `index`'s contiguous share of `items` among `count` processes (sizes differ by at
+    most one; the shares in rank order are `items`)."""
+    return items[len(items) * index // count:len(items) * (index + 1) // count]
+
+
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 

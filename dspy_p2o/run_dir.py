@@ -5,6 +5,7 @@
     metrics.jsonl          one JSON object per optimiser step / epoch / evaluation
     checkpoints/checkpoint-N/  model/ (save_pretrained) + accelerate state (optimiser, scheduler, RNG)
     templates/epoch-N.json the prompt phase's pool, score matrix and assignment
+    rewards/epoch-N.jsonl  every question's rollout rewards of epoch N (what hard mining saw)
     hard/epoch-N.jsonl     ids and success rates of the hard questions
     gepa/epoch-N/          GEPA's own log dir (lets an interrupted prompt phase resume)
     plots/*.png            training dynamics
@@ -73,6 +74,9 @@ class RunDir:
 
     def templates_file(self, epoch: int) -> Path:
         return self.path / "templates" / f"epoch-{epoch}.json"
+
+    def rewards_file(self, epoch: int) -> Path:
+        return self.path / "rewards" / f"epoch-{epoch}.jsonl"
 
     def hard_file(self, epoch: int) -> Path:
         return self.path / "hard" / f"epoch-{epoch}.jsonl"

@@ -47,3 +47,28 @@ def slow_closeness_metric(gold, pred, trace=None, pred_name=None, pred_trace=Non
 def sum_program():
     """The program the format model was taught (see conftest.format_model_dir)."""
     return dspy.ChainOfThought("question -> answer")
+
+
+def rank_recording_metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> float:
+    """slow_closeness_metric that also appends this process's rank (torchrun's RANK) to the file
+    named by $P2O_TEST_METRIC_LOG, one line per call: who scored what in a multi-process run."""
+    import os
+
+    if os.environ.get("P2O_TEST_METRIC_LOG"):
+        with open(os.environ["P2O_TEST_METRIC_LOG"], "a", encoding="utf-8") as f:
+            f.write(os.environ.get("RANK", "0") + "\n")
+    return slow_closeness_metric(gold, pred)
+
+
+def write_train_config(path, policy, train_file, metric: str, val_file=None, **overrides) -> None:
+    """A `dspy-p2o train` YAML config from tiny_overrides-style flat settings (nested where they belong)."""
+    import yaml
+
+    sections = {"lr": "trainer", "micro_batch_tokens": "trainer", "min_hard": "prompt", "dev_size": "prompt",
+                "budget": "prompt", "beam_width": "prompt", "num_threads": "prompt"}
+    flat = {"policy": str(policy), "trainer": {}, "prompt": {},
+            "data": {"train": str(train_file), "metric": metric, "program": "loop_fixtures:sum_program",
+                     "val": str(val_file) if val_file else None}}
+    for key, value in tiny_overrides(**overrides).items():
+        (flat[sections[key]] if key in sections else flat)[key] = value
+    path.write_text(yaml.safe_dump(flat))

@@ -153,7 +153,8 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
                    "budget": "prompt", "beam_width": "prompt", "num_threads": "prompt"}.get(key)
         (flat[section] if section else flat)[key] = value
     config.write_text(yaml.safe_dump(flat))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    here = Path(__file__).parent  # the checkout under test, not an installed copy
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(config, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The paper's Qwen3-4B runs on one node: vLLM on the first VLLM_GPUS GPUs, the accelerate
-# trainer (FSDP by default, DeepSpeed ZeRO with DIST=zero) on the rest.
+# trainer on the rest (DDP by default: the multi-process path tested on CPU with torchrun;
+# DIST=fsdp / DIST=zero are untested, see benchmarks/gpu/README.md).
 #
 #   benchmarks/gpu/run.sh self      # P^2O Self-Ref   (benchmarks/configs/p2o_self_ref.yaml)
 #   benchmarks/gpu/run.sh teacher   # P^2O Teacher-Ref (benchmarks/configs/p2o_teacher_ref.yaml)
 #   benchmarks/gpu/run.sh grpo      # the GRPO baseline
-#   NUM_GPUS=8 VLLM_GPUS=2 DIST=zero MODEL=/models/Qwen3-4B benchmarks/gpu/run.sh self epochs=1
+#   NUM_GPUS=8 VLLM_GPUS=2 MODEL=/models/Qwen3-4B benchmarks/gpu/run.sh self epochs=1
 #
 # Extra arguments are config overrides (key=value) passed to `dspy-p2o train`.
 # The servers are started here and attached to by every trainer rank (engine_kwargs.url),
-# so N ranks do not start N servers; they are stopped when this script exits.
+# so N ranks do not start N servers; they are stopped when this script exits. Each rank
+# samples its share of every batch from the shared policy server; rank 0 syncs its weights.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,19 +26,21 @@ esac
 MODEL=${MODEL:-Qwen/Qwen3-4B}
 NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
 VLLM_GPUS=${VLLM_GPUS:-1}                           # >1: tensor parallelism across them
-DIST=${DIST:-fsdp}                                  # fsdp | zero
+DIST=${DIST:-ddp}                                   # ddp | fsdp | zero (accelerate/<DIST>.yaml)
 POLICY_PORT=${POLICY_PORT:-8000}
 REF_PORT=${REF_PORT:-8001}
 RUN_DIR=${RUN_DIR:-runs/gpu-$WHICH-$(date +%Y%m%d-%H%M%S)}
 LOGS="$RUN_DIR/servers"
 mkdir -p "$LOGS"
-API_KEY=${API_KEY:-$(python -c "import secrets; print(secrets.token_urlsafe(24))")}
+# hex: a urlsafe key may start with '-', which vllm serve's argparse takes for an option
+API_KEY=${API_KEY:-$(python -c "import secrets; print(secrets.token_hex(24))")}
 export API_KEY MODEL
 
 TRAIN_GPUS=$(seq -s, "$VLLM_GPUS" $(( NUM_GPUS - 1 )))
 SERVE_GPUS=$(seq -s, 0 $(( VLLM_GPUS - 1 )))
 NUM_TRAIN=$(( NUM_GPUS - VLLM_GPUS ))
 (( NUM_TRAIN >= 1 )) || { echo "need at least one trainer GPU (NUM_GPUS=$NUM_GPUS, VLLM_GPUS=$VLLM_GPUS)" >&2; exit 2; }
+[[ -f "benchmarks/gpu/accelerate/$DIST.yaml" ]] || { echo "unknown DIST '$DIST' (ddp|fsdp|zero)" >&2; exit 2; }
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done; wait || true; }

@@ -16,7 +16,7 @@ ROLE=${ROLE:-policy}
 MODEL=${MODEL:?set MODEL to a hub id or a local model directory}
 GPUS=${GPUS:-0}
 PORT=${PORT:-8000}
-API_KEY=${API_KEY:?set API_KEY (e.g. API_KEY=$(python -c "import secrets; print(secrets.token_urlsafe(24))"))}
+API_KEY=${API_KEY:?set API_KEY (e.g. API_KEY=$(python -c "import secrets; print(secrets.token_hex(24))"))}
 MEM=${MEM:-0.45}               # fraction of each GPU's memory this server may take
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
 NGPU=$(awk -F, '{print NF}' <<<"$GPUS")

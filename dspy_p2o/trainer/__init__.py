@@ -2,8 +2,8 @@
 
 from dspy_p2o.trainer.advantages import Advantages, group_advantages
 from dspy_p2o.trainer.checkpoint import latest_checkpoint
-from dspy_p2o.trainer.grpo import GRPOTrainer, TrainerConfig
+from dspy_p2o.trainer.grpo import GRPOTrainer, TrainerConfig, make_accelerator
 from dspy_p2o.trainer.losses import aggregate, template_ratio_weights, token_loss, truncated_is_weights
 
 __all__ = ["Advantages", "GRPOTrainer", "TrainerConfig", "aggregate", "group_advantages", "latest_checkpoint",
-           "template_ratio_weights", "token_loss", "truncated_is_weights"]
+           "make_accelerator", "template_ratio_weights", "token_loss", "truncated_is_weights"]

@@ -4,8 +4,11 @@ One call of `train_on(rollouts)` is one batch of the paper's Alg. 1 phase 1:
 group advantages -> log-probs before the update (the PPO "old" policy, and for
 distilled rollouts the template ratio pi(y_t|x) / pi(y_t|x~)) -> one optimiser step per
 mini-batch of questions (micro-batches with gradient accumulation) -> weight sync.
-Distribution (DDP / FSDP / DeepSpeed) comes from accelerate's own config; nothing here
-is home-made beyond splitting micro-batches across processes.
+Distribution (DDP / FSDP / DeepSpeed) comes from accelerate's own config. Under N
+processes each process trains on its own share of the batch's rollouts (whole GRPO
+groups); what every process must agree on -- advantages, which groups carry signal, the
+mini-batches, the loss normalisers -- is computed from the gathered global batch, so
+N processes take the same optimiser step as one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class TrainerConfig:
     dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
     sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
     keep_last_checkpoints: int = 2  # older checkpoints are deleted
+    process_timeout_s: float = 6 * 3600.0  # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
     seed: int = 0  # python / numpy / torch seeds
 
     def __post_init__(self) -> None:
@@ -147,7 +151,7 @@ class GRPOTrainer:
         self.logger = logger
         self.total_steps = total_steps
         set_seed(config.seed)
-        self.accelerator = accelerator or _make_accelerator(config.dtype)
+        self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
         module, self.tokenizer = _load(model, tokenizer)
         if self.tokenizer is None:
             raise ValueError("GRPOTrainer(model=<module>) needs the tokenizer too")
@@ -200,26 +204,60 @@ class GRPOTrainer:
     def train_on(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
         """Train on one batch of rollouts: one optimiser step per mini-batch of questions.
 
-        Returns (and logs, when a logger was given) the batch's metrics.
+        Under N processes `rollouts` is this process's share (whole groups; the shares in
+        rank order make the batch, and a share may be empty). Every process gathers a
+        token-free summary of the whole batch (`_Row`), so advantages, informative groups,
+        mini-batches and the normalisers of `aggregate` are global: the dapo/grpo/dr_grpo
+        denominators count the rows and tokens of all processes, each process backpropagates
+        its rows' share, and DDP's gradient average (times N) sums the shares.
+
+        Returns (and logs, when a logger was given) the batch's metrics (the log-prob
+        mismatch and template-ratio ones from this process's rows only).
         """
+        from accelerate.utils import gather_object
+
         start = time.perf_counter()
-        cfg = self.config
-        _validate(rollouts)
-        adv = group_advantages([r.reward for r in rollouts], [r.example_id for r in rollouts], scale=cfg.scale_rewards)
-        metrics = _batch_metrics(rollouts, adv)
-        trained = [i for i in range(len(rollouts)) if adv.informative[i]]
+        cfg, acc = self.config, self.accelerator
+        _validate(rollouts, allow_empty=acc.num_processes > 1)
+        rows = gather_object([_Row.of(r, acc.process_index, cfg.distill) for r in rollouts])
+        if not rows:
+            raise ValueError("train_on() got no rollouts")
+        offset = next((i for i, row in enumerate(rows) if row.rank == acc.process_index), len(rows))
+        adv = group_advantages([r.reward for r in rows], [r.example_id for r in rows], scale=cfg.scale_rewards)
+        metrics = _batch_metrics(rows, adv)
+        trained = [i for i in range(len(rows)) if adv.informative[i]]
         if not trained:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
             self._log(metrics)
             return metrics
-        seqs = self._prepare(rollouts, trained, adv.values, metrics)
+        steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])]
+        steps *= cfg.updates_per_batch
+        mine = [i for i in trained if offset <= i < offset + len(rollouts)]
+        seqs = self._prepare(rollouts, [i - offset for i in mine], adv.values[offset:offset + len(rollouts)],
+                             n_steps=len(steps))
+        position = {g: j for j, g in enumerate(mine)}  # global row -> row of seqs
+        kept = dict(zip(trained, gather_object([int(k.sum()) for k in seqs.kept])))
+        norm_length = cfg.dr_grpo_length or max(rows[i].completion_len for i in trained)
         time_sync = 0.0
+        step_sums: list[dict[str, float]] = []
         step_stats: list[dict[str, float]] = []
         self.sync_diffs = []
-        for rows in self._mini_batches(seqs.groups) * cfg.updates_per_batch:
-            step_stats.append(self._optimiser_step(seqs, rows))
+        for step_rows in steps:
+            norm = dict(num_sequences=len(step_rows), num_tokens=sum(kept[g] for g in step_rows),
+                        norm_length=norm_length)
+            n_micro = max(len(self._micro_plan(rows, [g for g in step_rows if rows[g].rank == rank]))
+                          for rank in range(acc.num_processes))
+            sums, stats = self._optimiser_step(seqs, [position[g] for g in step_rows if g in position], norm, n_micro)
+            step_sums.append(sums)
+            step_stats.append(stats)
             if cfg.sync == "step":
                 time_sync += self.sync_engine()
+        for stats, sums in zip(step_stats, _sum_over_processes(step_sums)):
+            tokens = max(1.0, sums["tokens"])
+            stats.update(loss=sums["loss"], clip_frac_low=sums["clip_low"] / tokens,
+                         clip_frac_high=sums["clip_high"] / tokens)
+            if cfg.beta:
+                stats["kl"] = sums["kl"] / tokens
         if self.sync_diffs:  # served vs trained log-probs after each sync (vLLM verifies every sync)
             metrics["sync_logprob_diff"] = max(self.sync_diffs)
         for key in step_stats[0]:
@@ -228,7 +266,7 @@ class GRPOTrainer:
         metrics.update(_mismatch_metrics(on_sampled, seqs.behaviour, seqs.templated))
         if seqs.tilde:
             metrics.update(_ratio_metrics(seqs.old, list(seqs.tilde.values()), list(seqs.tilde), seqs.kept, seqs.weights))
-        tokens = sum(len(c) + len(p) for p, c in zip(seqs.prompts, seqs.completions))
+        tokens = sum(rows[i].prompt_len + rows[i].completion_len for i in trained)
         elapsed = time.perf_counter() - start
         metrics.update(steps=float(len(step_stats)), time_sync=time_sync, time_train=elapsed - time_sync,
                        tokens_per_s=tokens / max(1e-9, elapsed - time_sync),
@@ -236,24 +274,24 @@ class GRPOTrainer:
         self._log(metrics)
         return metrics
 
-    def _prepare(self, rollouts: Sequence[Rollout], trained: list[int], advantages: torch.Tensor,
-                 metrics: dict[str, float]) -> _Sequences:
-        """Log-probs before the update: old (gradient prompt), template ratio (distilled), reference."""
+    def _prepare(self, rollouts: Sequence[Rollout], trained: list[int], advantages: torch.Tensor, *,
+                 n_steps: int) -> _Sequences:
+        """Log-probs before the update (this process's rows): old (gradient prompt), template ratio
+        (distilled), reference. `n_steps`: the optimiser steps of the whole batch."""
         cfg = self.config
         chosen = [rollouts[i] for i in trained]
         distilled = [cfg.distill and r.templated for r in chosen]
         prompts = [r.prompt_ids if d else r.sampled_prompt_ids for r, d in zip(chosen, distilled)]
         completions = [r.completion_ids for r in chosen]
         tilde_rows = [j for j, d in enumerate(distilled) if d]
-        n_steps = cfg.updates_per_batch * math.ceil(
-            len(set(r.example_id for r in chosen)) / (cfg.mini_batch_size or len(chosen)))
         # On-policy (one step, nothing needs the old log-probs up front): the gradient pass's own
         # detached log-probs are the old ones, saving a forward pass (as TRL does).
         from_forward = n_steps == 1 and cfg.tis_cap is None and (
             not tilde_rows or (cfg.template_ratio == "off" and not cfg.template_clip))
-        old = [torch.empty(0)] * len(chosen) if from_forward else self._logprobs(self._model, prompts, completions)
+        old = ([torch.empty(0)] * len(chosen) if from_forward
+               else self._logprobs(self._scoring_model, prompts, completions))
         # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
-        tilde = self._logprobs(self._model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
+        tilde = self._logprobs(self._scoring_model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
                                [completions[j] for j in tilde_rows]) if tilde_rows else []
         weights = [torch.ones(len(c)) for c in completions]
         kept = [torch.ones(len(c), dtype=torch.bool) for c in completions]
@@ -265,7 +303,8 @@ class GRPOTrainer:
         if cfg.tis_cap is not None:
             on_sampled = [dict(zip(tilde_rows, tilde)).get(j, lp) for j, lp in enumerate(old)]
             weights = [w * truncated_is_weights(t, b, cfg.tis_cap) for w, t, b in zip(weights, on_sampled, behaviour)]
-        ref = self._logprobs(self.ref_model, prompts, completions) if self.ref_model is not None else None
+        ref = (self._logprobs(self.accelerator.unwrap_model(self.ref_model), prompts, completions)
+               if self.ref_model is not None else None)
         upper = None
         if cfg.template_clip and tilde_rows:
             upper = [torch.full((len(c),), 1 + cfg.epsilon_high) for c in completions]
@@ -274,6 +313,16 @@ class GRPOTrainer:
         return _Sequences(prompts, completions, advantages[trained], old, weights, kept, ref,
                           [r.example_id for r in chosen], behaviour, [r.templated for r in chosen],
                           dict(zip(tilde_rows, tilde)), upper=upper, old_from_forward=from_forward)
+
+    @property
+    def _scoring_model(self) -> torch.nn.Module:
+        """The module for no-grad log-prob passes. Under DDP the unwrapped module: its forward is
+        local, so processes with different numbers of rows need not match forward for forward
+        (a DDP forward may broadcast buffers). FSDP / DeepSpeed keep their wrapper (its forward
+        gathers the shards), so there every process must score the same number of micro-batches."""
+        if isinstance(self._model, torch.nn.parallel.DistributedDataParallel):
+            return self._model.module
+        return self._model
 
     def _logprobs(self, model, prompts, completions) -> list[torch.Tensor]:
         return sequence_logprobs(model, prompts, completions, pad_id=self.pad_id, max_tokens=self.config.micro_batch_tokens,
@@ -289,40 +338,48 @@ class GRPOTrainer:
         members = list(order.values())
         return [sum(members[s:s + per_step], []) for s in range(0, len(members), per_step)]
 
-    def _optimiser_step(self, seqs: _Sequences, rows: list[int]) -> dict[str, float]:
+    def _micro_plan(self, rows: list["_Row"], members: list[int]) -> list[list[int]]:
+        """Length-bucketed micro-batches (lists of `members`) of one process's rows of a step."""
+        lengths = [rows[g].prompt_len + rows[g].completion_len for g in members]
+        return [[members[j] for j in mb] for mb in plan_micro_batches(lengths, self.config.micro_batch_tokens)]
+
+    def _optimiser_step(self, seqs: _Sequences, mine: list[int], norm: dict,
+                        n_micro: int) -> tuple[dict[str, float], dict[str, float]]:
+        """One optimiser step on this process's rows `mine` of the step's mini-batch.
+
+        Every process runs `n_micro` forward/backward passes (the most any process needs;
+        the extra ones are idle passes with a zero loss), so DDP's one gradient all-reduce
+        (on the last pass) and FSDP's per-pass gathers line up across processes.
+        Returns this process's loss/clip/token sums and the step's lr and grad norm.
+        """
         cfg, acc = self.config, self.accelerator
-        norm = dict(num_sequences=len(rows), num_tokens=int(sum(seqs.kept[i].sum() for i in rows)),
-                    norm_length=cfg.dr_grpo_length or max(len(c) for c in seqs.completions))
-        lengths = [len(seqs.prompts[i]) + len(seqs.completions[i]) for i in rows]
-        micro = [[rows[j] for j in mb] for mb in plan_micro_batches(lengths, cfg.micro_batch_tokens)]
-        mine = micro[acc.process_index::acc.num_processes]
-        dummy = not mine  # a process without work still joins the gradient all-reduce
-        if dummy:
-            mine = micro[:1]
+        micro = [[mine[j] for j in mb] for mb in plan_micro_batches(
+            [len(seqs.prompts[i]) + len(seqs.completions[i]) for i in mine], cfg.micro_batch_tokens)] if mine else []
         sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0}
         self._model.train()
-        for n, mb in enumerate(mine):
-            last = n == len(mine) - 1
+        for n in range(max(1, n_micro)):
+            last = n == max(1, n_micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self._model):
-                loss, stats = self._micro_batch_loss(seqs, mb, norm)
+                if n < len(micro):
+                    loss, stats = self._micro_batch_loss(seqs, micro[n], norm)
+                    for k, v in stats.items():
+                        sums[k] += v
+                else:
+                    loss = self._idle_loss()
                 # DDP averages gradients over processes; the loss is already a share of the global mean
-                acc.backward(loss * (0.0 if dummy else acc.num_processes))
-            if not dummy:
-                for k, v in stats.items():
-                    sums[k] += v
+                acc.backward(loss * acc.num_processes)
         grad_norm = acc.clip_grad_norm_(self._model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        tokens = max(1.0, sums["tokens"])
-        out = {"loss": sums["loss"], "clip_frac_low": sums["clip_low"] / tokens,
-               "clip_frac_high": sums["clip_high"] / tokens, "lr": lr,
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-        if cfg.beta:
-            out["kl"] = sums["kl"] / tokens
-        return out
+        return sums, {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A zero loss through the whole model: a process without rows in a step still joins its collectives."""
+        out = self._model(input_ids=torch.tensor([[self.pad_id]], device=self.device))
+        return out.logits.sum() * 0.0
 
     def _micro_batch_loss(self, seqs: _Sequences, rows: list[int], norm: dict) -> tuple[torch.Tensor, dict]:
         cfg = self.config
@@ -417,8 +474,13 @@ def _quiet_tied_weight_warning():
         logger.setLevel(level)
 
 
-def _make_accelerator(dtype: str):
+def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeout_s):
+    """The trainer's Accelerator: mixed precision from `dtype`; under torchrun / accelerate launch
+    the process group's collectives wait up to `timeout_s` (the other ranks wait for rank 0's GEPA)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     if dtype in ("auto",):
@@ -426,7 +488,8 @@ def _make_accelerator(dtype: str):
     else:
         precision = {"float32": "no", "fp32": "no", "bfloat16": "bf16", "bf16": "bf16",
                      "float16": "fp16", "fp16": "fp16"}[dtype]
-    return Accelerator(mixed_precision=precision, cpu=not cuda)
+    return Accelerator(mixed_precision=precision, cpu=not cuda,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
 
 
 def _load(model: Any, tokenizer: Any):
@@ -440,8 +503,8 @@ def _load(model: Any, tokenizer: Any):
     return module, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
 
 
-def _validate(rollouts: Sequence[Rollout]) -> None:
-    if not rollouts:
+def _validate(rollouts: Sequence[Rollout], allow_empty: bool = False) -> None:
+    if not rollouts and not allow_empty:
         raise ValueError("train_on() got no rollouts")
     for n, r in enumerate(rollouts):
         where = f"rollout {n} (example {r.example_id!r})"
@@ -458,19 +521,46 @@ def _validate(rollouts: Sequence[Rollout]) -> None:
             raise ValueError(f"{where} has a non-finite reward {r.reward}")
 
 
-def _batch_metrics(rollouts: Sequence[Rollout], adv) -> dict[str, float]:
-    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
-    lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float64)
-    templated = [r.reward for r in rollouts if r.templated]
+@dataclass
+class _Row:
+    """What every process knows of every rollout of the global batch (gathered: no token ids)."""
+
+    example_id: str
+    reward: float
+    prompt_len: int  # the gradient prompt: x, or T(x, z) when distill=False
+    completion_len: int
+    templated: bool
+    truncated: bool
+    rank: int  # the process that holds the rollout
+
+    @classmethod
+    def of(cls, r: Rollout, rank: int, distill: bool) -> "_Row":
+        prompt = r.prompt_ids if distill and r.templated else r.sampled_prompt_ids
+        return cls(r.example_id, float(r.reward), len(prompt), len(r.completion_ids), r.templated,
+                   r.finish_reason == "length", rank)
+
+
+def _sum_over_processes(step_sums: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Per-step sums of every process, added up (one gather per batch)."""
+    from accelerate.utils import gather_object
+
+    per_process = gather_object([step_sums])
+    return [{k: sum(p[s][k] for p in per_process) for k in step_sums[s]} for s in range(len(step_sums))]
+
+
+def _batch_metrics(rows: Sequence[_Row], adv) -> dict[str, float]:
+    rewards = torch.tensor([r.reward for r in rows], dtype=torch.float64)
+    lengths = torch.tensor([r.completion_len for r in rows], dtype=torch.float64)
+    templated = [r.reward for r in rows if r.templated]
     out = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
            "zero_std_group_frac": adv.zero_std_fraction, "groups": float(adv.num_groups),
-           "rollouts": float(len(rollouts)), "completion_len_mean": lengths.mean().item(),
+           "rollouts": float(len(rows)), "completion_len_mean": lengths.mean().item(),
            "completion_len_max": lengths.max().item(),
-           "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-           "templated_frac": len(templated) / len(rollouts)}
+           "truncated_frac": sum(r.truncated for r in rows) / len(rows),
+           "templated_frac": len(templated) / len(rows)}
     if templated:
         out["reward_mean_templated"] = statistics.fmean(templated)
-    plain = [r.reward for r in rollouts if not r.templated]
+    plain = [r.reward for r in rows if not r.templated]
     if plain and templated:
         out["reward_mean_plain"] = statistics.fmean(plain)
     return out
