@@ -153,13 +153,24 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings from the command line; values are parsed by `parse_scalar`."""
+    """`key=value` strings from the command line; values are parsed by `parse_scalar`.
+
+    An empty key or value, or a value that is not valid YAML, is a ConfigError naming the
+    key and the expected form (never a YAML parser's traceback, never a silent None)."""
     out = {}
     for item in items:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = parse_scalar(raw) if raw else None
+        if not raw.strip():
+            raise ConfigError(f"override {key!r} has no value; write {key}=<value> (null for none)")
+        try:
+            out[key] = parse_scalar(raw)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML ({problem}); expected a number, "
+                              "true/false, a string, a [list] or a {mapping}") from None
     return out
 
 
@@ -241,7 +252,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Light type checking for YAML values: ints for floats, lists for tuples; clear errors."""
     text = str(hint)
     if value is None:
-        return None
+        if "None" in text or hint is Any:
+            return None
+        raise ConfigError(f"config key {key!r} must have a value ({_expected(hint)}), got null")
     if hint is float or text in ("float", "float | None"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
@@ -254,6 +267,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if text.startswith("tuple") and isinstance(value, list):
         return tuple(value)
     return value
+
+
+def _expected(hint: Any) -> str:
+    """The form a value of this type takes, for error messages."""
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    if hint in names:
+        return names[hint]
+    text = str(hint)
+    return "a list" if text.startswith(("list", "tuple")) else "a mapping" if text.startswith("dict") else text
 
 
 def _plain(value: Any) -> Any:
