@@ -25,6 +25,28 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
+# Names whose values are secrets (api_key, reference_api_key, hf_token, password, Authorization, ...);
+# `api_key_env` holds only the NAME of a variable and is kept.
+SECRET_KEY = re.compile(r"(^|_)(api_?key|key|secret|password|passwd|token|authorization|auth|credentials?)$",
+                        re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")  # http://user:password@host
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """`value` without secrets: every value under a secret-like key becomes "***" and
+    credentials inside URLs are removed. The one filter every config passes through
+    before it leaves the process (config.yaml, trackers, logs, summaries, errors)."""
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    if value not in (None, "", False) and SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("***@", value)
+    return value
+
+
 @dataclass
 class DataConfig:
     """Where the CLI finds the program, metric and data (compile() takes them as arguments)."""
@@ -101,8 +123,13 @@ class P2OConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with its secrets redacted: what may be written or sent anywhere."""
+        return redact(json.loads(json.dumps(self.to_dict(), default=_jsonable)))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        """The redacted config as YAML (config.yaml of a run)."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "P2OConfig":
@@ -276,14 +303,6 @@ def _expected(hint: Any) -> str:
         return names[hint]
     text = str(hint)
     return "a list" if text.startswith(("list", "tuple")) else "a mapping" if text.startswith("dict") else text
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from dspy_p2o.config import redact
+
 
 class MetricsLogger:
     """Log flat dicts of numbers per step to `path` (JSONL) and to accelerate trackers.
@@ -24,7 +26,8 @@ class MetricsLogger:
         trackers: accelerate tracker names, e.g. ("tensorboard",) or ("wandb",), built
             with accelerate's tracker classes; directory-based ones write under
             `<path's folder>/trackers`.
-        project: the tracker project name; `config` its hyper-parameters.
+        project: the tracker project name; `config` its hyper-parameters (redacted here: secrets
+            never reach a tracker).
     """
 
     def __init__(self, path: str | os.PathLike, *, accelerator: Any = None, trackers: Iterable[str] = (),
@@ -36,7 +39,9 @@ class MetricsLogger:
         self._file = None
         self._trackers = []
         if self.is_main:
-            self._trackers = [_start_tracker(name, project, self.path.parent / "trackers", config or {})
+            # Trackers upload or store hparams in plain text: they only ever see the redacted config.
+            safe_config = redact(dict(config or {}))
+            self._trackers = [_start_tracker(name, project, self.path.parent / "trackers", safe_config)
                               for name in self.trackers]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")

@@ -16,11 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable
-
-import yaml
 
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.jsonio import write_json
@@ -28,18 +25,6 @@ from dspy_p2o.jsonio import write_json
 # Keys whose change makes an existing run directory meaningless to resume.
 IDENTITY_KEYS = ("policy", "k", "batch_size", "prompt_phase", "seed", "temperature", "max_tokens",
                  "plain_per_group", "hardness_on", "near_hard", "tau")
-SECRET_PATTERN = re.compile(r"(^|_)(api_?key|secret|password|token)$", re.IGNORECASE)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """The config without secrets: values of key-like names are replaced (names of env vars are kept)."""
-    if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value and SECRET_PATTERN.search(key):
-        return "***"
-    return value
 
 
 def fingerprint(ids: Iterable[str]) -> str:
@@ -96,8 +81,7 @@ class RunDir:
                 raise ConfigError(f"run directory {str(self.path)!r} belongs to an incompatible run ({details}); "
                                   "use a new run directory, or the original settings to resume")
             return self.exists()
-        self.config_file.write_text(yaml.safe_dump(redact(json.loads(json.dumps(config.to_dict(), default=str))),
-                                                   sort_keys=False))
+        self.config_file.write_text(config.to_yaml())
         write_json(identity_file, identity)
         return False
 
