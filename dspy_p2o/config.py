@@ -108,6 +108,10 @@ class P2OConfig:
             (self.engine in ("local", "vllm"), f"engine must be 'local' or 'vllm', got {self.engine!r}"),
             (self.reflection in ("self", "custom") or self.reflection.startswith("teacher:"),
              f"reflection must be 'self', 'teacher:<litellm model>' or 'custom', got {self.reflection!r}"),
+            (not self.reflection.startswith("teacher:") or self.reflection[len("teacher:"):].strip(),
+             f'reflection {self.reflection!r} names no model; write "teacher:<litellm model>", e.g. "teacher:openai/gpt-4.1"'),
+            (self.temperature > 0, f"temperature must be > 0 (the trainer takes log-probs at the sampling temperature), "
+                                   f"got {self.temperature}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),

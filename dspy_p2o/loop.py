@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from typing import Any, Callable
 
 import dspy
 
-from dspy_p2o.config import P2OConfig
+from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
+from dspy_p2o.engines.local import check_model_path
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
@@ -84,9 +86,26 @@ class P2OLoop:
         if not self.trainset:
             raise ValueError("the trainset is empty")
         self.by_id = {ex.id: ex for ex in self.trainset}
+        try:
+            check_model_path(self.policy)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
         self.run = RunDir(run_dir)
-        self.resuming = self.run.create_or_check(config, identity_of(config, self.policy, list(self.by_id)))
+        # Held for the run's lifetime (main process only); nothing is written before the run starts.
+        self._lock = self.run.lock() if _is_main_process() else None
+        try:
+            self.identity = identity_of(config, self.policy, list(self.by_id))
+            self.resuming = self.run.check(config, self.identity)
+        except BaseException:
+            self.release()
+            raise
         self.batches_per_epoch = -(-len(self.trainset) // config.batch_size)
+
+    def release(self) -> None:
+        """Let go of the run directory (run_loop does this when it ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -135,17 +154,27 @@ class P2OLoop:
                 "templated_stats": {}, "history": [], "checkpoint": None, "done": False}
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
-        """Save the trainer (only when it stepped since the last save) and then the loop state."""
+        """Save the trainer (only when it stepped since the last save), then the loop state, and
+        only then prune old checkpoints: state.json never points at a deleted one."""
         if state.get("checkpoint_step") != self.trainer.global_step or not state.get("checkpoint"):
-            path = self.trainer.save_checkpoint(self.run.checkpoints, extra_state={"loop_epoch": state["epoch"],
-                                                                                   "loop_batch": state["batch"]})
+            path = self.trainer.save_checkpoint(self.run.checkpoints, prune=False,
+                                                extra_state={"loop_epoch": state["epoch"], "loop_batch": state["batch"]})
             state.update(checkpoint=str(path), checkpoint_step=self.trainer.global_step)
+        state["metrics_offset"] = self.logger.offset()  # what a resume keeps of metrics.jsonl
         self.run.save_state(state)
+        self.trainer.prune_checkpoints(self.run.checkpoints)
 
     def _restore(self) -> dict[str, Any]:
         state = self.run.load_state()
+        state["checkpoint"] = self.run.resumable_checkpoint(state.get("checkpoint"))
+        state["done"] = state["epoch"] >= self.config.epochs  # more epochs on resume continue a finished run
+        if "metrics_offset" in state:  # steps after the saved state are replayed: drop their records
+            self.logger.truncate(state["metrics_offset"])
         if state.get("checkpoint"):
-            self.trainer.load_checkpoint(state["checkpoint"])
+            extra = self.trainer.load_checkpoint(state["checkpoint"])
+            if (extra.get("loop_epoch"), state["phase"]) == (state["epoch"], "train") and \
+                    extra.get("loop_batch", 0) > state["batch"]:  # a newer checkpoint than state.json knew
+                state["batch"] = extra["loop_batch"]  # never train its batches twice
             self.trainer.sync_engine()
             log.info("resumed %s at epoch %d, %s phase, batch %d (optimizer step %d)", self.run.path,
                      state["epoch"], state["phase"], state["batch"], self.trainer.global_step)
@@ -153,9 +182,14 @@ class P2OLoop:
 
     # ------------------------------------------------------------------ Alg. 1
     def run_loop(self) -> CompileResult:
-        self._build()
-        state = self._restore() if self.resuming else self._initial_state()
         try:
+            self._build()  # the model loads and the engine starts BEFORE the run dir is claimed
+        except BaseException:
+            self.release()
+            raise
+        try:
+            self.run.start(self.config, self.identity, self.resuming)
+            state = self._restore() if self.resuming else self._initial_state()
             while not state["done"]:
                 if state["phase"] == "train":
                     self._phase1(state)
@@ -167,6 +201,7 @@ class P2OLoop:
             return self._result(state)
         finally:
             self.logger.close()
+            self.release()
 
     def _batches(self, epoch: int) -> list[list[dspy.Example]]:
         order = list(self.trainset)
@@ -298,6 +333,11 @@ class P2OLoop:
 
 
 # ---------------------------------------------------------------------- helpers
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (or a single process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
