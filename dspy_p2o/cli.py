@@ -2,7 +2,7 @@
 
 A subcommand module exposes `add_arguments(parser)` and `main(args) -> int`; it is
 imported only when used, so `dspy-p2o --help` stays fast. A `ConfigError` (a bad override,
-config, run directory or setting) is printed as one line with exit code 2, never a traceback.
+config, run directory or setting) or a `MetricError` (a metric unusable as a reward) is printed as one line with exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     from dspy_p2o.config import ConfigError
+    from dspy_p2o.rewards import MetricError
 
     try:
         return int(module.main(args) or 0)
-    except ConfigError as exc:  # a usage error: one line naming the problem, argparse's exit code
+    except (ConfigError, MetricError) as exc:  # a usage error: one line naming the problem, argparse's exit code
         print(f"dspy-p2o {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

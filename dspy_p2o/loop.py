@@ -35,6 +35,7 @@ from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
 from dspy_p2o.renderer import Renderer, single_predictor
+from dspy_p2o.rewards import MetricError
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer
@@ -222,9 +223,11 @@ class P2OLoop:
                 top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed * 100_003 + epoch * 1_009 + b,
                 assignments=assignments, plain_per_group=cfg.plain_per_group, progress=cfg.progress)
             t_rollout = time.perf_counter() - t0
+            failures = self._metric_failures(epoch, b)
+            state["metric_failures"] = state.get("metric_failures", 0) + failures
             self._record_rewards(state, rollouts)
             metrics = self.trainer.train_on(rollouts)
-            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout)
+            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout, metric_failures=failures)
             self.logger.log(metrics, step=self.trainer.global_step, prefix="train/")
             state["batch"] = b + 1
             if state["batch"] % cfg.checkpoint_every == 0 or state["batch"] == len(batches):
@@ -232,6 +235,14 @@ class P2OLoop:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", step=self.trainer.global_step)
         bar.close()
+
+    def _metric_failures(self, epoch: int, b: int) -> int:
+        """The batch's failed metric calls (scored 0); a batch where every call failed aborts the run."""
+        calls, failures, last = self.reward_fn.take_counts()
+        if calls and failures == calls:
+            raise MetricError(f"the metric failed on all {calls} rollouts of batch {b + 1} (epoch {epoch + 1}); "
+                              f"the last error: {last}")
+        return failures
 
     def _record_rewards(self, state: dict[str, Any], rollouts: list[Rollout]) -> None:
         """Rewards for hard mining, and with-vs-without-template success for the Fig. 4 plot."""
@@ -286,7 +297,8 @@ class P2OLoop:
         cfg, epoch = self.config, state["epoch"]
         entry = {"epoch": epoch + 1, "step": self.trainer.global_step, "hard": state.get("hard_count", 0),
                  "templated_questions": len(state["assignments"]),
-                 "train_reward": _mean([r for rs in state["rewards"].values() for r in rs])}
+                 "train_reward": _mean([r for rs in state["rewards"].values() for r in rs]),
+                 "metric_failures": state.get("metric_failures", 0)}
         entry.update(_template_success(state["templated_stats"].get(str(epoch))))
         if self.valset and cfg.eval_every_epoch:
             entry.update(self.evaluate(self.valset))
@@ -295,7 +307,7 @@ class P2OLoop:
         _print(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
                f"hard {entry['hard']}, templated next {entry['templated_questions']}"
                + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""), cfg.progress)
-        state.update(epoch=epoch + 1, phase="train", batch=0, rewards={})
+        state.update(epoch=epoch + 1, phase="train", batch=0, rewards={}, metric_failures=0)
         state["done"] = state["epoch"] >= cfg.epochs
         self._checkpoint(state)
         self._write_reports(state)
@@ -307,10 +319,11 @@ class P2OLoop:
             self.engine, self.renderer, examples, self.reward_fn, k=cfg.eval_k,
             temperature=0.0 if cfg.eval_k == 1 else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             max_tokens=cfg.max_tokens, seed=cfg.seed, progress=cfg.progress)
+        _, failures, _ = self.reward_fn.take_counts()
         by_id: dict[str, list[float]] = {}
         for r in rollouts:
             by_id.setdefault(r.example_id, []).append(r.reward)
-        out = {"val/pass@1": _mean([_mean(v) for v in by_id.values()])}
+        out = {"val/pass@1": _mean([_mean(v) for v in by_id.values()]), "val/metric_failures": failures}
         if cfg.eval_k > 1:
             out[f"val/pass@{cfg.eval_k}"] = _mean([float(max(v) > 0) for v in by_id.values()])
         return out

@@ -69,11 +69,13 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
              f"- epochs {len(history)}/{config.epochs}, K = {config.k}, batch {config.batch_size}, "
              f"distill = {config.trainer.distill}, template ratio = {config.trainer.template_ratio}",
              f"- latest checkpoint: `{checkpoint}`", "",
-             "| epoch | step | train reward | hard | templated next | val pass@1 | with template pass@1 | without pass@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| epoch | step | train reward | hard | templated next | val pass@1 | with template pass@1 | without pass@1 "
+             "| metric failures |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for h in history:
         cells = [h["epoch"], h["step"], _fmt(h.get("train_reward")), h.get("hard", 0), h.get("templated_questions", 0),
-                 _fmt(h.get("val/pass@1")), _fmt(h.get("templated/pass@1")), _fmt(h.get("plain/pass@1"))]
+                 _fmt(h.get("val/pass@1")), _fmt(h.get("templated/pass@1")), _fmt(h.get("plain/pass@1")),
+                 h.get("metric_failures", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     templates = sorted({z for zs in assignments.values() for z in zs})
     if templates:
