@@ -33,7 +33,7 @@ from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
-from dspy_p2o.prompt_phase.reflection import make_reflection_lm
+from dspy_p2o.prompt_phase.reflection import make_reflection_lm, preflight
 from dspy_p2o.renderer import Renderer, single_predictor
 from dspy_p2o.rewards import MetricError
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
@@ -76,7 +76,7 @@ class P2OLoop:
         if config.reflection == "custom" and reflection_lm is None:
             raise ValueError('reflection="custom" needs the reflection LM object itself (compile(..., reflection=lm))')
         self.program, self.metric, self.policy, self.config = program, metric, str(policy), config
-        self._given_reflection_lm = reflection_lm
+        self._given_reflection_lm = self._reflection_lm = reflection_lm
         self.predictor = single_predictor(program)
         inputs = list(self.predictor.signature.input_fields)
         self.trainset = with_ids(list(trainset), "train")
@@ -91,6 +91,7 @@ class P2OLoop:
             check_model_path(self.policy)
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
+        self._check_teacher()
         self.run = RunDir(run_dir)
         # Held for the run's lifetime (main process only); nothing is written before the run starts.
         self._lock = self.run.lock() if _is_main_process() else None
@@ -129,16 +130,33 @@ class P2OLoop:
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps)
         self.renderer = Renderer(self.predictor, self.engine.tokenizer)
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
-        self._reflection_lm = self._given_reflection_lm
 
     def reflection_lm(self) -> dspy.LM:
         """Built on first use: self-reflection loads a second, frozen copy of the initial policy."""
         if self._reflection_lm is None:
             cfg = self.config
+            limits = {"num_retries": cfg.reflection_retries, "timeout": cfg.reflection_timeout_s}
+            if cfg.reflection == "self":
+                limits = {}
             self._reflection_lm = make_reflection_lm(
                 cfg.reflection, self_engine_factory=self._initial_policy_engine,
-                max_tokens=cfg.reflection_max_tokens, **cfg.reflection_kwargs)
+                max_tokens=cfg.reflection_max_tokens, **{**limits, **cfg.reflection_kwargs})
         return self._reflection_lm
+
+    def _check_teacher(self) -> None:
+        """A teacher's config (model, api_key_env) and, with reflection_preflight, its endpoint
+        and key are checked at start -- not after a whole epoch -- and its limits reported."""
+        cfg = self.config
+        if not (cfg.prompt_phase and cfg.reflection.startswith("teacher:")):
+            return
+        try:
+            lm = self.reflection_lm()
+            seconds = preflight(lm) if cfg.reflection_preflight else None
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(str(exc)) from None
+        limits = f"retries {lm.num_retries}, timeout {lm.kwargs.get('timeout', 'litellm default')} s per attempt"
+        _print(f"reflection teacher {lm.model}: " + (f"preflight ok in {seconds:.1f} s; " if seconds is not None
+                                                      else "preflight off; ") + limits, cfg.progress)
 
     def _initial_policy_engine(self) -> Engine:
         """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""

@@ -65,7 +65,10 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
                   checkpoint: str | None) -> None:
     arm = "P^2O" if config.prompt_phase else "GRPO baseline"
     lines = [f"# {arm} run: {run.path.name}", "",
-             f"- policy: `{config.policy or 'see config.yaml'}`, engine `{config.engine}`, reflection `{config.reflection}`",
+             f"- policy: `{config.policy or 'see config.yaml'}`, engine `{config.engine}`, reflection `{config.reflection}`"
+             + (f" (retries {config.reflection_kwargs.get('num_retries', config.reflection_retries)}, timeout "
+                f"{config.reflection_kwargs.get('timeout', config.reflection_timeout_s)} s per attempt)"
+                if config.reflection.startswith("teacher:") else ""),
              f"- epochs {len(history)}/{config.epochs}, K = {config.k}, batch {config.batch_size}, "
              f"distill = {config.trainer.distill}, template ratio = {config.trainer.template_ratio}",
              f"- latest checkpoint: `{checkpoint}`", "",
