@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dspy_p2o.config import P2OConfig
+from dspy_p2o.config import P2OConfig, redact
 from dspy_p2o.run_dir import RunDir
 
 
@@ -65,7 +65,8 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
                   checkpoint: str | None) -> None:
     arm = "P^2O" if config.prompt_phase else "GRPO baseline"
     lines = [f"# {arm} run: {run.path.name}", "",
-             f"- policy: `{config.policy or 'see config.yaml'}`, engine `{config.engine}`, reflection `{config.reflection}`"
+             f"- policy: `{redact(config.policy) or 'see config.yaml'}`, engine `{config.engine}`, "
+             f"reflection `{redact(config.reflection)}`"
              + (f" (retries {config.reflection_kwargs.get('num_retries', config.reflection_retries)}, timeout "
                 f"{config.reflection_kwargs.get('timeout', config.reflection_timeout_s)} s per attempt)"
                 if config.reflection.startswith("teacher:") else ""),
