@@ -104,7 +104,11 @@ class P2OConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        # The top-level knobs are the single source of truth for their nested copies (validated
+        # here, and the same in config.yaml and in a resume's comparison with it).
         self.validate()
+        if isinstance(self.trainer, TrainerConfig):
+            self.trainer = dataclasses.replace(self.trainer, temperature=self.temperature, seed=self.seed)
 
     def validate(self) -> None:
         checks = [

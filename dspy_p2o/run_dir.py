@@ -47,6 +47,8 @@ RESUMABLE_KEYS = ("epochs", "engine", "engine_kwargs", "reflection", "reflection
                   "trainer.keep_last_checkpoints", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
                   "prompt.num_threads", "data.train", "data.train_limit", "data.val", "data.val_limit",
                   "data.question_field", "data.answer_field")
+# Copies of top-level keys (compared there): older run dirs recorded them before the copy.
+DERIVED_KEYS = ("trainer.temperature", "trainer.seed")
 # Keys whose change makes an existing run directory meaningless to resume.
 IDENTITY_KEYS = ("policy", "k", "batch_size", "prompt_phase", "seed", "temperature", "max_tokens",
                  "plain_per_group", "hardness_on", "near_hard", "tau")
@@ -184,7 +186,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     engine_kwargs counts as one key)."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     return {k: (flat_old.get(k), flat_new.get(k)) for k in sorted(set(flat_old) | set(flat_new))
-            if flat_old.get(k) != flat_new.get(k)}
+            if flat_old.get(k) != flat_new.get(k) and k not in DERIVED_KEYS}
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:

@@ -87,12 +87,13 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, tiny_mode
 
 def test_resume_refuses_changed_meaning_and_records_more_epochs(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    _resume(run_dir, tiny_model_dir, batch_size=4)  # a complete 1-epoch run
+    same = dict(batch_size=4, temperature=0.7)  # not the trainer's default 1.0: its nested copy must match too
+    _resume(run_dir, tiny_model_dir, **same)  # a complete 1-epoch run
     for change, named in (({"lr": 5e-4}, "trainer.lr: 0.001 -> 0.0005"), ({"beta": 0.1}, "trainer.beta: 0.0 -> 0.1"),
                           ({"distill": False}, "trainer.distill: True -> False")):
         with pytest.raises(ConfigError, match=f"incompatible run \\({named}\\)"):
-            _resume(run_dir, tiny_model_dir, batch_size=4, **change)
-    result = _resume(run_dir, tiny_model_dir, batch_size=4, epochs=2, progress=True)
+            _resume(run_dir, tiny_model_dir, **same, **change)
+    result = _resume(run_dir, tiny_model_dir, **same, epochs=2, progress=True)
     assert [h["epoch"] for h in result.history] == [1, 2]  # a finished run continues for the new epochs
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 2
     records = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
