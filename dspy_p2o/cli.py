@@ -1,7 +1,8 @@
 """`dspy-p2o` command line: one subcommand per capability, each living in its own module.
 
 A subcommand module exposes `add_arguments(parser)` and `main(args) -> int`; it is
-imported only when used, so `dspy-p2o --help` stays fast.
+imported only when used, so `dspy-p2o --help` stays fast. A `ConfigError` (a bad override,
+config, run directory or setting) or a `MetricError` (a metric unusable as a reward) is printed as one line with exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser._subparsers._group_actions[0].choices[command])
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
-    return int(module.main(args) or 0)
+    from dspy_p2o.config import ConfigError
+    from dspy_p2o.rewards import MetricError
+
+    try:
+        return int(module.main(args) or 0)
+    except (ConfigError, MetricError) as exc:  # a usage error: one line naming the problem, argparse's exit code
+        print(f"dspy-p2o {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

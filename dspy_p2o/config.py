@@ -25,6 +25,28 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
+# Names whose values are secrets (api_key, reference_api_key, hf_token, password, Authorization, ...);
+# `api_key_env` holds only the NAME of a variable and is kept.
+SECRET_KEY = re.compile(r"(^|_)(api_?key|key|secret|password|passwd|token|authorization|auth|credentials?)$",
+                        re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")  # http://user:password@host
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """`value` without secrets: every value under a secret-like key becomes "***" and
+    credentials inside URLs are removed. The one filter every config passes through
+    before it leaves the process (config.yaml, trackers, logs, summaries, errors)."""
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    if value not in (None, "", False) and SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("***@", value)
+    return value
+
+
 @dataclass
 class DataConfig:
     """Where the CLI finds the program, metric and data (compile() takes them as arguments)."""
@@ -50,6 +72,9 @@ class P2OConfig:
     reflection: str = "self"  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
     reflection_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
     reflection_max_tokens: int = 4096
+    reflection_retries: int = 3  # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
+    reflection_timeout_s: float = 120.0  # a teacher's seconds per attempt; reflection_kwargs.timeout wins
+    reflection_preflight: bool = True  # one 1-token teacher call at start: a wrong endpoint or key fails before training
 
     # -- Alg. 1
     epochs: int = 5
@@ -79,13 +104,23 @@ class P2OConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        # The top-level knobs are the single source of truth for their nested copies (validated
+        # here, and the same in config.yaml and in a resume's comparison with it).
         self.validate()
+        if isinstance(self.trainer, TrainerConfig):
+            self.trainer = dataclasses.replace(self.trainer, temperature=self.temperature, seed=self.seed)
 
     def validate(self) -> None:
         checks = [
             (self.engine in ("local", "vllm"), f"engine must be 'local' or 'vllm', got {self.engine!r}"),
             (self.reflection in ("self", "custom") or self.reflection.startswith("teacher:"),
              f"reflection must be 'self', 'teacher:<litellm model>' or 'custom', got {self.reflection!r}"),
+            (not self.reflection.startswith("teacher:") or self.reflection[len("teacher:"):].strip(),
+             f'reflection {self.reflection!r} names no model; write "teacher:<litellm model>", e.g. "teacher:openai/gpt-4.1"'),
+            (self.temperature > 0, f"temperature must be > 0 (the trainer takes log-probs at the sampling temperature), "
+                                   f"got {self.temperature}"),
+            (self.reflection_retries >= 0, f"reflection_retries must be >= 0, got {self.reflection_retries}"),
+            (self.reflection_timeout_s > 0, f"reflection_timeout_s must be > 0, got {self.reflection_timeout_s}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),
@@ -101,8 +136,13 @@ class P2OConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with its secrets redacted: what may be written or sent anywhere."""
+        return redact(json.loads(json.dumps(self.to_dict(), default=_jsonable)))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        """The redacted config as YAML (config.yaml of a run)."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "P2OConfig":
@@ -153,13 +193,24 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings from the command line; values are parsed by `parse_scalar`."""
+    """`key=value` strings from the command line; values are parsed by `parse_scalar`.
+
+    An empty key or value, or a value that is not valid YAML, is a ConfigError naming the
+    key and the expected form (never a YAML parser's traceback, never a silent None)."""
     out = {}
     for item in items:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = parse_scalar(raw) if raw else None
+        if not raw.strip():
+            raise ConfigError(f"override {key!r} has no value; write {key}=<value> (null for none)")
+        try:
+            out[key] = parse_scalar(raw)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML ({problem}); expected a number, "
+                              "true/false, a string, a [list] or a {mapping}") from None
     return out
 
 
@@ -241,7 +292,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Light type checking for YAML values: ints for floats, lists for tuples; clear errors."""
     text = str(hint)
     if value is None:
-        return None
+        if "None" in text or hint is Any:
+            return None
+        raise ConfigError(f"config key {key!r} must have a value ({_expected(hint)}), got null")
     if hint is float or text in ("float", "float | None"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
@@ -256,12 +309,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def _expected(hint: Any) -> str:
+    """The form a value of this type takes, for error messages."""
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    if hint in names:
+        return names[hint]
+    text = str(hint)
+    return "a list" if text.startswith(("list", "tuple")) else "a mapping" if text.startswith("dict") else text
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,3 +32,22 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
     _replace_with(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def check_writable(path: str | os.PathLike, *, directory: bool = False) -> Path:
+    """Fail BEFORE the work when `path` (a file, or with `directory` a folder) cannot be written:
+    its folder is created and a probe file is written and removed there. Raises PermissionError
+    with one line naming the path."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    try:
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "it is a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+        if not directory and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "the file is read-only")
+    except OSError as exc:
+        raise PermissionError(f"output path {str(path)!r} is not writable ({exc.strerror or exc})") from None
+    return path

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,13 +36,15 @@ import dspy
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
+from dspy_p2o.engines.local import check_model_path
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
-from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm
+from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
 from dspy_p2o.renderer import Renderer, single_predictor
+from dspy_p2o.rewards import MetricError
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer, make_accelerator
@@ -93,7 +96,7 @@ class P2OLoop:
         if config.reflection == "custom" and reflection_lm is None:
             raise ValueError('reflection="custom" needs the reflection LM object itself (compile(..., reflection=lm))')
         self.program, self.metric, self.policy, self.config = program, metric, str(policy), config
-        self._given_reflection_lm = reflection_lm
+        self._given_reflection_lm = self._reflection_lm = reflection_lm
         self.predictor = single_predictor(program)
         inputs = list(self.predictor.signature.input_fields)
         self.trainset = with_ids(list(trainset), "train")
@@ -104,10 +107,22 @@ class P2OLoop:
         if not self.trainset:
             raise ValueError("the trainset is empty")
         self.by_id = {ex.id: ex for ex in self.trainset}
+        try:
+            check_model_path(self.policy)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
         self.run = RunDir(run_dir)
         self.accelerator = make_accelerator(config.trainer.dtype, config.trainer.process_timeout_s)
         self.is_main = self.accelerator.is_main_process
-        self.resuming = self._open_run_dir(identity_of(config, self.policy, list(self.by_id)))
+        self._check_teacher()
+        # Held for the run's lifetime (main process only); nothing is written before the run starts.
+        self._lock = self.run.lock() if self.is_main else None
+        try:
+            self.identity = identity_of(config, self.policy, list(self.by_id))
+            self.resuming = self._open_run_dir(self.identity)
+        except BaseException:
+            self.release()
+            raise
         self.batches_per_epoch = -(-len(self.trainset) // config.batch_size)
         self.wait_s = 0.0  # this process's seconds blocked waiting for the others (gathers, broadcasts)
         self._epoch_start = time.perf_counter()  # reset when phase 1 starts; the wait fraction's denominator
@@ -121,7 +136,7 @@ class P2OLoop:
         error: Exception | None = None
         if self.is_main:
             try:
-                verdict = [(self.run.create_or_check(self.config, identity), None)]
+                verdict = [(self.run.check(self.config, identity), None)]
             except Exception as exc:  # every rank must hear of it, or the others wait forever
                 error, verdict = exc, [(False, f"{type(exc).__name__}: {exc}")]
         resuming, message = broadcast_object_list(verdict)[0]
@@ -130,6 +145,12 @@ class P2OLoop:
         if message is not None:
             raise ConfigError(f"on the main process: {message}")
         return resuming
+
+    def release(self) -> None:
+        """Let go of the run directory (run_loop does this when it ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -159,16 +180,33 @@ class P2OLoop:
                                        accelerator=acc)
         self.renderer = Renderer(self.predictor, self.engine.tokenizer)
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
-        self._reflection_lm = self._given_reflection_lm
 
     def reflection_lm(self) -> dspy.LM:
         """Built on first use: self-reflection loads a second, frozen copy of the initial policy."""
         if self._reflection_lm is None:
             cfg = self.config
+            limits = {"num_retries": cfg.reflection_retries, "timeout": cfg.reflection_timeout_s}
+            if cfg.reflection == "self":
+                limits = {}
             self._reflection_lm = make_reflection_lm(
                 cfg.reflection, self_engine_factory=self._initial_policy_engine,
-                max_tokens=cfg.reflection_max_tokens, **cfg.reflection_kwargs)
+                max_tokens=cfg.reflection_max_tokens, **{**limits, **cfg.reflection_kwargs})
         return self._reflection_lm
+
+    def _check_teacher(self) -> None:
+        """A teacher's config (model, api_key_env) and, with reflection_preflight, its endpoint
+        and key are checked at start -- not after a whole epoch -- and its limits reported."""
+        cfg = self.config
+        if not (cfg.prompt_phase and cfg.reflection.startswith("teacher:")):
+            return
+        try:
+            lm = self.reflection_lm()
+            seconds = preflight(lm) if cfg.reflection_preflight and self.is_main else None  # GEPA runs on main
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(str(exc)) from None
+        limits = f"retries {lm.num_retries}, timeout {lm.kwargs.get('timeout', 'litellm default')} s per attempt"
+        _print(f"reflection teacher {lm.model}: " + (f"preflight ok in {seconds:.1f} s; " if seconds is not None
+                                                      else "preflight off; ") + limits, cfg.progress and self.is_main)
 
     def _initial_policy_engine(self) -> Engine:
         """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""
@@ -182,18 +220,27 @@ class P2OLoop:
     # ------------------------------------------------------------------ state
     def _checkpoint(self, state: LoopState) -> None:
         """Save the trainer (every rank, through accelerate's save_state; only when it stepped
-        since the last save), then the loop state (main process)."""
+        since the last save), then the loop state (main process), and only then prune old checkpoints."""
         if state.checkpoint_step != self.trainer.global_step or not state.checkpoint:
-            path = self.trainer.save_checkpoint(self.run.checkpoints, extra_state={"loop_epoch": state.epoch,
-                                                                                   "loop_batch": state.batch})
+            path = self.trainer.save_checkpoint(self.run.checkpoints, prune=False,
+                                                extra_state={"loop_epoch": state.epoch, "loop_batch": state.batch})
             state.checkpoint, state.checkpoint_step = str(path), self.trainer.global_step
+        state.metrics_offset = self.logger.offset()  # what a resume keeps of metrics.jsonl
         if self.is_main:
             self.run.save_state(state.to_json())
+        self.trainer.prune_checkpoints(self.run.checkpoints)  # only now: state.json never points at a deleted one
 
     def _restore(self) -> LoopState:
         state = LoopState.from_json(self.run.load_state())
+        state.checkpoint = self.run.resumable_checkpoint(state.checkpoint)
+        state.done = state.epoch >= self.config.epochs  # more epochs on resume continue a finished run
+        if state.metrics_offset is not None:  # steps after the saved state are replayed: drop their records
+            self.logger.truncate(state.metrics_offset)
         if state.checkpoint:
-            self.trainer.load_checkpoint(state.checkpoint)
+            extra = self.trainer.load_checkpoint(state.checkpoint)
+            if (extra.get("loop_epoch"), state.phase) == (state.epoch, "train") and \
+                    extra.get("loop_batch", 0) > state.batch:  # a newer checkpoint than state.json knew
+                state.batch = extra["loop_batch"]  # never train its batches twice
             self.trainer.sync_engine()
             log.info("resumed %s at epoch %d, %s phase, batch %d (optimizer step %d)", self.run.path,
                      state.epoch, state.phase, state.batch, self.trainer.global_step)
@@ -219,9 +266,16 @@ class P2OLoop:
 
     # ------------------------------------------------------------------ Alg. 1
     def run_loop(self) -> CompileResult:
-        self._build()
-        state = self._restore() if self.resuming else LoopState()
         try:
+            self._build()  # the model loads and the engine starts BEFORE the run dir is claimed
+        except BaseException:
+            self.release()
+            raise
+        try:
+            if self.is_main:
+                self.run.start(self.config, self.identity, self.resuming)
+            self.accelerator.wait_for_everyone()
+            state = self._restore() if self.resuming else LoopState()
             while not state.done:
                 if state.phase == "train":
                     self._phase1(state)
@@ -237,6 +291,7 @@ class P2OLoop:
         finally:
             self._close_reflection_lm()
             self.logger.close()
+            self.release()
 
     def _close_reflection_lm(self) -> None:
         """The pi_init engine (a second model or vLLM server) is needed only inside the loop."""
@@ -268,9 +323,12 @@ class P2OLoop:
                 assignments=assignments, plain_per_group=cfg.plain_per_group, progress=cfg.progress and self.is_main)
             t_rollout = time.perf_counter() - t0
             waited = self.wait_s
+            failures = self._metric_failures(epoch, b)
+            state.metric_failures += failures
             self._record_rewards(state, rollouts)
             metrics = self.trainer.train_on(rollouts)
-            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout, time_wait=self.wait_s - waited)
+            metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout, time_wait=self.wait_s - waited,
+                           metric_failures=failures)
             self.logger.log(metrics, step=self.trainer.global_step, prefix="train/")
             state.batch = b + 1
             if state.batch % cfg.checkpoint_every == 0 or state.batch == len(batches):
@@ -278,6 +336,17 @@ class P2OLoop:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", step=self.trainer.global_step)
         bar.close()
+
+    def _metric_failures(self, epoch: int, b: int) -> int:
+        """The batch's failed metric calls (scored 0) on every process; a batch where every call
+        failed aborts the run (on every process alike)."""
+        counts = self._gather([self.reward_fn.take_counts()])
+        calls, failures = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        if calls and failures == calls:
+            last = next((c[2] for c in reversed(counts) if c[2]), "")
+            raise MetricError(f"the metric failed on all {calls} rollouts of batch {b + 1} (epoch {epoch + 1}); "
+                              f"the last error: {last}")
+        return failures
 
     def _record_rewards(self, state: LoopState, rollouts: list[Rollout]) -> None:
         """Rewards for hard mining, and with-vs-without-template success for the Fig. 4 plot,
@@ -340,7 +409,8 @@ class P2OLoop:
         cfg, epoch = self.config, state.epoch
         entry = {"epoch": epoch + 1, "step": self.trainer.global_step, "hard": state.hard_count,
                  "templated_questions": len(state.assignments),
-                 "train_reward": _mean([r for rs in state.rewards.values() for r in rs])}
+                 "train_reward": _mean([r for rs in state.rewards.values() for r in rs]),
+                 "metric_failures": state.metric_failures}
         entry.update(_template_success(state.templated_stats.get(str(epoch))))
         if self.valset and cfg.eval_every_epoch:
             entry.update(self.evaluate(self.valset))
@@ -351,7 +421,7 @@ class P2OLoop:
                f"hard {entry['hard']}, templated next {entry['templated_questions']}"
                + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
                cfg.progress and self.is_main)
-        state.epoch, state.phase, state.batch, state.rewards = epoch + 1, "train", 0, {}
+        state.epoch, state.phase, state.batch, state.rewards, state.metric_failures = epoch + 1, "train", 0, {}, 0
         state.done = state.epoch >= cfg.epochs
         self._checkpoint(state)
         if self.is_main:
@@ -377,7 +447,8 @@ class P2OLoop:
         by_id: dict[str, list[float]] = {}
         for ident, reward in self._gather([(r.example_id, r.reward) for r in rollouts]):
             by_id.setdefault(ident, []).append(reward)
-        out = {"val/pass@1": _mean([_mean(v) for v in by_id.values()])}
+        failures = sum(c[1] for c in self._gather([self.reward_fn.take_counts()]))
+        out = {"val/pass@1": _mean([_mean(v) for v in by_id.values()]), "val/metric_failures": failures}
         if cfg.eval_k > 1:
             out[f"val/pass@{cfg.eval_k}"] = _mean([float(max(v) > 0) for v in by_id.values()])
         return out

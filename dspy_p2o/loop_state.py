@@ -25,6 +25,8 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished epoch
     checkpoint: str | None = None  # the latest trainer checkpoint directory
     checkpoint_step: int | None = None  # the optimiser step that checkpoint holds
+    metrics_offset: int | None = None  # metrics.jsonl's size at this save: a resume drops what came after
+    metric_failures: int = 0  # failed metric calls (scored 0) so far in this epoch
     hard_count: int = 0  # |D_hard| of the last prompt phase
     sync_s: float = 0.0  # seconds of the last end-of-epoch weight sync
     done: bool = False

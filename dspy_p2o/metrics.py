@@ -1,6 +1,8 @@
 """Per-step metrics: one JSON object per line in the run directory, plus accelerate trackers.
 
-The JSONL file is opened in append mode, so a resumed run continues the same file.
+The JSONL file is opened in append mode, so a resumed run continues the same file; a torn
+last line (a crash or a full disk mid-write) is cut off first, and `truncate` drops the
+records of steps a resume replays, so no step is logged twice.
 Trackers (tensorboard, wandb, ...) go through `accelerate`'s tracking API and only when
 asked for; only the main process writes.
 """
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from dspy_p2o.config import redact
+
 
 class MetricsLogger:
     """Log flat dicts of numbers per step to `path` (JSONL) and to accelerate trackers.
@@ -24,7 +28,8 @@ class MetricsLogger:
         trackers: accelerate tracker names, e.g. ("tensorboard",) or ("wandb",), built
             with accelerate's tracker classes; directory-based ones write under
             `<path's folder>/trackers`.
-        project: the tracker project name; `config` its hyper-parameters.
+        project: the tracker project name; `config` its hyper-parameters (redacted here: secrets
+            never reach a tracker).
     """
 
     def __init__(self, path: str | os.PathLike, *, accelerator: Any = None, trackers: Iterable[str] = (),
@@ -36,9 +41,12 @@ class MetricsLogger:
         self._file = None
         self._trackers = []
         if self.is_main:
-            self._trackers = [_start_tracker(name, project, self.path.parent / "trackers", config or {})
+            # Trackers upload or store hparams in plain text: they only ever see the redacted config.
+            safe_config = redact(dict(config or {}))
+            self._trackers = [_start_tracker(name, project, self.path.parent / "trackers", safe_config)
                               for name in self.trackers]
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_jsonl(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, Any], step: int, prefix: str = "") -> None:
@@ -53,6 +61,16 @@ class MetricsLogger:
             for tracker in self._trackers:
                 tracker.log(numeric, step=int(step))
 
+    def offset(self) -> int:
+        """Bytes of the JSONL file written so far (0 off the main process): a resume point."""
+        return self._file.tell() if self._file is not None else 0
+
+    def truncate(self, offset: int) -> None:
+        """Drop every record written after `offset` (a resumed run replays those steps)."""
+        if self._file is not None and offset < self._file.tell():
+            self._file.truncate(offset)
+            self._file.seek(offset)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -66,6 +84,28 @@ class MetricsLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut a torn last line (a crash or a full disk mid-write) off a JSONL file, so the next
+    record starts on a line of its own; returns the bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back to the last newline
+            f.seek(max(0, end - 65536))
+            chunk = f.read(end - max(0, end - 65536))
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                end = max(0, end - len(chunk)) + cut + 1
+                break
+            end = max(0, end - len(chunk))
+        if end < size:
+            f.truncate(end)
+    return size - end
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dspy_p2o.config import P2OConfig
+from dspy_p2o.config import P2OConfig, redact
 from dspy_p2o.run_dir import RunDir
 
 
@@ -65,15 +65,21 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
                   checkpoint: str | None) -> None:
     arm = "P^2O" if config.prompt_phase else "GRPO baseline"
     lines = [f"# {arm} run: {run.path.name}", "",
-             f"- policy: `{config.policy or 'see config.yaml'}`, engine `{config.engine}`, reflection `{config.reflection}`",
+             f"- policy: `{redact(config.policy) or 'see config.yaml'}`, engine `{config.engine}`, "
+             f"reflection `{redact(config.reflection)}`"
+             + (f" (retries {config.reflection_kwargs.get('num_retries', config.reflection_retries)}, timeout "
+                f"{config.reflection_kwargs.get('timeout', config.reflection_timeout_s)} s per attempt)"
+                if config.reflection.startswith("teacher:") else ""),
              f"- epochs {len(history)}/{config.epochs}, K = {config.k}, batch {config.batch_size}, "
              f"distill = {config.trainer.distill}, template ratio = {config.trainer.template_ratio}",
              f"- latest checkpoint: `{checkpoint}`", "",
-             "| epoch | step | train reward | hard | templated next | val pass@1 | with template pass@1 | without pass@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| epoch | step | train reward | hard | templated next | val pass@1 | with template pass@1 | without pass@1 "
+             "| metric failures |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for h in history:
         cells = [h["epoch"], h["step"], _fmt(h.get("train_reward")), h.get("hard", 0), h.get("templated_questions", 0),
-                 _fmt(h.get("val/pass@1")), _fmt(h.get("templated/pass@1")), _fmt(h.get("plain/pass@1"))]
+                 _fmt(h.get("val/pass@1")), _fmt(h.get("templated/pass@1")), _fmt(h.get("plain/pass@1")),
+                 h.get("metric_failures", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     templates = sorted({z for zs in assignments.values() for z in zs})
     if templates:

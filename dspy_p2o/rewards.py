@@ -60,6 +60,7 @@ __all__ = [
     "math_reward",
     "normalize_gold",
     "safe_metric",
+    "MetricError",
     "shutdown_verifier",
     "verify_answer",
     "warm_up_verifier",
@@ -674,8 +675,15 @@ def _feedback(verdict: Verdict, answer: str, gold_text: str) -> str:
             f"The correct answer is {gold_text}.")
 
 
-def _scored(score: float, feedback: str) -> dspy.Prediction:
-    return dspy.Prediction(score=float(score), feedback=feedback)
+class MetricError(ValueError):
+    """A metric unusable as a reward: a score outside [0, 1], or every call of a batch failing."""
+
+
+def _scored(score: float, feedback: str, error: str | None = None) -> dspy.Prediction:
+    """A normalised metric result; `metric_error` is set when the metric raised (scored 0)."""
+    if error is None:
+        return dspy.Prediction(score=float(score), feedback=feedback)
+    return dspy.Prediction(score=float(score), feedback=feedback, metric_error=error)
 
 
 def _call_adapter(metric: Callable) -> Callable:
@@ -719,9 +727,13 @@ def _as_prediction(value: Any, name: str) -> dspy.Prediction:
 
 
 def _finite(value: numbers.Real, name: str) -> float:
+    """The score as a float in [0, 1]: rewards, tau and GEPA's perfect-score stopper assume that range."""
     score = float(value)
     if not math.isfinite(score):
         raise TypeError(f"metric {name} returned a non-finite score {score!r}")
+    if not 0.0 <= score <= 1.0:
+        raise MetricError(f"metric {name} returned the score {score:g}; scores must be in [0, 1] "
+                          "(rescale it, e.g. divide by the maximum)")
     return score
 
 
@@ -729,9 +741,10 @@ def safe_metric(metric: Callable) -> Callable:
     """Wrap ``metric`` so it never kills a run and always returns a Prediction.
 
     An exception inside the metric becomes ``Prediction(score=0.0, feedback="metric
-    raised <ExcType>: <msg>")``; float/bool/Prediction returns are normalised to
-    ``Prediction(score=float, feedback=str)``; a return value with no usable score
-    raises TypeError naming the metric (a programming error, not a bad answer).
+    raised <ExcType>: <msg>", metric_error="<ExcType>: <msg>")`` (callers count those);
+    float/bool/Prediction returns are normalised to ``Prediction(score=float, feedback=str)``;
+    a return value with no usable score raises TypeError naming the metric (a programming
+    error, not a bad answer), and a score outside [0, 1] raises MetricError.
     The wrapper has the 5-argument GEPA signature and accepts 2/3/5-arg metrics.
     """
     if getattr(metric, "_dspy_p2o_safe", False):
@@ -746,7 +759,7 @@ def safe_metric(metric: Callable) -> Callable:
             value = call(gold, pred, trace, pred_name, pred_trace)
         except Exception as exc:
             logger.warning("metric %s raised %s: %s", name, type(exc).__name__, exc)
-            return _scored(0.0, f"metric raised {type(exc).__name__}: {exc}")
+            return _scored(0.0, f"metric raised {type(exc).__name__}: {exc}", error=f"{type(exc).__name__}: {exc}")
         return _as_prediction(value, name)
 
     wrapped.__name__ = getattr(metric, "__name__", "metric")

@@ -8,6 +8,7 @@ question share `example_id`: that is the GRPO group.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -37,21 +38,41 @@ class Rollout:
 RewardFn = Callable[[dspy.Example, str], "tuple[float, str]"]
 
 
-def make_reward_fn(renderer: Any, metric: Callable) -> RewardFn:
+class MetricRewardFn:
     """(example, completion text) -> (score, feedback): parse with the renderer, score with the metric.
 
     The metric is wrapped in `safe_metric`, so an exception or an unparseable completion
-    scores 0 with feedback instead of killing a run.
-    """
-    from dspy_p2o.rewards import safe_metric
+    scores 0 with feedback instead of killing a run -- and every such failure is counted
+    (`take_counts`), so a metric that always throws cannot pass for a reward of 0. Safe to
+    call from several threads."""
 
-    scorer = safe_metric(metric)
+    def __init__(self, renderer: Any, metric: Callable) -> None:
+        from dspy_p2o.rewards import safe_metric
 
-    def reward_fn(example: dspy.Example, text: str) -> tuple[float, str]:
-        result = scorer(example, renderer.prediction(text))
+        self.renderer, self.scorer = renderer, safe_metric(metric)
+        self._lock = threading.Lock()
+        self._calls, self._failures, self._last_error = 0, 0, ""
+
+    def __call__(self, example: dspy.Example, text: str) -> tuple[float, str]:
+        result = self.scorer(example, self.renderer.prediction(text))
+        error = getattr(result, "metric_error", None)
+        with self._lock:
+            self._calls += 1
+            if error:
+                self._failures, self._last_error = self._failures + 1, str(error)
         return float(result.score), str(getattr(result, "feedback", "") or "")
 
-    return reward_fn
+    def take_counts(self) -> tuple[int, int, str]:
+        """(calls, failed calls, the last failure) since the last take; resets them."""
+        with self._lock:
+            counts = (self._calls, self._failures, self._last_error)
+            self._calls, self._failures, self._last_error = 0, 0, ""
+        return counts
+
+
+def make_reward_fn(renderer: Any, metric: Callable) -> MetricRewardFn:
+    """The reward function of a run: see MetricRewardFn."""
+    return MetricRewardFn(renderer, metric)
 
 
 def example_id(example: Any, index: int) -> str:

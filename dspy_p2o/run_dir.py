@@ -1,6 +1,9 @@
 """The run directory: every artefact of a P^2O run, and the state that lets it resume.
 
-    config.yaml            resolved config (no secrets)
+    config.yaml            resolved config (no secrets); rewritten when a resume changes a resumable key
+    identity.json          what makes the directory this run (written when the run really starts)
+    run.lock               flock held by the live run (its pid, host and start time)
+    resumes.jsonl          one line per resume: the accepted config changes
     state.json             where the loop is (epoch, phase, next batch) + the latest checkpoint
     metrics.jsonl          one JSON object per optimiser step / epoch / evaluation
     checkpoints/checkpoint-N/  model/ (save_pretrained) + accelerate state (optimiser, scheduler, RNG)
@@ -14,10 +17,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
-import re
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,22 +31,28 @@ import yaml
 
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.jsonio import write_json
+from dspy_p2o.trainer import checkpoint as ckpt
 
+log = logging.getLogger(__name__)
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run directory."""
+
+
+# Config sections compared key by key on resume.
+SECTIONS = ("trainer", "prompt", "data")
+# Keys that may change when a run resumes: how long it runs, where its servers are, how it
+# reports and what it costs in memory -- not what it optimises. Every other change is refused.
+RESUMABLE_KEYS = ("epochs", "engine", "engine_kwargs", "reflection", "reflection_kwargs", "reflection_max_tokens",
+                  "checkpoint_every", "eval_every_epoch", "eval_k", "trackers", "progress",
+                  "trainer.keep_last_checkpoints", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
+                  "prompt.num_threads", "data.train", "data.train_limit", "data.val", "data.val_limit",
+                  "data.question_field", "data.answer_field")
+# Copies of top-level keys (compared there): older run dirs recorded them before the copy.
+DERIVED_KEYS = ("trainer.temperature", "trainer.seed")
 # Keys whose change makes an existing run directory meaningless to resume.
 IDENTITY_KEYS = ("policy", "k", "batch_size", "prompt_phase", "seed", "temperature", "max_tokens",
                  "plain_per_group", "hardness_on", "near_hard", "tau")
-SECRET_PATTERN = re.compile(r"(^|_)(api_?key|secret|password|token)$", re.IGNORECASE)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """The config without secrets: values of key-like names are replaced (names of env vars are kept)."""
-    if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if value and SECRET_PATTERN.search(key):
-        return "***"
-    return value
 
 
 def fingerprint(ids: Iterable[str]) -> str:
@@ -84,32 +96,159 @@ class RunDir:
     def gepa_dir(self, epoch: int) -> Path:
         return self.path / "gepa" / f"epoch-{epoch}"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "run.lock"
+
+    @property
+    def identity_file(self) -> Path:
+        return self.path / "identity.json"
+
+    @property
+    def resumes_file(self) -> Path:
+        return self.path / "resumes.jsonl"
+
     # -------------------------------------------------------------- lifecycle
     def exists(self) -> bool:
         return self.state_file.exists()
 
-    def create_or_check(self, config: P2OConfig, identity: dict[str, Any]) -> bool:
-        """Write the config of a new run, or check an existing run is compatible. True when resuming."""
+    def lock(self) -> "RunLock":
+        """Take the run directory for this process (see RunLock); the main process only."""
         self.path.mkdir(parents=True, exist_ok=True)
-        identity_file = self.path / "identity.json"
-        if identity_file.exists():
-            previous = json.loads(identity_file.read_text())
-            changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
-            if changed:
-                details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-                raise ConfigError(f"run directory {str(self.path)!r} belongs to an incompatible run ({details}); "
-                                  "use a new run directory, or the original settings to resume")
-            return self.exists()
-        self.config_file.write_text(yaml.safe_dump(redact(json.loads(json.dumps(config.to_dict(), default=str))),
-                                                   sort_keys=False))
-        write_json(identity_file, identity)
-        return False
+        return RunLock(self.lock_file).acquire()
+
+    def check(self, config: P2OConfig, identity: dict[str, Any]) -> bool:
+        """Refuse a run directory written by an incompatible run, writing nothing. True when resuming.
+
+        Per key: a change in the identity (policy, trainset, ...) or in any config key outside
+        RESUMABLE_KEYS is refused with the keys named; a change of a RESUMABLE_KEYS key is
+        accepted, and `start` records it."""
+        self._accepted: dict[str, tuple[Any, Any]] = {}
+        if not self.identity_file.exists():
+            return False
+        previous = json.loads(self.identity_file.read_text())
+        changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
+        resuming = self.exists()
+        if resuming and self.config_file.exists():
+            for key, (old, new) in config_changes(yaml.safe_load(self.config_file.read_text()) or {},
+                                                  config.redacted()).items():
+                target = self._accepted if resumable(key) else changed
+                target[key] = (old, new)
+        if changed:
+            details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(f"run directory {str(self.path)!r} belongs to an incompatible run ({details}); "
+                              "use a new run directory, or the original settings to resume")
+        return resuming
+
+    def start(self, config: P2OConfig, identity: dict[str, Any], resuming: bool) -> None:
+        """The run really starts (model loaded, engine up): write the config and the identity of a
+        new run; on resume, record the accepted config changes (resumes.jsonl, config.yaml)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            self.config_file.write_text(config.to_yaml())
+            write_json(self.identity_file, identity)
+            return
+        accepted = getattr(self, "_accepted", {})
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in accepted.items()}}
+        with self.resumes_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        if accepted:
+            log.warning("resuming %s with changed settings: %s", self.path,
+                        "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in accepted.items()))
+            self.config_file.write_text(config.to_yaml())
+
+    def resumable_checkpoint(self, recorded: str | None) -> str | None:
+        """The checkpoint a resume loads: the one state.json records (looked up by name in this
+        directory, so a moved run dir resumes) when complete, else the newest complete one."""
+        if not recorded:
+            return None
+        candidate = self.checkpoints / Path(recorded).name
+        if (candidate / ckpt.STATE_FILE).is_file():
+            return str(candidate)
+        newest = ckpt.latest_checkpoint(self.checkpoints)
+        if newest is None:
+            raise ConfigError(f"run directory {str(self.path)!r} cannot resume: its checkpoint {candidate.name} is "
+                              "missing or incomplete and no complete checkpoint is left")
+        log.warning("checkpoint %s is missing or incomplete; resuming from %s, the newest complete one",
+                    candidate.name, newest.name)
+        return str(newest)
 
     def load_state(self) -> dict[str, Any]:
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
 
     def save_state(self, state: dict[str, Any]) -> None:
         write_json(self.state_file, state)
+
+
+def resumable(key: str) -> bool:
+    """Whether a config key may change when a run resumes (see RESUMABLE_KEYS)."""
+    return key in RESUMABLE_KEYS or any(key.startswith(prefix + ".") for prefix in RESUMABLE_KEYS)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every leaf that differs (a dict-valued field such as
+    engine_kwargs counts as one key)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return {k: (flat_old.get(k), flat_new.get(k)) for k in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(k) != flat_new.get(k) and k not in DERIVED_KEYS}
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+class RunLock:
+    """An exclusive lock on a run directory for a run's lifetime: `flock` on `run.lock`.
+
+    The kernel drops a flock when its holder exits or is killed, so a dead run's lock is
+    taken over by the next one without any clean-up; the file keeps the holder's pid, host
+    and start time, which a refused second run names."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate: it names the holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirBusy(f"run directory {str(self.path.parent)!r} is in use by pid {holder.get('pid', '?')} "
+                             f"on {holder.get('host', '?')} (started {holder.get('started', '?')}); "
+                             "wait for that run to end or use another run directory") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
 
 
 def identity_of(config: P2OConfig, policy: str, train_ids: list[str]) -> dict[str, Any]:

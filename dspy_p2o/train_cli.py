@@ -23,19 +23,16 @@ def main(args: argparse.Namespace) -> int:
     from dspy_p2o.programs import get_program
     from dspy_p2o.rewards import math_metric
 
-    try:
-        cfg = P2OConfig.load(args.config, parse_overrides(args.overrides))
-    except ConfigError as exc:
-        raise SystemExit(f"dspy-p2o train: {exc}")
+    cfg = P2OConfig.load(args.config, parse_overrides(args.overrides))  # ConfigError: one line, exit 2 (cli.py)
     if not cfg.policy:
-        raise SystemExit("dspy-p2o train: the config names no policy (set policy: <model dir or hub id>)")
+        raise ConfigError("the config names no policy (set policy: <model dir or hub id>)")
     if args.resume and not args.run_dir:
-        raise SystemExit("dspy-p2o train: --resume needs --run-dir")
+        raise ConfigError("--resume needs --run-dir")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume and not (run_dir / "state.json").exists():
-        raise SystemExit(f"dspy-p2o train: nothing to resume in {run_dir} (no state.json)")
+        raise ConfigError(f"nothing to resume in {run_dir} (no state.json)")
     if not args.resume and (run_dir / "state.json").exists():
-        raise SystemExit(f"dspy-p2o train: {run_dir} already holds a run; pass --resume to continue it")
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
     d = cfg.data
     trainset = load_trainset(d.train, question_field=d.question_field, answer_field=d.answer_field, limit=d.train_limit,
                              seed=cfg.seed)
@@ -53,5 +50,5 @@ def _import(path: str):
 
     module, _, attr = path.partition(":")
     if not attr:
-        raise SystemExit(f"dspy-p2o train: metric {path!r} must be 'math' or 'module:attr'")
+        raise ConfigError(f"data.metric {path!r} must be 'math' or 'module:attr'")
     return getattr(importlib.import_module(module), attr)

@@ -41,15 +41,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, device: torch.device, dtype: torch.dtype):
-    """Load a causal LM and its tokenizer from a local dir (or a hub id when online)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_path(path: str | os.PathLike) -> str:
+    """A local model directory (user-expanded) or a hub id, as given. A path that looks local
+    but is not a directory is a FileNotFoundError naming it -- not Hugging Face's misleading
+    "Repo id must be in the form ..."."""
     path = str(path)
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    path = str(Path(path).expanduser()) if looks_local else path
+    return str(Path(path).expanduser()) if looks_local else path
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, device: torch.device, dtype: torch.dtype):
+    """Load a causal LM and its tokenizer from a local dir (or a hub id when online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)

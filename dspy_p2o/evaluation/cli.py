@@ -90,7 +90,7 @@ def model_label(model: str) -> str:
 def main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"dspy-p2o eval: error: {exc}", file=sys.stderr)
         return 2
 
@@ -108,6 +108,9 @@ def _run(args: argparse.Namespace) -> int:
     benchmarks = parse_benchmarks(args.benchmarks)
     engine_kwargs = {**ENGINE_DEFAULTS.get(args.engine, {}), **parse_engine_args(args.engine_arg)}
     out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
+    from dspy_p2o.jsonio import check_writable
+
+    check_writable(out, directory=True)  # before an engine spends minutes starting
     overrides = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
                  "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed,
                  "sampled_below": args.sampled_below}

@@ -100,15 +100,18 @@ def make_extractor(prompt: str, program: str):
 def main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as exc:
         print(f"dspy-p2o score: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
     from dspy_p2o.data import load_benchmark
-    from dspy_p2o.jsonio import write_json
+    from dspy_p2o.jsonio import check_writable, write_json
 
+    for out in (args.json, args.samples_out):  # before the scoring, not after it
+        if out:
+            check_writable(out)
     examples = load_benchmark(args.benchmark, path=args.data)
     pairs = read_predictions(args.predictions, examples)
     summary, records = score_predictions(args.benchmark, pairs, make_extractor(args.prompt, args.program),

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from typing import Any, Callable
 
 import dspy
@@ -87,6 +89,28 @@ def make_reflection_lm(spec: str, *, self_engine_factory: Callable[[], Engine] |
         return dspy.LM(model, num_retries=num_retries, temperature=temperature, max_tokens=max_tokens,
                        cache=False, **kwargs)
     raise ValueError(f"reflection must be one of {', '.join(REFLECTION_SPECS)}; got {spec!r}")
+
+
+def preflight(lm: dspy.BaseLM) -> float:
+    """One 1-token call to a teacher, so a wrong model, endpoint or key fails at start and not
+    after a whole epoch; returns its seconds. Raises RuntimeError with one line (no key in it)."""
+    start = time.perf_counter()
+    quiet = logging.getLogger("dspy.clients.lm")  # "response was truncated": 1 token is the point
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        lm(messages=[{"role": "user", "content": "Reply with OK."}], max_tokens=1)
+    except Exception as exc:  # litellm's auth / connection / not-found errors, after its retries
+        message = (str(exc).strip().splitlines() or [""])[0][:300]
+        key = (getattr(lm, "kwargs", {}) or {}).get("api_key")
+        if key:
+            message = message.replace(str(key), "***")
+        raise RuntimeError(f"the reflection teacher {getattr(lm, 'model', '?')!r} failed its preflight call "
+                           f"({type(exc).__name__}: {message}); check the model name, api_base and key "
+                           "(or set reflection_preflight: false)") from None
+    finally:
+        quiet.setLevel(level)
+    return time.perf_counter() - start
 
 
 def describe_reflection_lm(lm: dspy.BaseLM) -> dict[str, Any]:

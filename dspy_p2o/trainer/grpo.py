@@ -417,9 +417,13 @@ class GRPOTrainer:
             self.sync_diffs.append(diff)
         return time.perf_counter() - start
 
-    def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None) -> Path:
+    def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None, *,
+                        prune: bool = True) -> Path:
         """Write `directory/checkpoint-<step>` (model + tokenizer, optimizer, scheduler, RNG, step,
-        `extra_state`) and delete all but the last `keep_last_checkpoints`."""
+        `extra_state`) and, with `prune`, delete all but the last `keep_last_checkpoints`. A caller
+        that records the new checkpoint elsewhere (the loop's state.json) passes prune=False and
+        calls `prune_checkpoints` only once that record is saved: a kill in between must leave
+        the recorded checkpoint on disk."""
         acc = self.accelerator
         root = Path(directory)
         final = root / ckpt.checkpoint_name(self.global_step)
@@ -442,9 +446,15 @@ class GRPOTrainer:
                                    "config": asdict(self.config)})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            ckpt.prune(root, self.config.keep_last_checkpoints)
+            if prune:
+                ckpt.prune(root, self.config.keep_last_checkpoints)
         acc.wait_for_everyone()
         return final
+
+    def prune_checkpoints(self, directory: str | os.PathLike) -> None:
+        """Delete all but the last `keep_last_checkpoints` complete checkpoints (main process)."""
+        if self.accelerator.is_main_process:
+            ckpt.prune(directory, self.config.keep_last_checkpoints)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> dict:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint; returns its extra_state."""
@@ -497,8 +507,9 @@ def _load(model: Any, tokenizer: Any):
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(str(model)).expanduser()
-    source = str(path) if path.exists() else str(model)
+    from dspy_p2o.engines.local import check_model_path
+
+    source = check_model_path(model)
     module = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     return module, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
 
