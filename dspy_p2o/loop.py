@@ -36,7 +36,7 @@ import dspy
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
-from dspy_p2o.engines.local import check_model_path
+from dspy_p2o.engines.hf import check_model_path
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
 from dspy_p2o.metrics import MetricsLogger, read_metrics

@@ -67,7 +67,6 @@ class Engine(abc.ABC):
     #: a short name for logs and the DSPy model string
     name: str = "policy"
 
-    @abc.abstractmethod
     def generate(
         self,
         prompt_token_ids: Sequence[Sequence[int]],
@@ -82,7 +81,28 @@ class Engine(abc.ABC):
         seed: int | None = None,
         progress: bool = False,
     ) -> list[GenerationOutput]:
-        """Sample n completions for each prompt; outputs are in prompt order."""
+        """Sample n completions for each prompt; outputs are in prompt order.
+
+        The one place arguments are checked (for every engine): then `_generate` samples.
+        """
+        params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                 stop=tuple(stop or ()), stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        prompts = [[int(t) for t in p] for p in prompt_token_ids]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            self._check_prompt(i, p, params)
+        return self._generate(prompts, n, params, progress)
+
+    def _check_prompt(self, index: int, prompt: list[int], params: SamplingParams) -> None:
+        """An engine-specific check of one prompt (e.g. the server's context length)."""
+
+    @abc.abstractmethod
+    def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                  progress: bool) -> list[GenerationOutput]:
+        """Sample n completions for each (checked) prompt, in prompt order."""
 
     @abc.abstractmethod
     def sync_weights(self, source: Any) -> None:
@@ -91,11 +111,9 @@ class Engine(abc.ABC):
     def close(self) -> None:
         """Release processes, servers and memory. Idempotent."""
 
+    @abc.abstractmethod
     def dspy_lm(self, **defaults: Any):
         """A `dspy.LM` served by this engine, usable by any DSPy program (thread-safe)."""
-        from dspy_p2o.engines.dspy_lm import engine_lm
-
-        return engine_lm(self, **defaults)
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of chat messages under the policy's chat template, ready for generation."""

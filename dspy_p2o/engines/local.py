@@ -18,61 +18,9 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams, sampling_params
+from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams
+from dspy_p2o.engines.hf import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from dspy_p2o.renderer import check_chat_template
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU unless asked otherwise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
-
-
-def check_model_path(path: str | os.PathLike) -> str:
-    """A local model directory (user-expanded) or a hub id, as given. A path that looks local
-    but is not a directory is a FileNotFoundError naming it -- not Hugging Face's misleading
-    "Repo id must be in the form ..."."""
-    path = str(path)
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] or Path(path).exists()
-    if looks_local and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
-    return str(Path(path).expanduser()) if looks_local else path
-
-
-def load_model_and_tokenizer(path: str | os.PathLike, device: torch.device, dtype: torch.dtype):
-    """Load a causal LM and its tokenizer from a local dir (or a hub id when online)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = check_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    check_chat_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model.eval()
-    return model, tokenizer
-
-
-def eos_token_ids(tokenizer: Any, model: Any = None) -> set[int]:
-    """Every token that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if config_eos is not None:
-        ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
-    return ids
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -126,36 +74,14 @@ class LocalEngine(Engine):
             self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, resolve_dtype(dtype, self.device))
         self.name = name or Path(str(getattr(self.model, "name_or_path", "") or "policy")).name or "policy"
         self.max_batch_size = max_batch_size
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model)
-        if not self.eos_ids:
-            raise ValueError("the tokenizer has no eos_token; completions could never end")
+        self.eos_ids = eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         # One model, many threads (DSPy calls the LM from a thread pool): one forward at a time.
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        n: int = 1,
-        *,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_tokens: int = 256,
-        stop: Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        seed: int | None = None,
-        progress: bool = False,
-    ) -> list[GenerationOutput]:
-        params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                 stop=tuple(stop or ()), stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
-        prompts = [list(map(int, p)) for p in prompt_token_ids]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+    def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                  progress: bool) -> list[GenerationOutput]:
         outputs = [GenerationOutput(prompt_token_ids=p) for p in prompts]
         generator = None
         if params.seed is not None:
@@ -270,6 +196,12 @@ class LocalEngine(Engine):
         return results
 
     # ------------------------------------------------------------------ weights
+    def dspy_lm(self, **defaults: Any):
+        """A `dspy.LM` on this engine (DSPy's custom-engine hook; concurrent calls are batched)."""
+        from dspy_p2o.engines.dspy_lm import engine_lm
+
+        return engine_lm(self, **defaults)
+
     def sync_weights(self, source: Any) -> None:
         """Serve new weights. A shared module needs nothing; otherwise copy a state dict or load a dir."""
         if source is self.model or source is None:

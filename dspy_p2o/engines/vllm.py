@@ -45,7 +45,8 @@ from typing import Any, Mapping, Sequence
 import httpx
 from tqdm.auto import tqdm
 
-from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, sampling_params
+from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams
+from dspy_p2o.engines.hf import eos_token_ids, load_tokenizer, saved_generation_config
 from dspy_p2o.engines.vllm_server import DEFAULT_SERVER_COMMAND, VLLMServer, VLLMServerError
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,11 @@ class VLLMEngine(Engine):
         self.reload_kwargs = dict(reload_kwargs or {})
         self.frozen = bool(frozen)
         self.name = name or Path(self.model.rstrip("/")).name or "policy"
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model)
-        self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model)
+        try:
+            self.eos_ids = eos_token_ids(self.tokenizer, saved_generation_config(self.model))
+        except ValueError as exc:
+            raise ValueError(f"{self.model!r}: {exc}") from None
         self.server: VLLMServer | None = None
         self._closed = False
         self._sync_dir = Path(sync_dir) if sync_dir is not None else None
@@ -269,32 +273,14 @@ class VLLMEngine(Engine):
             return False
 
     # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        n: int = 1,
-        *,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_tokens: int = 256,
-        stop: Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        seed: int | None = None,
-        progress: bool = False,
-    ) -> list[GenerationOutput]:
-        params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                 stop=tuple(stop or ()), stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        prompts = [[int(t) for t in p] for p in prompt_token_ids]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if self.max_model_len and len(p) + params.max_tokens > self.max_model_len:
-                raise ValueError(
-                    f"prompt {i} ({len(p)} tokens) + max_tokens ({params.max_tokens}) exceeds the server's context "
-                    f"length (max_model_len {self.max_model_len}); lower max_tokens or serve a longer max_model_len")
+    def _check_prompt(self, index: int, prompt: list[int], params: SamplingParams) -> None:
+        if self.max_model_len and len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt {index} ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the server's "
+                f"context length (max_model_len {self.max_model_len}); lower max_tokens or serve a longer max_model_len")
+
+    def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                  progress: bool) -> list[GenerationOutput]:
         base = {
             "model": self.served_model_name,
             "n": n,
@@ -646,32 +632,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
-
-
-def _load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    from dspy_p2o.renderer import check_chat_template
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    check_chat_template(tokenizer)
-    return tokenizer
-
-
-def _eos_ids(tokenizer: Any, model: str) -> set[int]:
-    """The tokenizer's EOS plus generation_config.json's eos_token_id(s), as the local engine stops on."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model).eos_token_id
-        if eos is not None:
-            ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    except (OSError, ValueError):
-        pass  # no generation_config.json
-    if not ids:
-        raise ValueError(f"{model!r}: the tokenizer has no eos_token; completions could never end")
-    return ids
 
 
 def _unwrap(source: Any) -> Any:

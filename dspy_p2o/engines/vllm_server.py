@@ -135,20 +135,6 @@ def default_device() -> str:
         return "cpu"
 
 
-def _looks_like_path(model: str) -> bool:
-    """A hub id is "org/name"; anything absolute, relative-dotted or deeper is a path."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
-
-
-def check_model_path(model: str) -> None:
-    """A model given as a path must be a directory: say so before vLLM says "Repo id must be in the form"."""
-    path = Path(model).expanduser()
-    if path.exists() and not path.is_dir():
-        raise FileNotFoundError(f"model directory {model!r} is a file, not a model directory")
-    if not path.exists() and _looks_like_path(model):
-        raise FileNotFoundError(f"model directory {model!r} does not exist")
-
-
 def check_cpu_head_dim(model: str) -> None:
     """Refuse a model whose attention head size vLLM's CPU kernels cannot serve (it would die on the first request)."""
     if not (Path(model).expanduser() / "config.json").is_file():
@@ -256,6 +242,8 @@ class VLLMServer:
         env: Mapping[str, str] | None = None,
         dev_mode: bool = True,
     ) -> None:
+        from dspy_p2o.engines.hf import check_model_path
+
         self.model = str(model)
         check_model_path(self.model)
         if dev_mode and host not in _LOOPBACK and not allow_remote_dev_routes:

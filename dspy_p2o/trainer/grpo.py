@@ -507,7 +507,7 @@ def _load(model: Any, tokenizer: Any):
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dspy_p2o.engines.local import check_model_path
+    from dspy_p2o.engines.hf import check_model_path
 
     source = check_model_path(model)
     module = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
