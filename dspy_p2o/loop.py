@@ -241,7 +241,7 @@ class P2OLoop:
             if (extra.get("loop_epoch"), state.phase) == (state.epoch, "train") and \
                     extra.get("loop_batch", 0) > state.batch:  # a newer checkpoint than state.json knew
                 state.batch = extra["loop_batch"]  # never train its batches twice
-            self.trainer.sync_engine()
+            # (load_checkpoint has synced the engine: one owner of the resume sync)
             log.info("resumed %s at epoch %d, %s phase, batch %d (optimizer step %d)", self.run.path,
                      state.epoch, state.phase, state.batch, self.trainer.global_step)
         return state
