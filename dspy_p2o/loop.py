@@ -320,7 +320,8 @@ class P2OLoop:
                 self.engine, self.renderer, share, self.reward_fn, k=cfg.k, temperature=cfg.temperature,
                 top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                 seed=cfg.seed * 100_003 + epoch * 1_009 + b + acc.process_index * 7_919,
-                assignments=assignments, plain_per_group=cfg.plain_per_group, progress=cfg.progress and self.is_main)
+                assignments=assignments, plain_per_group=cfg.plain_per_group,
+                progress=False)  # one live line per phase: the epoch bar below carries reward and step
             t_rollout = time.perf_counter() - t0
             waited = self.wait_s
             failures = self._metric_failures(epoch, b)
@@ -443,7 +444,7 @@ class P2OLoop:
         rollouts = collect_rollouts(
             self.engine, self.renderer, shard(examples, acc.process_index, acc.num_processes), self.reward_fn,
             k=cfg.eval_k, temperature=0.0 if cfg.eval_k == 1 else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_tokens=cfg.max_tokens, seed=cfg.seed, progress=cfg.progress and self.is_main)
+            max_tokens=cfg.max_tokens, seed=cfg.seed, progress=False)
         by_id: dict[str, list[float]] = {}
         for ident, reward in self._gather([(r.example_id, r.reward) for r in rollouts]):
             by_id.setdefault(ident, []).append(reward)
