@@ -18,6 +18,7 @@ from typing import Any, Mapping, get_type_hints
 import yaml
 
 from dspy_p2o.prompt_phase.gepa_phase import PromptPhaseConfig
+from dspy_p2o.renderer import ADAPTERS
 from dspy_p2o.trainer.grpo import TrainerConfig
 
 
@@ -50,6 +51,7 @@ class P2OConfig:
     reflection: str = "self"  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
     reflection_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
     reflection_max_tokens: int = 4096
+    adapter: str = "chat"  # DSPy adapter that renders, parses and serves the program: "chat", "json" or "xml"
 
     # -- Alg. 1
     epochs: int = 5
@@ -86,6 +88,7 @@ class P2OConfig:
             (self.engine in ("local", "vllm"), f"engine must be 'local' or 'vllm', got {self.engine!r}"),
             (self.reflection in ("self", "custom") or self.reflection.startswith("teacher:"),
              f"reflection must be 'self', 'teacher:<litellm model>' or 'custom', got {self.reflection!r}"),
+            (self.adapter in ADAPTERS, f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),
