@@ -111,9 +111,14 @@ def materialize(name: str, out: str | os.PathLike | None = None) -> Path:
     try:
         convert_gguf(source, tmp)
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the model dir is an ordinary one
-        if target.exists():
-            target.rmdir()  # an empty directory (checked above)
+        if target.exists() and not any(target.iterdir()):
+            target.rmdir()
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_model_dir(target):  # another process converted it first: use theirs
+            return target
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

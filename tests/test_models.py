@@ -92,3 +92,18 @@ def test_refuses_to_write_into_a_non_model_dir(fake_conversion, tmp_path):
     with pytest.raises(FileExistsError, match="not a model directory"):
         materialize("fake", out)
     assert (out / "notes.txt").read_text() == "mine" and fake_conversion == []
+
+
+def test_a_conversion_finished_first_elsewhere_wins_and_ours_is_discarded(fake_conversion, monkeypatch, tmp_path):
+    out = tmp_path / "models" / "fake"
+    original = models.convert_gguf
+
+    def racing(source, out_dir):  # another process renames its finished dir into place meanwhile
+        original(source, out_dir)
+        out.mkdir(parents=True)
+        original(source, out)
+        (out / "theirs").write_text("1")
+
+    monkeypatch.setattr(models, "convert_gguf", racing)
+    assert materialize("fake", out) == out
+    assert (out / "theirs").is_file() and sorted(p.name for p in out.parent.iterdir()) == ["fake"]
