@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "train": ("dspy_p2o.train_cli", "run P^2O (or a baseline/ablation) from a YAML config"),
     "eval": ("dspy_p2o.evaluation.cli", "evaluate a model on the maths benchmarks"),
     "score": ("dspy_p2o.evaluation.score_cli", "score existing generations on a benchmark (no model)"),
+    "model": ("dspy_p2o.model_cli", "a packaged real model (e.g. smollm2-135m-instruct) as a model directory, offline"),
     "demo": ("dspy_p2o.toyworld.cli", "the toy-world experiment: P^2O vs GRPO on CPU in minutes"),
 }
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping, get_type_hints
 import yaml
 
 from dspy_p2o.prompt_phase.gepa_phase import PromptPhaseConfig
+from dspy_p2o.renderer import ADAPTERS
 from dspy_p2o.trainer.grpo import TrainerConfig
 
 
@@ -75,6 +76,7 @@ class P2OConfig:
     reflection_retries: int = 3  # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
     reflection_timeout_s: float = 120.0  # a teacher's seconds per attempt; reflection_kwargs.timeout wins
     reflection_preflight: bool = True  # one 1-token teacher call at start: a wrong endpoint or key fails before training
+    adapter: str = "chat"  # DSPy adapter that renders, parses and serves the program: "chat", "json" or "xml"
 
     # -- Alg. 1
     epochs: int = 5
@@ -121,6 +123,7 @@ class P2OConfig:
                                    f"got {self.temperature}"),
             (self.reflection_retries >= 0, f"reflection_retries must be >= 0, got {self.reflection_retries}"),
             (self.reflection_timeout_s > 0, f"reflection_timeout_s must be > 0, got {self.reflection_timeout_s}"),
+            (self.adapter in ADAPTERS, f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),

@@ -43,7 +43,7 @@ from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
-from dspy_p2o.renderer import Renderer, single_predictor
+from dspy_p2o.renderer import Renderer, make_adapter, single_predictor
 from dspy_p2o.rewards import MetricError
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
@@ -62,6 +62,7 @@ class CompileResult:
     templates: dict[str, list[str]]
     run_dir: Path
     engine: Engine | None = field(default=None, repr=False)
+    adapter: dspy.Adapter | None = None  # the run's DSPy adapter: serve with dspy.context(adapter=result.adapter)
 
     def close(self) -> None:
         """Release the engine serving `program` (a managed vLLM server, its weights in /dev/shm)."""
@@ -178,7 +179,7 @@ class P2OLoop:
             self.engine = make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps,
                                        accelerator=acc)
-        self.renderer = Renderer(self.predictor, self.engine.tokenizer)
+        self.renderer = Renderer(self.predictor, self.engine.tokenizer, adapter=make_adapter(cfg.adapter))
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
 
     def reflection_lm(self) -> dspy.LM:
@@ -399,9 +400,10 @@ class P2OLoop:
         student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
         program = self.program.deepcopy()
         program.set_lm(student)
-        result = run_prompt_phase(
-            program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
-            metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch)
+        with dspy.context(adapter=self.renderer.adapter):  # GEPA sees the format that is trained
+            result = run_prompt_phase(
+                program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
+                metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch)
         self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
                         step=self.trainer.global_step)
         return {"epoch": epoch, "hard": len(hard), **result.to_json()}
@@ -468,7 +470,8 @@ class P2OLoop:
         program = self.program.deepcopy()  # ORIGINAL instructions: no template at inference
         program.set_lm(self.engine.dspy_lm(temperature=0.0, max_tokens=self.config.max_tokens))
         return CompileResult(program=program, checkpoint=checkpoint, history=state.history,
-                             templates=state.assignments, run_dir=self.run.path, engine=self.engine)
+                             templates=state.assignments, run_dir=self.run.path, engine=self.engine,
+                             adapter=self.renderer.adapter)
 
 
 # ---------------------------------------------------------------------- helpers

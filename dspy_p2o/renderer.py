@@ -35,6 +35,27 @@ def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]], **template_kw
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+#: DSPy adapters a run can render (and reward) with, by config name.
+ADAPTERS = ("chat", "json", "xml")
+
+
+def make_adapter(name: str) -> dspy.Adapter:
+    """DSPy's adapter by name: "chat" (DSPy's default format, here without its JSON fallback, so a
+    rollout is rewarded only for what that format parses), "json" or "xml".
+
+    Small models may write one format far more reliably than another (SmolLM2-135M-Instruct:
+    JSON, see benchmarks/RESULTS.md); serve the trained program with the same adapter
+    (`dspy.context(adapter=result.adapter)`).
+    """
+    if name == "chat":
+        return dspy.ChatAdapter(use_json_adapter_fallback=False)
+    if name == "json":
+        return dspy.JSONAdapter()
+    if name == "xml":
+        return dspy.XMLAdapter()
+    raise ValueError(f"unknown adapter {name!r}; use one of {', '.join(ADAPTERS)}")
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
     messages: list[dict[str, str]]
@@ -70,7 +91,7 @@ class Renderer:
         self,
         predictor: dspy.Predict,
         tokenizer: Any,
-        adapter: dspy.ChatAdapter | None = None,
+        adapter: dspy.Adapter | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         check_chat_template(tokenizer)

@@ -94,3 +94,14 @@ def test_multi_predictor_programs_are_refused_clearly():
 
     with pytest.raises(ValueError, match="exactly one predictor.*draft, final"):
         single_predictor(TwoStep())
+
+
+def test_adapter_config_key_builds_dspy_adapters_and_names_the_choices():
+    from dspy_p2o.config import ConfigError, P2OConfig
+    from dspy_p2o.renderer import make_adapter
+
+    assert P2OConfig().adapter == "chat" and P2OConfig.load(None, {"adapter": "json"}).adapter == "json"
+    assert make_adapter("chat").use_json_adapter_fallback is False  # rewarded = parsed by this format alone
+    assert isinstance(make_adapter("json"), dspy.JSONAdapter) and isinstance(make_adapter("xml"), dspy.XMLAdapter)
+    with pytest.raises(ConfigError, match="adapter must be one of chat, json, xml, got 'yaml'"):
+        P2OConfig(adapter="yaml")

@@ -11,6 +11,7 @@ from typing import Any
 from dspy_p2o.evaluation.prompting import DEFAULT_PROGRAM, PROMPT_MODES
 from dspy_p2o.evaluation.protocol import SMALL_BENCHMARK_SIZE
 from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
+from dspy_p2o.renderer import ADAPTERS
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
 DEFAULT_MAX_TOKENS = 12288  # the paper's maximum response length
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(comparable with published numbers)")
     parser.add_argument("--program", default=DEFAULT_PROGRAM,
                         help=f"DSPy program name or saved-program path for --prompt program (default {DEFAULT_PROGRAM})")
+    parser.add_argument("--adapter", default="chat", choices=ADAPTERS,
+                        help="DSPy adapter of --prompt program (default chat); use the one the model was trained with")
     parser.add_argument("--chat-template-kwargs", type=json.loads, default=None, metavar="JSON",
                         help='passed to apply_chat_template, e.g. \'{"enable_thinking": false}\'')
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
@@ -128,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with make_engine(args.engine, args.model, **engine_kwargs) as engine:
         prompting = make_prompting(args.prompt, engine.tokenizer, program=program or args.program,
-                                   chat_template_kwargs=args.chat_template_kwargs)
+                                   chat_template_kwargs=args.chat_template_kwargs, adapter=args.adapter)
         results = evaluate(engine, benchmarks, prompting, out, model=model,
                            label=args.name or f"{model_label(args.model)} ({args.prompt})", limit=args.limit,
                            protocol_overrides=overrides, chunk_sequences=args.chunk_sequences,

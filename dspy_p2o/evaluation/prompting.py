@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import dspy
 
 from dspy_p2o.evaluation.scoring import AnswerExtractor, answer_field_of
-from dspy_p2o.renderer import Renderer, chat_token_ids, single_predictor
+from dspy_p2o.renderer import Renderer, chat_token_ids, make_adapter, single_predictor
 
 PROMPT_MODES = ("program", "raw")
 DEFAULT_PROGRAM = "math_cot"
@@ -52,6 +52,7 @@ def make_prompting(
     *,
     program: str | dspy.Module | tuple[dspy.Module, str] = DEFAULT_PROGRAM,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    adapter: str = "chat",
 ) -> Prompting:
     kwargs = dict(chat_template_kwargs or {})
     if mode == "raw":
@@ -62,13 +63,16 @@ def make_prompting(
                          {"prompt": "raw", "instruction": RAW_INSTRUCTION, "chat_template_kwargs": kwargs})
     if mode == "program":
         module, name = load_program(program)
-        renderer = Renderer(single_predictor(module), tokenizer, chat_template_kwargs=kwargs)
+        renderer = Renderer(single_predictor(module), tokenizer, adapter=make_adapter(adapter),
+                            chat_template_kwargs=kwargs)
 
         def render(example: dspy.Example) -> list[int]:
             return renderer.render(renderer.inputs_of(example)).token_ids
 
         extractor = AnswerExtractor(renderer.parse, answer_field_of(renderer.signature))
-        return Prompting("program", render, extractor,
-                         {"prompt": "program", "program": name, "instruction": renderer.instruction,
-                          "chat_template_kwargs": kwargs})
+        description = {"prompt": "program", "program": name, "instruction": renderer.instruction,
+                       "chat_template_kwargs": kwargs}
+        if adapter != "chat":  # recorded only when set, so results written before the option still resume
+            description["adapter"] = adapter
+        return Prompting("program", render, extractor, description)
     raise ValueError(f"unknown prompt mode {mode!r}; choose one of {PROMPT_MODES}")
