@@ -48,24 +48,9 @@ def format_model(directory: Path) -> Path:
     """The tiny model (hidden 32, 2 layers) taught the ChatAdapter format on single-digit sums."""
     if (directory / "config.json").exists():
         return directory
-    from dspy_p2o.engines import LocalEngine
-    from dspy_p2o.renderer import Renderer
-    from dspy_p2o.tiny import build_tiny_model, supervised_finetune
+    from dspy_p2o.tiny import build_tiny_model, teach_sum_format
 
-    engine = LocalEngine(build_tiny_model(directory.with_name("base"), hidden_size=32, num_layers=2))
-    renderer = Renderer(sum_program().predict, engine.tokenizer)
-    rng, pairs = random.Random(0), []
-    for _ in range(200):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        prompt = renderer.render({"question": f"What is {a} + {b}?"}).token_ids
-        text = renderer.adapter.format_assistant_message_content(
-            renderer.signature, {"reasoning": f"{a} + {b} = {a + b}", "answer": str(a + b)})
-        completion = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
-        pairs.append((prompt, completion))
-    supervised_finetune(engine.model, pairs, steps=150, lr=8e-3, batch_size=16, pad_id=engine.pad_id)
-    engine.model.save_pretrained(directory)
-    engine.tokenizer.save_pretrained(directory)
-    return directory
+    return teach_sum_format(build_tiny_model(directory.with_name("base"), hidden_size=32, num_layers=2), directory)
 
 
 def write_config(work: Path, policy: Path, args) -> Path:

@@ -35,15 +35,14 @@ def main() -> None:
     import psutil
 
     import dspy_p2o
-    from conftest import teach_format
     from dspy_p2o.engines.vllm_server import VLLMServer
     from dspy_p2o.metrics import read_metrics
-    from dspy_p2o.tiny import build_tiny_model
+    from dspy_p2o.tiny import build_tiny_model, teach_sum_format
     from loop_fixtures import closeness_metric, sum_examples, tiny_overrides
 
     work = Path(tempfile.mkdtemp(prefix="vllm-cpu-bench-"))
     base = build_tiny_model(work / "base", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32)
-    model = teach_format(base, work / "model")
+    model = teach_sum_format(base, work / "model")
     server_kwargs = {"enforce_eager": not args.no_eager, "kv_cache_memory_bytes": 256 << 20,
                      "env": {"VLLM_CACHE_ROOT": str(work / "vllm-cache")}}
 

@@ -164,3 +164,29 @@ def supervised_finetune(model: torch.nn.Module, pairs: Sequence[tuple[Sequence[i
     bar.close()
     model.eval()
     return losses
+
+
+def teach_sum_format(model_dir: str | Path, out_dir: str | Path, *, steps: int = 150, seed: int = 0) -> Path:
+    """Fine-tune a tiny model on DSPy's ChatAdapter output format for `question -> answer` CoT
+    (single-digit sums) and `save_pretrained` it into `out_dir`, so real DSPy calls parse.
+    Accuracy is not the point; format is. Used by the tests and the benchmarks."""
+    import dspy
+
+    from dspy_p2o.engines.local import LocalEngine
+    from dspy_p2o.renderer import Renderer
+
+    engine = LocalEngine(model_dir)
+    renderer = Renderer(dspy.ChainOfThought("question -> answer").predict, engine.tokenizer)
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(200):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        prompt = renderer.render({"question": f"What is {a} + {b}?"}).token_ids
+        text = renderer.adapter.format_assistant_message_content(
+            renderer.signature, {"reasoning": f"{a} + {b} = {a + b}", "answer": str(a + b)})
+        completion = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.tokenizer.eos_token_id]
+        pairs.append((prompt, completion))
+    supervised_finetune(engine.model, pairs, steps=steps, lr=8e-3, batch_size=16, pad_id=engine.pad_id)
+    engine.model.save_pretrained(out_dir)
+    engine.tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
