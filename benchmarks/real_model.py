@@ -211,26 +211,14 @@ def step_trl(model_dir: Path, args) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+    from trl_timing import timed_grpo_trainer
 
     gen_t: list[float] = []
     step_t: list[float] = []
     rewards: list[float] = []
 
-    class Timed(GRPOTrainer):
-        def _generate_and_score_completions(self, inputs):
-            start = time.perf_counter()
-            try:
-                return super()._generate_and_score_completions(inputs)
-            finally:
-                gen_t.append(time.perf_counter() - start)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            start = time.perf_counter()
-            try:
-                return super().training_step(model, inputs, num_items_in_batch)
-            finally:
-                step_t.append(time.perf_counter() - start)
+    Timed = timed_grpo_trainer(gen_t, step_t)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"

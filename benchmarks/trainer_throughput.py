@@ -66,25 +66,13 @@ def time_ours(model_dir: Path, args) -> list[float]:
 def time_trl(model_dir: Path, args, out_dir: Path) -> tuple[list[float], list[float]]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer as TRLTrainer
+    from trl import GRPOConfig
+    from trl_timing import timed_grpo_trainer
 
     generation_time: list[float] = []
     step_time: list[float] = []
 
-    class Timed(TRLTrainer):
-        def _generate_and_score_completions(self, inputs):
-            start = time.perf_counter()
-            try:
-                return super()._generate_and_score_completions(inputs)
-            finally:
-                generation_time.append(time.perf_counter() - start)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            start = time.perf_counter()
-            try:
-                return super().training_step(model, inputs, num_items_in_batch)
-            finally:
-                step_time.append(time.perf_counter() - start)
+    Timed = timed_grpo_trainer(generation_time, step_time)
 
     def reward(completions, **kwargs):  # alternating rewards: every group has signal
         return [float(i % 2) for i in range(len(completions))]

@@ -1,6 +1,6 @@
 """Phase 1 of P^2O with 1 vs N processes on the same global batch (CPU, one thread per process).
 
-    python benchmarks/multiprocess.py [--processes 1 2] [--train 16] [--batch 8] [--k 4] [--max-tokens 24]
+    python benchmarks/multi_process.py [--processes 1 2] [--train 16] [--batch 8] [--k 4] [--max-tokens 24]
                                       [--checkpoint-every 1] [--json out.json]
 
 Builds (once, under --work) a tiny Qwen3 taught DSPy's output format for sums (as the tests'
@@ -67,8 +67,8 @@ def write_config(work: Path, policy: Path, args) -> Path:
         "max_tokens": args.max_tokens, "progress": False, "prompt_phase": False,
         "checkpoint_every": args.checkpoint_every,
         "trainer": {"lr": 1e-3, "micro_batch_tokens": 2048},
-        "data": {"train": str(data), "metric": "benchmarks.multiprocess:closeness_metric",
-                 "program": "benchmarks.multiprocess:sum_program"}}))
+        "data": {"train": str(data), "metric": "benchmarks.multi_process:closeness_metric",
+                 "program": "benchmarks.multi_process:sum_program"}}))
     return config
 
 
