@@ -37,6 +37,7 @@ from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
 from dspy_p2o.engines.hf import check_model_path
+from dspy_p2o.models import ModelPackageMissing
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
 from dspy_p2o.metrics import MetricsLogger, read_metrics
@@ -109,8 +110,8 @@ class P2OLoop:
             raise ValueError("the trainset is empty")
         self.by_id = {ex.id: ex for ex in self.trainset}
         try:
-            check_model_path(self.policy)
-        except FileNotFoundError as exc:
+            self.policy = check_model_path(self.policy)
+        except (FileNotFoundError, ModelPackageMissing) as exc:
             raise ConfigError(str(exc)) from None
         self.run = RunDir(run_dir)
         self.accelerator = make_accelerator(config.trainer.dtype, config.trainer.process_timeout_s)

@@ -119,3 +119,25 @@ def test_bad_inputs_have_clear_errors(tmp_path, tiny_model_dir):
         eng.generate([[1, 2], []])
     with pytest.raises(ValueError, match="top_p"):
         eng.generate([[1, 2]], top_p=0)
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_row(format_model_dir):
+    """Rows that stop early are dropped from the decode batch (and its KV cache); every other row
+    must continue exactly as if decoded alone: greedy batched == greedy one prompt at a time."""
+    engine = LocalEngine(format_model_dir, device="cpu", dtype="float32")
+    prompts = prompts_of(engine)
+    batch_sizes = []
+    hook = engine.model.register_forward_pre_hook(lambda m, a, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        batched = engine.generate(prompts, n=1, temperature=0, max_tokens=24, stop=["7"])
+    finally:
+        hook.remove()
+    alone = [engine.generate([p], n=1, temperature=0, max_tokens=24, stop=["7"])[0] for p in prompts]
+    for b, a in zip(batched, alone):
+        assert b.completions[0].token_ids == a.completions[0].token_ids
+        torch.testing.assert_close(torch.tensor(b.completions[0].logprobs), torch.tensor(a.completions[0].logprobs),
+                                   atol=1e-4, rtol=0)
+    lengths = sorted(len(o.completions[0].token_ids) for o in batched)
+    if lengths[0] < lengths[-1]:  # some row stopped first: later steps ran on fewer rows
+        assert min(batch_sizes[1:]) < len(prompts)

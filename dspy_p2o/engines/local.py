@@ -137,33 +137,38 @@ class LocalEngine(Engine):
         rows = last_logits.shape[0]
         next_pos = positions[:, -1:] + 1
         stop_ids = torch.tensor(sorted(self.eos_ids | set(params.stop_token_ids)), device=device)
-        tokens = torch.empty((rows, 0), dtype=torch.long, device=device)
-        logps = torch.empty((rows, 0), dtype=torch.float32, device=device)
+        tokens = torch.full((rows, params.max_tokens), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((rows, params.max_tokens), dtype=torch.float32, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        stopped_by_string = torch.zeros(rows, dtype=torch.bool, device=device)
-        for _ in range(params.max_tokens):
+        # `live[i]` is the output row of batch row i. A row that finishes leaves the batch (and its
+        # KV cache): later decode steps run only on the rows still sampling.
+        live = torch.arange(rows, device=device)
+        length = 0
+        for step in range(params.max_tokens):
             logprobs = process_logits(last_logits, params)
             if params.temperature == 0:
                 token = logprobs.argmax(dim=-1)
             else:
                 token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            chosen = logprobs.gather(-1, token[:, None]).squeeze(-1)
-            tokens = torch.cat([tokens, token[:, None]], dim=1)
-            logps = torch.cat([logps, chosen[:, None]], dim=1)
-            newly_done = ~finished & torch.isin(token, stop_ids)
+            tokens[live, step] = token
+            logps[live, step] = logprobs.gather(-1, token[:, None]).squeeze(-1)
+            length = step + 1
+            done = torch.isin(token, stop_ids)
             if params.stop:
-                by_string = self._hits_stop_string(tokens, finished | newly_done, params.stop)
-                stopped_by_string |= by_string
-                newly_done |= by_string
-            finished |= newly_done
-            if bool(finished.all()):
+                done |= self._hits_stop_string(tokens[live, :length], done, params.stop)
+            finished[live[done]] = True
+            if bool(done.all()) or length == params.max_tokens:
                 break
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
             out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                              past_key_values=cache, use_cache=True)
             last_logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
+        tokens, logps = tokens[:, :length], logps[:, :length]
         return self._collect(tokens.tolist(), logps.tolist(), finished.tolist(), n, params, stop_ids.tolist())
 
     def _hits_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, stops: tuple[str, ...]) -> torch.Tensor:

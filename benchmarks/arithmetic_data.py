@@ -1,0 +1,59 @@
+"""Write the laptop recipe's task: integer arithmetic a 135M model partly solves.
+
+    python benchmarks/arithmetic_data.py            # -> benchmarks/data/arithmetic/{train,val}.jsonl
+
+Deterministic (seeded); the files are committed, so a run needs nothing from a hub. Each row is
+`{"question": "What is 347 + 589?", "answer": "936", "level": L}`, L = the kind of sum (1 easiest):
+1 two-digit + two-digit, 2 three-digit + three-digit, 3 two-digit x one-digit,
+4 two-digit x two-digit. The gold answer is checked by `dspy_p2o.rewards.math_metric` like any
+maths answer. The mix is chosen so SmolLM2-135M-Instruct with the recipe's two demos solves
+some questions of every level sometimes and most of level 4 never: a hard set exists from the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+LEVELS = {
+    1: ("+", (10, 99), (10, 99)),
+    2: ("+", (100, 999), (100, 999)),
+    3: ("*", (11, 99), (2, 9)),
+    4: ("*", (11, 99), (11, 99)),
+}
+
+
+def make_rows(n_per_level: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for level, (op, (a_lo, a_hi), (b_lo, b_hi)) in LEVELS.items():
+        for _ in range(n_per_level):
+            a, b = rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi)
+            value = a + b if op == "+" else a * b
+            rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value), "level": level})
+    rng.shuffle(rows)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data" / "arithmetic")
+    parser.add_argument("--train-per-level", type=int, default=64)
+    parser.add_argument("--val-per-level", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    train = make_rows(args.train_per_level, args.seed)
+    seen = {r["question"] for r in train}
+    val = [r for r in make_rows(args.val_per_level * 2, args.seed + 1) if r["question"] not in seen]
+    val = [r for level in LEVELS for r in [x for x in val if x["level"] == level][:args.val_per_level]]
+    for name, rows in (("train", train), ("val", val)):
+        path = args.out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{path}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()
