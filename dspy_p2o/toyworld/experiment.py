@@ -20,7 +20,7 @@ from dspy_p2o.toyworld.task import ToyProgram, World, WorldConfig, build_world, 
 
 # Each arm is the P^2O loop with switches; everything else is shared.
 ARMS: dict[str, dict[str, Any]] = {
-    "grpo": {"prompt_phase": False},
+    "grpo": {"method": "grpo"},
     "p2o": {},
     "p2o_no_distill": {"trainer.distill": False},
     "p2o_same_template": {"prompt.same_template_in_group": True},
