@@ -139,13 +139,13 @@ class TrainerConfig:
         self.template_ratio_bounds = (float(lo), float(hi))
 
 
-
 @dataclass
 class PromptPhaseConfig:
     """Settings of the prompt phase (`P2OConfig.prompt`). The templates per hard question and
     the seed come from the run (k - plain_per_group, seed + epoch): `run_prompt_phase` takes them."""
 
     __pydantic_config__ = _STRICT
+
     min_hard: int = 100  # GEPA runs only on at least this many hard questions (authors: 100)
     dev_size: int = 300  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
     budget: str | int = "heavy_4"  # light / medium / heavy (GEPA's auto), heavy_4 = 4 x heavy, or metric calls
@@ -170,7 +170,6 @@ class PromptPhaseConfig:
                              f"metric calls, got {self.budget!r}")
         if not isinstance(self.budget, str) and (isinstance(self.budget, bool) or int(self.budget) < 1):
             raise ValueError(f"PromptPhaseConfig.budget as metric calls must be >= 1, got {self.budget!r}")
-
 
 
 @dataclass

@@ -254,6 +254,8 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     continues from its saved state (`log_dir/gepa`).
     """
     cfg = config or PromptPhaseConfig()
+    if k < 1:
+        raise ValueError(f"run_prompt_phase needs k >= 1 templates per hard question, got {k}")
     log_dir = Path(log_dir)
     ids = _example_ids(hard_examples)
     if len(ids) < cfg.min_hard:
