@@ -64,7 +64,7 @@ def write_config(work: Path, policy: Path, args) -> Path:
     config = work / "bench.yaml"
     config.write_text(yaml.safe_dump({
         "policy": str(policy), "epochs": 2, "batch_size": args.batch, "k": args.k, "temperature": 1.0,
-        "max_tokens": args.max_tokens, "progress": False, "prompt_phase": False,
+        "max_tokens": args.max_tokens, "progress": False, "method": "grpo",
         "checkpoint_every": args.checkpoint_every,
         "trainer": {"lr": 1e-3, "micro_batch_tokens": 2048},
         "data": {"train": str(data), "metric": "benchmarks.multi_process:closeness_metric",

@@ -186,8 +186,8 @@ def step_ours(model_dir: Path, args) -> dict:
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     config = TrainerConfig(**LOSS, micro_batch_tokens=args.micro_batch_tokens, warmup_ratio=0.0,
-                           temperature=args.temperature, gradient_checkpointing=False)
-    trainer = GRPOTrainer(str(model_dir), config=config)
+                           gradient_checkpointing=False)
+    trainer = GRPOTrainer(str(model_dir), config=config, temperature=args.temperature)
     engine = LocalEngine(trainer.model, trainer.tokenizer)
     trainer.engine = engine
     renderer = renderer_for(trainer.tokenizer)

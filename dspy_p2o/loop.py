@@ -22,7 +22,6 @@ directory. Batch size, K and the number of optimiser steps do not depend on N.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -157,8 +156,6 @@ class P2OLoop:
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         cfg = self.config
-        # The top-level knobs are the single source of truth for their nested copies.
-        cfg.trainer = dataclasses.replace(cfg.trainer, temperature=cfg.temperature, seed=cfg.seed)
         steps_per_batch = 1
         if cfg.trainer.mini_batch_size:
             steps_per_batch = -(-min(cfg.batch_size, len(self.trainset)) // cfg.trainer.mini_batch_size)
@@ -169,7 +166,8 @@ class P2OLoop:
                                     config=cfg.to_dict())
         if cfg.engine == "local":
             # The engine samples from the trainer's own module (this rank's replica): weight sync costs nothing.
-            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, total_steps=total_steps, accelerator=acc)
+            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, temperature=cfg.temperature, seed=cfg.seed,
+                                       total_steps=total_steps, accelerator=acc)
             self.engine = LocalEngine(self.trainer.model, self.trainer.tokenizer, **cfg.engine_kwargs)
             self.trainer.engine = self.engine
         else:
@@ -178,8 +176,8 @@ class P2OLoop:
                                   "(engine_kwargs.url; benchmarks/gpu/run.sh starts one): a managed server per rank "
                                   "would load the policy once per rank")
             self.engine = make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
-            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, engine=self.engine, total_steps=total_steps,
-                                       accelerator=acc)
+            self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, temperature=cfg.temperature, seed=cfg.seed,
+                                       engine=self.engine, total_steps=total_steps, accelerator=acc)
         self.renderer = Renderer(self.predictor, self.engine.tokenizer, adapter=make_adapter(cfg.adapter))
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
 
@@ -199,7 +197,7 @@ class P2OLoop:
         """A teacher's config (model, api_key_env) and, with reflection_preflight, its endpoint
         and key are checked at start -- not after a whole epoch -- and its limits reported."""
         cfg = self.config
-        if not (cfg.prompt_phase and cfg.reflection.startswith("teacher:")):
+        if not (cfg.method == "p2o" and cfg.reflection.startswith("teacher:")):
             return
         try:
             lm = self.reflection_lm()
@@ -315,7 +313,7 @@ class P2OLoop:
         bar = _bar(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    enabled=cfg.progress and self.is_main)
         for b in range(state.batch, len(batches)):
-            assignments = {i: z for i, z in state.assignments.items()} if cfg.prompt_phase else {}
+            assignments = {i: z for i, z in state.assignments.items()} if cfg.method == "p2o" else {}
             share = shard(batches[b], acc.process_index, acc.num_processes)
             t0 = time.perf_counter()
             rollouts = collect_rollouts(
@@ -381,7 +379,7 @@ class P2OLoop:
         sync_s = self.trainer.sync_engine()
         state.hard_count = len(hard)
         record: dict[str, Any] = {"epoch": epoch, "ran": False, "hard": len(hard)}
-        if not cfg.prompt_phase:
+        if cfg.method == "grpo":
             record["reason"] = "prompt phase disabled (GRPO baseline)"
         elif epoch == cfg.epochs - 1:
             record["reason"] = "last epoch: no later epoch would use new templates"
@@ -397,14 +395,14 @@ class P2OLoop:
 
     def _run_gepa(self, epoch: int, hard: list[str]) -> dict[str, Any]:
         cfg = self.config
-        prompt_cfg = dataclasses.replace(cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch)
         student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
         program = self.program.deepcopy()
         program.set_lm(student)
         with dspy.context(adapter=self.renderer.adapter):  # GEPA sees the format that is trained
             result = run_prompt_phase(
                 program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
-                metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch)
+                metric=self.metric, config=cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch,
+                log_dir=self.run.gepa_dir(epoch), epoch=epoch)
         self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
                         step=self.trainer.global_step)
         return {"epoch": epoch, "hard": len(hard), **result.to_json()}

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import dspy
 
+from dspy_p2o.config import ADAPTERS  # DSPy adapters a run can render (and reward) with, by config name
+
 
 class ChatTemplateError(ValueError):
     """The tokenizer cannot render chat messages."""
@@ -33,10 +35,6 @@ def chat_token_ids(tokenizer: Any, messages: list[dict[str, str]], **template_kw
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
     # The template already wrote any BOS token; adding special tokens again would double it.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-#: DSPy adapters a run can render (and reward) with, by config name.
-ADAPTERS = ("chat", "json", "xml")
 
 
 def make_adapter(name: str) -> dspy.Adapter:

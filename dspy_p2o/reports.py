@@ -63,7 +63,7 @@ def _save(fig, path) -> str:
 
 def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]], assignments: dict[str, list[str]],
                   checkpoint: str | None) -> None:
-    arm = "P^2O" if config.prompt_phase else "GRPO baseline"
+    arm = "P^2O" if config.method == "p2o" else "GRPO baseline"
     lines = [f"# {arm} run: {run.path.name}", "",
              f"- policy: `{redact(config.policy) or 'see config.yaml'}`, engine `{config.engine}`, "
              f"reflection `{redact(config.reflection)}`"

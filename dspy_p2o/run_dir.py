@@ -48,10 +48,10 @@ RESUMABLE_KEYS = ("epochs", "engine", "engine_kwargs", "reflection", "reflection
                   "trainer.keep_last_checkpoints", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
                   "prompt.num_threads", "data.train", "data.train_limit", "data.val", "data.val_limit",
                   "data.question_field", "data.answer_field")
-# Copies of top-level keys (compared there): older run dirs recorded them before the copy.
-DERIVED_KEYS = ("trainer.temperature", "trainer.seed")
+# Nested copies of top-level keys that older run directories recorded (config.MOVED); dropped on comparison.
+LEGACY_KEYS = ("trainer.temperature", "trainer.seed", "prompt.k", "prompt.seed")
 # Keys whose change makes an existing run directory meaningless to resume.
-IDENTITY_KEYS = ("policy", "k", "batch_size", "prompt_phase", "seed", "temperature", "max_tokens",
+IDENTITY_KEYS = ("policy", "k", "batch_size", "method", "seed", "temperature", "max_tokens",
                  "plain_per_group", "hardness_on", "near_hard", "tau")
 
 
@@ -126,7 +126,7 @@ class RunDir:
         self._accepted: dict[str, tuple[Any, Any]] = {}
         if not self.identity_file.exists():
             return False
-        previous = json.loads(self.identity_file.read_text())
+        previous = _upgrade(json.loads(self.identity_file.read_text()))
         changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
         resuming = self.exists()
         if resuming and self.config_file.exists():
@@ -188,9 +188,18 @@ def resumable(key: str) -> bool:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every leaf that differs (a dict-valued field such as
     engine_kwargs counts as one key)."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    flat_old, flat_new = _upgrade(_flatten(old)), _flatten(new)
     return {k: (flat_old.get(k), flat_new.get(k)) for k in sorted(set(flat_old) | set(flat_new))
-            if flat_old.get(k) != flat_new.get(k) and k not in DERIVED_KEYS}
+            if flat_old.get(k) != flat_new.get(k)}
+
+
+def _upgrade(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A flat config or identity an older run directory recorded, in today's keys: without the
+    nested copies of k, seed and temperature, and `prompt_phase` (a bool) as `method`."""
+    out = {k: v for k, v in recorded.items() if k not in LEGACY_KEYS}
+    if "prompt_phase" in out:
+        out["method"] = "p2o" if out.pop("prompt_phase") else "grpo"
+    return out
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     trainer = None
     for name, overrides in CASES.items():
-        config = TrainerConfig(lr=1e-3, max_grad_norm=1.0, seed=0, **overrides)
+        config = TrainerConfig(lr=1e-3, max_grad_norm=1.0, **overrides)
         trainer = GRPOTrainer(model_dir, config=config, accelerator=trainer.accelerator if trainer else None)
         acc = trainer.accelerator
         grads = _record_gradients(trainer)

@@ -14,7 +14,7 @@ from prompt_phase_fixtures import DOUBLE, TRIPLE, build_policy, hard_examples, m
 
 
 def small_config(**kw):
-    base = dict(min_hard=4, dev_size=6, budget=80, beam_width=2, k=3, num_threads=4, reflection_minibatch_size=3)
+    base = dict(min_hard=4, dev_size=6, budget=80, beam_width=2, num_threads=4, reflection_minibatch_size=3)
     return PromptPhaseConfig(**{**base, **kw})
 
 
@@ -28,7 +28,7 @@ def policy(tmp_path_factory):
 def test_too_small_hard_set_does_not_run(tmp_path):
     lm, _ = scripted_reflection_lm()
     out = run_prompt_phase(make_program(), hard_examples()[:3], student_lm=lm, reflection_lm=lm, metric=metric,
-                           config=small_config(), log_dir=tmp_path, epoch=2)
+                           config=small_config(), k=3, log_dir=tmp_path, epoch=2)
     assert not out.ran and out.reason == "hard set 3 < min_hard 4" and out.assignments == {}
 
 
@@ -53,7 +53,7 @@ def test_duplicate_ids_are_rejected(tmp_path):
     exs = hard_examples()
     with pytest.raises(ValueError, match="duplicate ids"):
         run_prompt_phase(make_program(), exs + exs[:1], student_lm=lm, reflection_lm=lm, metric=metric,
-                         config=small_config(), log_dir=tmp_path)
+                         config=small_config(), k=3, log_dir=tmp_path)
 
 
 @pytest.mark.slow  # builds and fine-tunes the tiny policy (~1-2 min on a loaded 2-core box)
@@ -61,7 +61,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
     reflection, script = scripted_reflection_lm()
     examples = hard_examples()
     out = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
-                           config=small_config(), log_dir=tmp_path, epoch=1)
+                           config=small_config(), k=3, log_dir=tmp_path, epoch=1)
     assert out.ran, out.reason
     # the reflection LM saw the policy's failures with their feedback and proposed from it
     assert script.requests and any("the double of" in r or "the triple of" in r for r in script.requests)
@@ -87,7 +87,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
 
     # rerun: the finished phase is loaded, nothing runs
     again = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
-                             config=small_config(), log_dir=tmp_path, epoch=1)
+                             config=small_config(), k=3, log_dir=tmp_path, epoch=1)
     assert again.assignments == out.assignments and "loaded_from" in again.cost
     n_requests = len(script.requests)
 
@@ -95,7 +95,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
     # neither re-evaluating the seed nor reflecting again (its budget is spent)
     (tmp_path / RESULT_FILE).unlink()
     resumed = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
-                               config=small_config(), log_dir=tmp_path, epoch=1)
+                               config=small_config(), k=3, log_dir=tmp_path, epoch=1)
     assert len(script.requests) == n_requests
     assert [p["template"] for p in resumed.pool] == [p["template"] for p in out.pool]
     assert resumed.scores == out.scores and resumed.cost["metric_calls_gepa"] == cost["metric_calls_gepa"]
@@ -105,7 +105,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
     # a larger budget continues the same run instead of starting over
     (tmp_path / RESULT_FILE).unlink()
     more = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
-                            config=small_config(budget=cost["metric_calls_gepa"] + 20), log_dir=tmp_path, epoch=1)
+                            config=small_config(budget=cost["metric_calls_gepa"] + 20), k=3, log_dir=tmp_path, epoch=1)
     assert [p["template"] for p in more.pool][: len(out.pool)] == [p["template"] for p in out.pool]
     assert more.cost["metric_calls_gepa"] > cost["metric_calls_gepa"]
     assert more.cost["student_lm"]["calls"] < more.cost["metric_calls_gepa"]  # earlier calls were not repeated
@@ -115,7 +115,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
 def test_teacher_failing_mid_phase_ends_cleanly(policy, tmp_path):
     reflection, script = scripted_reflection_lm(fail_after=1)
     out = run_prompt_phase(make_program(), hard_examples(), student_lm=policy, reflection_lm=reflection,
-                           metric=metric, config=small_config(budget=500, beam_width=1, max_reflection_failures=2),
+                           metric=metric, config=small_config(budget=500, beam_width=1, max_reflection_failures=2), k=3,
                            log_dir=tmp_path)
     assert out.ran and "reflection LM failed 2 times in a row" in out.reason
     assert len(out.pool) == 2  # the seed and the one template proposed before the teacher went away
@@ -133,7 +133,7 @@ def test_unreachable_http_teacher_ends_cleanly(policy, tmp_path, monkeypatch, ca
                                     api_key_env="P2O_TEST_TEACHER_KEY", num_retries=0)
     caplog.set_level("DEBUG")
     out = run_prompt_phase(make_program(), hard_examples(), student_lm=policy, reflection_lm=reflection,
-                           metric=metric, config=small_config(budget=500, max_reflection_failures=1),
+                           metric=metric, config=small_config(budget=500, max_reflection_failures=1), k=3,
                            log_dir=tmp_path)
     assert out.ran and "reflection LM failed" in out.reason and len(out.pool) == 1
     assert out.assignments == {}  # nothing solved anything: questions stay on their plain input

@@ -75,7 +75,7 @@ def test_compile_two_epochs_with_prompt_phase(tmp_path, factor_policy):
 
 
 @pytest.mark.parametrize("switch", [
-    {"prompt_phase": False},
+    {"method": "grpo"},
     {"distill": False},
     {"same_template_in_group": True},
     {"near_hard": True, "hardness_on": "plain", "plain_per_group": 1},
@@ -86,8 +86,8 @@ def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
                               run_dir=run_dir, **tiny_overrides(**switch))
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     record = json.loads((run_dir / "templates/epoch-0.json").read_text())
-    if switch.get("prompt_phase") is False:
-        assert cfg["prompt_phase"] is False and not record["ran"] and result.templates == {}
+    if switch.get("method") == "grpo":
+        assert cfg["method"] == "grpo" and not record["ran"] and result.templates == {}
     if "distill" in switch:
         assert cfg["trainer"]["distill"] is False
     if switch.get("same_template_in_group"):
@@ -102,10 +102,10 @@ def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
 def test_incompatible_run_dir_is_refused(tmp_path, format_model_dir):
     run_dir = tmp_path / "run"
     dspy_p2o.compile(program(), sum_examples(4, 0, "train"), metric=math_metric, policy=format_model_dir,
-                     run_dir=run_dir, **tiny_overrides(epochs=1, prompt_phase=False))
+                     run_dir=run_dir, **tiny_overrides(epochs=1, method="grpo"))
     with pytest.raises(ConfigError, match=r"incompatible run \(k: 4 -> 2"):
         dspy_p2o.compile(program(), sum_examples(4, 0, "train"), metric=math_metric, policy=format_model_dir,
-                         run_dir=run_dir, **tiny_overrides(epochs=1, prompt_phase=False, k=2))
+                         run_dir=run_dir, **tiny_overrides(epochs=1, method="grpo", k=2))
 
 
 def test_bad_trainset_and_config_errors(tmp_path, format_model_dir):
@@ -121,6 +121,22 @@ def test_bad_trainset_and_config_errors(tmp_path, format_model_dir):
         P2OConfig.load(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="plain_per_group"):
         P2OConfig.load(None, {"plain_per_group": 6})
+
+
+def test_the_run_knobs_reach_the_trainer_as_given(tmp_path, format_model_dir):
+    """One home per knob: a dotted trainer override and the run's temperature arrive unchanged."""
+    from dspy_p2o.loop import P2OLoop
+
+    cfg = P2OConfig.load(None, {"policy": str(format_model_dir), **tiny_overrides(temperature=0.7, seed=3),
+                                "trainer.lr": 2e-3, "trainer.epsilon_high": 0.3})
+    loop = P2OLoop(program(), sum_examples(4, 0, "train"), metric=math_metric, policy=format_model_dir, config=cfg,
+                   run_dir=tmp_path / "run")
+    try:
+        loop._build()
+        assert loop.trainer.temperature == 0.7 and loop.trainer.config == cfg.trainer
+        assert (loop.trainer.config.lr, loop.trainer.config.epsilon_high) == (2e-3, 0.3)
+    finally:
+        loop.release()
 
 
 def test_command_line_overrides_parse_like_their_documentation():
@@ -144,7 +160,7 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     data = tmp_path / "train.jsonl"
     write_jsonl(data, sum_examples(8, 0, "train"))
     config = tmp_path / "tiny.yaml"
-    overrides = tiny_overrides(epochs=2, batch_size=4, prompt_phase=False)
+    overrides = tiny_overrides(epochs=2, batch_size=4, method="grpo")
     flat = {"policy": str(format_model_dir), "trainer": {}, "prompt": {},
             "data": {"train": str(data), "metric": "loop_fixtures:slow_closeness_metric",
                      "program": "loop_fixtures:sum_program"}}

@@ -11,7 +11,7 @@ from dspy_p2o.rewards import MetricError
 from loop_fixtures import sum_examples, tiny_overrides
 from safety_fixtures import EveryOtherFails, always_failing_metric, five_point_metric
 
-SETTINGS = dict(epochs=1, batch_size=4, k=2, prompt_phase=False, max_tokens=8)
+SETTINGS = dict(epochs=1, batch_size=4, k=2, method="grpo", max_tokens=8)
 
 
 def _compile(run_dir, policy, metric):

@@ -39,7 +39,7 @@ KILLED_RUN = textwrap.dedent("""
     dspy_p2o.compile(dspy.ChainOfThought("question -> answer"), sum_examples(8, 0, "train"), metric=noisy_metric,
                      policy=sys.argv[2], run_dir=sys.argv[1], **tiny_overrides(**eval(sys.argv[3])))
 """)
-SETTINGS = dict(epochs=1, batch_size=2, k=2, prompt_phase=False, keep_last_checkpoints=1, max_tokens=8)
+SETTINGS = dict(epochs=1, batch_size=2, k=2, method="grpo", keep_last_checkpoints=1, max_tokens=8)
 
 
 def _killed_run(run_dir, policy):

@@ -174,11 +174,11 @@ def test_execution_samples_teach_the_answer_to_follow_the_reasoning(tiny_policy)
 
 def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path):
     """Two arms end to end through P2OLoop on a tiny budget: the JSON schema and the bookkeeping."""
-    from dspy_p2o.toyworld.experiment import ToyRunConfig, markdown_table, run_experiment
+    from dspy_p2o.toyworld.experiment import markdown_table, run_experiment, toy_config
 
     world, policy_config, cache, _ = tiny_policy
-    config = ToyRunConfig(epochs=2, k=4, batch_size=12, mini_batch_size=6, max_tokens=12, plain_per_group=2,
-                          gepa_budget=12, beam_width=1, min_hard=2, dev_size=2)
+    config = toy_config(dict(epochs=2, k=4, batch_size=12, mini_batch_size=6, max_tokens=12, plain_per_group=2,
+                             budget=12, beam_width=1, min_hard=2, dev_size=2))
     doc = run_experiment(0, ("grpo", "p2o"), out_dir=tmp_path, config=config,
                          world_config=WorldConfig(train_per_tag=3, test_per_tag=2), policy_config=policy_config,
                          cache_dir=cache, progress=False, log=lambda s: None)
@@ -191,3 +191,14 @@ def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path):
     assert doc["arms"]["p2o"]["gepa_rollouts"] > 0  # an untrained policy fails everything: GEPA ran
     assert (tmp_path / "seed0" / "results.json").exists() and (tmp_path / "seed0" / "toyworld.png").exists()
     assert "P^2O" in markdown_table(doc)
+
+
+def test_run_config_is_the_packaged_yaml_on_the_train_schema():
+    """The toy world's loop settings are a `dspy-p2o train` config shipped with the package."""
+    from dspy_p2o.toyworld.experiment import toy_config
+
+    cfg = toy_config()
+    assert (cfg.epochs, cfg.k, cfg.plain_per_group, cfg.hardness_on, cfg.method) == (10, 8, 4, "plain", "p2o")
+    assert (cfg.trainer.lr, cfg.trainer.template_ratio, cfg.prompt.budget) == (5e-5, "off", 400)
+    small = toy_config({"epochs": 2, "budget": 12, "trainer.beta": 0.0})
+    assert (small.epochs, small.prompt.budget, small.trainer.beta, small.k) == (2, 12, 0.0, 8)

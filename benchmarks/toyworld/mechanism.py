@@ -31,8 +31,8 @@ def run_setting(world, policy_dir: Path, *, plain: int, ratio: str, k: int, epoc
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     config = TrainerConfig(lr=lr, warmup_ratio=0.0, mini_batch_size=mini_batch, template_ratio=ratio,
-                           temperature=temperature, seed=seed, max_grad_norm=max_grad_norm)
-    trainer = GRPOTrainer(str(policy_dir), config=config)
+                           max_grad_norm=max_grad_norm)
+    trainer = GRPOTrainer(str(policy_dir), config=config, temperature=temperature, seed=seed)
     engine = LocalEngine(trainer.model, trainer.tokenizer)
     trainer.engine = engine
     renderer = Renderer(ToyProgram().predictor, engine.tokenizer)

@@ -2,7 +2,7 @@
 
     python benchmarks/toyworld/run_seeds.py --seeds 0 1 2 --arms grpo p2o p2o_no_distill p2o_same_template \
         --out runs/toyworld_seeds
-    # a loop setting changed (any ToyRunConfig field), e.g. the plain rollouts per templated group:
+    # a loop setting changed (any key of dspy_p2o/toyworld/config.yaml's schema), e.g. the plain rollouts per templated group:
     python benchmarks/toyworld/run_seeds.py --arms p2o --set plain_per_group=0 --out runs/toyworld_ppg0
 
 Finished seeds are read back from their results.json, so an interrupted sweep resumes.
@@ -15,8 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
-from dspy_p2o.config import parse_overrides
-from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, ToyRunConfig, run_experiment
+from dspy_p2o.config import ConfigError, P2OConfig, parse_overrides
+from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, run_experiment, toy_config
 
 
 def summarise(docs: list[dict]) -> str:
@@ -41,14 +41,12 @@ def _ms(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f} [{', '.join(f'{100 * v:.0f}' for v in values)}]"
 
 
-def run_config(settings: list[str]) -> ToyRunConfig:
-    """ToyRunConfig with `field=value` settings, parsed as `dspy-p2o train` parses its overrides."""
-    values = parse_overrides(settings)
-    unknown = sorted(set(values) - set(ToyRunConfig.__dataclass_fields__))
-    if unknown:
-        raise SystemExit(f"--set {', '.join(unknown)}: not a ToyRunConfig field; choose from "
-                         f"{sorted(ToyRunConfig.__dataclass_fields__)}")
-    return ToyRunConfig(**values)
+def run_config(settings: list[str]) -> P2OConfig:
+    """The toy world's config with `key=value` settings, parsed as `dspy-p2o train` parses its overrides."""
+    try:
+        return toy_config(parse_overrides(settings))
+    except ConfigError as exc:
+        raise SystemExit(f"--set: {exc}") from None
 
 
 def main() -> None:
@@ -56,7 +54,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld_seeds"))
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ToyRunConfig settings")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides (dspy_p2o/toyworld/config.yaml)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="base-policy cache (default: the user cache)")
     args = parser.parse_args()
     config = run_config(args.set)

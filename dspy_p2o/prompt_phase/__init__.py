@@ -1,8 +1,7 @@
 """Phase 2 of P^2O: hard-set mining, GEPA template evolution, Pareto front and template assignment."""
 
-from dspy_p2o.prompt_phase.gepa_phase import (
-    PromptPhaseConfig, PromptPhaseResult, metric_call_budget, run_prompt_phase, split_hard_set,
-)
+from dspy_p2o.config import PromptPhaseConfig  # with the run's config (config.py), importable from here too
+from dspy_p2o.prompt_phase.gepa_phase import PromptPhaseResult, metric_call_budget, run_prompt_phase, split_hard_set
 from dspy_p2o.prompt_phase.hard import mine_hard, success_rates
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, pareto_front, solved_by
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, describe_reflection_lm, make_reflection_lm

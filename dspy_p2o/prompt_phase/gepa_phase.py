@@ -32,6 +32,7 @@ from gepa.strategies.eval_policy import FullEvaluationPolicy
 from gepa.strategies.proposal_sampling import ProposalTask
 from gepa.utils.stop_condition import ScoreThresholdStopper
 
+from dspy_p2o.config import BUDGET_PRESETS, PromptPhaseConfig
 from dspy_p2o.jsonio import write_json
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, mean_scores, pareto_front, solved_by
 from dspy_p2o.renderer import single_predictor
@@ -39,39 +40,8 @@ from dspy_p2o.rewards import safe_metric
 
 logger = logging.getLogger(__name__)
 
-BUDGET_PRESETS = {"light": ("light", 1), "medium": ("medium", 1), "heavy": ("heavy", 1), "heavy_4": ("heavy", 4)}
 RESULT_FILE = "prompt_phase.json"
 SPLIT_FILE = "split.json"
-
-
-@dataclass
-class PromptPhaseConfig:
-    min_hard: int = 100  # GEPA runs only on at least this many hard questions (authors: 100)
-    dev_size: int = 300  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
-    budget: str | int = "heavy_4"  # light / medium / heavy (GEPA's auto), heavy_4 = 4 x heavy, or metric calls
-    beam_width: int = 16  # W: parents explored per GEPA iteration, from the Pareto front
-    k: int = 6  # templates per hard question (= rollouts per group)
-    same_template_in_group: bool = False  # ablation: one template for all K rollouts
-    num_threads: int = 8
-    seed: int = 0
-    stop_at_score: float = 1.0  # stop GEPA once a template's mean dev score reaches this
-    solved_threshold: float = 1.0  # a score at or above this counts as "solved"
-    reflection_minibatch_size: int = 3
-    use_merge: bool = False  # GEPA merge recombines components; a one-predictor program has one
-    max_reflection_failures: int = 3  # consecutive failed reflection calls that end the phase
-    score_hard_train: bool = True  # score front + cover templates on hard_train to assign them too
-    gepa_kwargs: dict = field(default_factory=dict)  # passed on to gepa.optimize
-
-    def __post_init__(self) -> None:
-        for name in ("min_hard", "dev_size", "beam_width", "k", "num_threads", "reflection_minibatch_size",
-                     "max_reflection_failures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PromptPhaseConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.budget, str) and self.budget not in BUDGET_PRESETS:
-            raise ValueError(f"PromptPhaseConfig.budget must be one of {sorted(BUDGET_PRESETS)} or a number of "
-                             f"metric calls, got {self.budget!r}")
-        if not isinstance(self.budget, str) and (isinstance(self.budget, bool) or int(self.budget) < 1):
-            raise ValueError(f"PromptPhaseConfig.budget as metric calls must be >= 1, got {self.budget!r}")
 
 
 @dataclass
@@ -219,7 +189,7 @@ def _example_ids(examples: Sequence[dspy.Example]) -> list[str]:
     return ids
 
 
-def _load_split(log_dir: Path, ids: list[str], cfg: PromptPhaseConfig, epoch: int) -> tuple[list[str], list[str]]:
+def _load_split(log_dir: Path, ids: list[str], dev_size: int, seed: int) -> tuple[list[str], list[str]]:
     """The saved split when resuming (it must match this hard set), else a fresh one, saved."""
     path = log_dir / SPLIT_FILE
     if path.exists():
@@ -228,7 +198,7 @@ def _load_split(log_dir: Path, ids: list[str], cfg: PromptPhaseConfig, epoch: in
             raise ValueError(f"{log_dir} holds a prompt phase for a different hard set ({len(saved['train']) + len(saved['dev'])} "
                              f"saved ids vs {len(ids)} given); use a fresh log_dir per epoch")
         return saved["train"], saved["dev"]
-    train, dev = split_hard_set(ids, cfg.dev_size, cfg.seed + 1000 * epoch)
+    train, dev = split_hard_set(ids, dev_size, seed)
     log_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"train": train, "dev": dev}, indent=1))
     return train, dev
@@ -274,13 +244,18 @@ def score_templates(program: dspy.Module, templates: Sequence[str], examples: Se
 
 def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example], *, student_lm: dspy.BaseLM,
                      reflection_lm: dspy.BaseLM, metric: Callable, config: PromptPhaseConfig | None = None,
-                     log_dir: str | os.PathLike, epoch: int = 0) -> PromptPhaseResult:
-    """Run GEPA on the hard set with the current policy as student and assign K templates per hard question.
+                     k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 0) -> PromptPhaseResult:
+    """Run GEPA on the hard set with the current policy as student and assign `k` templates per hard question.
+
+    `k` is the number of templated rollouts per group (the run's k - plain_per_group) and
+    `seed` the phase's seed (the loop passes the run's seed + epoch).
 
     Resumable: a finished phase in `log_dir` is loaded, not rerun; an interrupted GEPA run
     continues from its saved state (`log_dir/gepa`).
     """
     cfg = config or PromptPhaseConfig()
+    if k < 1:
+        raise ValueError(f"run_prompt_phase needs k >= 1 templates per hard question, got {k}")
     log_dir = Path(log_dir)
     ids = _example_ids(hard_examples)
     if len(ids) < cfg.min_hard:
@@ -297,7 +272,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     single_predictor(program)  # a clear error for multi-predictor programs, before any work
     metric = safe_metric(metric)
     by_id = dict(zip(ids, hard_examples))
-    train_ids, dev_ids = _load_split(log_dir, ids, cfg, epoch)
+    train_ids, dev_ids = _load_split(log_dir, ids, cfg.dev_size, seed + 1000 * epoch)
     trainset, devset = [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
     max_calls = metric_call_budget(cfg.budget, len(devset))
 
@@ -306,14 +281,14 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     proposer = GuardedInstructionProposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
     gepa_dir = str(log_dir / "gepa")
-    gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(cfg.seed + epoch)),
+    gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(seed + epoch)),
                    "stop_callbacks": [ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
                    "use_cloudpickle": True, "val_evaluation_policy": ResumingEvaluationPolicy(gepa_dir),
                    **cfg.gepa_kwargs}
     optimizer = dspy.GEPA(metric=metric, max_metric_calls=max_calls, reflection_lm=reflection_lm,
                           instruction_proposer=proposer, reflection_minibatch_size=cfg.reflection_minibatch_size,
                           use_merge=cfg.use_merge, num_threads=cfg.num_threads, log_dir=gepa_dir,
-                          track_stats=True, seed=cfg.seed + epoch, warn_on_score_mismatch=False,
+                          track_stats=True, seed=seed + epoch, warn_on_score_mismatch=False,
                           gepa_kwargs=gepa_kwargs)
     start = time.time()
     logger.info("prompt phase epoch %d: GEPA on %d hard_train / %d hard_dev questions, budget %d metric calls, "
@@ -324,7 +299,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
         details = optimized.detailed_results
         templates = [single_predictor(c).signature.instructions for c in details.candidates]
         scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
-        front = pareto_front(scores, None, random.Random(cfg.seed))
+        front = pareto_front(scores, None, random.Random(seed))
         cover = greedy_cover(scores, front, cfg.solved_threshold)
         means = mean_scores(scores)
         solved = solved_by(scores, dev_ids, threshold=cfg.solved_threshold)
@@ -337,8 +312,8 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
                                     threshold=cfg.solved_threshold))
     wall = time.time() - start
 
-    rng = random.Random(cfg.seed * 7919 + epoch)
-    assignments = assign_templates(dev_ids + train_ids, solved, templates, means, cover, k=cfg.k, rng=rng,
+    rng = random.Random(seed * 7919 + epoch)
+    assignments = assign_templates(dev_ids + train_ids, solved, templates, means, cover, k=k, rng=rng,
                                    same_template_in_group=cfg.same_template_in_group)
     pool = [{"index": c, "template": templates[c], "mean_dev_score": means[c],
              "parent": next((p for p in (details.parents[c] or []) if p is not None), None),

@@ -26,16 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import logging
-    from dataclasses import replace
 
-    from dspy_p2o.toyworld.experiment import ARMS, DEMO_ARMS, ToyRunConfig, run_experiment
+    from dspy_p2o.toyworld.experiment import ARMS, DEMO_ARMS, run_experiment, toy_config
 
     logging.getLogger("dspy").setLevel(logging.WARNING)
-    config = ToyRunConfig()
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
-        config = replace(config, epochs=args.epochs)
+    config = toy_config({} if args.epochs is None else {"epochs": args.epochs})  # ConfigError: one line (cli.py)
     arms = tuple(ARMS) if args.full else DEMO_ARMS
     doc = run_experiment(args.seed, arms, out_dir=args.out, config=config, cache_dir=args.cache_dir,
                          progress=not args.quiet)

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+from dspy_p2o.config import P2OConfig
 from dspy_p2o.toyworld.policy import PolicyConfig, greedy_accuracy, pretrain_policy, torch_threads
 from dspy_p2o.toyworld.reflection import ReflectionNoise, reflection_lm
 from dspy_p2o.toyworld.task import ToyProgram, World, WorldConfig, build_world, metric
 
 # Each arm is the P^2O loop with switches; everything else is shared.
 ARMS: dict[str, dict[str, Any]] = {
-    "grpo": {"prompt_phase": False},
+    "grpo": {"method": "grpo"},
     "p2o": {},
     "p2o_no_distill": {"trainer.distill": False},
     "p2o_same_template": {"prompt.same_template_in_group": True},
@@ -28,42 +30,13 @@ ARMS: dict[str, dict[str, Any]] = {
 ARM_TITLES = {"grpo": "GRPO", "p2o": "P^2O", "p2o_no_distill": "P^2O w/o context distillation",
               "p2o_same_template": "P^2O, same template in a group"}
 DEMO_ARMS = ("grpo", "p2o")
+CONFIG_FILE = "config.yaml"  # the loop's settings, on P2OConfig's schema (package data)
 
 
-@dataclass
-class ToyRunConfig:
-    """The loop's settings for the toy world: small, CPU-sized, and measured (benchmarks/toyworld/RESULTS.md)."""
-
-    epochs: int = 10
-    k: int = 8
-    batch_size: int = 144  # one phase-1 batch per epoch (the whole train split) ...
-    mini_batch_size: int = 8  # ... split into optimiser steps of this many questions
-    temperature: float = 0.6  # the paper's; at 1.0 GRPO sampled enough lucky answers to learn hard tags
-    max_tokens: int = 12
-    lr: float = 5e-5  # with beta: seed 0 easy 90 -> 95% (1e-4); 2e-4 eroded easy skills in GRPO too; 1e-3 collapsed every arm
-    beta: float = 0.1  # KL to the base policy: rewarded lucky answers otherwise wear down executing the rules
-    plain_per_group: int = 4  # K/2 plain rollouts in every templated group (DESIGN §3: distillation needs contrast)
-    template_ratio: str = "off"
-    gepa_budget: int = 400  # metric calls per prompt phase; 160 often missed one of the three hard rules
-    updates_per_batch: int = 4  # optimiser passes over each batch (TRL's num_iterations): measured 18% -> 54% hard
-    hardness_on: str = "plain"  # keep a question's templates until its plain rollouts succeed
-    template_clip: bool = True  # a distilled token may climb to its templated probability in one batch
-    beam_width: int = 2
-    min_hard: int = 8
-    dev_size: int = 24
-    overrides: dict[str, Any] = field(default_factory=dict)  # any further P2OConfig override
-
-    def loop_overrides(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs, "k": self.k, "batch_size": self.batch_size, "temperature": self.temperature,
-            "max_tokens": self.max_tokens, "plain_per_group": self.plain_per_group, "shuffle": True,
-            "trainer.lr": self.lr, "trainer.beta": self.beta, "trainer.mini_batch_size": self.mini_batch_size, "trainer.warmup_ratio": 0.0,
-            "trainer.template_ratio": self.template_ratio, "trainer.template_clip": self.template_clip,
-            "trainer.updates_per_batch": self.updates_per_batch,
-            "hardness_on": self.hardness_on, "prompt.budget": self.gepa_budget,
-            "prompt.beam_width": self.beam_width, "prompt.min_hard": self.min_hard, "prompt.dev_size": self.dev_size,
-            "prompt.num_threads": 4, "eval_k": 1, **self.overrides,
-        }
+def toy_config(overrides: Mapping[str, Any] | None = None) -> P2OConfig:
+    """The toy world's run config (toyworld/config.yaml) with `overrides` (bare or dotted keys, as `dspy-p2o train`)."""
+    with resources.as_file(resources.files("dspy_p2o.toyworld") / CONFIG_FILE) as path:
+        return P2OConfig.load(path, overrides)
 
 
 @dataclass
@@ -80,18 +53,17 @@ class ArmResult:
         return asdict(self)
 
 
-def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: ToyRunConfig, *,
+def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2OConfig, *,
             progress: bool = True) -> ArmResult:
     """One arm through the P^2O loop; accuracy measured afterwards without templates."""
-    from dspy_p2o.config import P2OConfig
     from dspy_p2o.loop import P2OLoop
     from dspy_p2o.renderer import Renderer
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
     start = time.time()
-    cfg = P2OConfig.load(None, {"policy": str(policy_dir), "seed": world.seed, "progress": progress,
-                                "reflection": "custom", **config.loop_overrides(), **ARMS[arm]})
+    cfg = P2OConfig.load(config, {"policy": str(policy_dir), "seed": world.seed, "progress": progress,
+                                  "reflection": "custom", **ARMS[arm]})
     program = ToyProgram()
     # The toy world's own teacher, passed as an LM object (what compile(..., reflection=lm) does).
     loop = P2OLoop(program, world.train, metric=metric, policy=str(policy_dir), config=cfg, run_dir=run_dir / arm,
@@ -116,11 +88,11 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: Toy
 
 
 def run_experiment(seed: int = 0, arms: tuple[str, ...] = DEMO_ARMS, *, out_dir: str | Path = "runs/toyworld",
-                   config: ToyRunConfig | None = None, world_config: WorldConfig | None = None,
+                   config: P2OConfig | None = None, world_config: WorldConfig | None = None,
                    policy_config: PolicyConfig | None = None, cache_dir: str | Path | None = None,
                    progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Pretrain (or load) the base policy and run each arm; returns the `--json` document."""
-    config = config or ToyRunConfig()
+    config = config or toy_config()
     world = build_world(seed, world_config)
     out_dir = Path(out_dir) / f"seed{seed}"
     t0 = time.time()
@@ -139,7 +111,7 @@ def run_experiment(seed: int = 0, arms: tuple[str, ...] = DEMO_ARMS, *, out_dir:
         log(f"[toyworld] arm {arm}: hard {arm_result.hard_acc:.2f}, easy {arm_result.easy_acc:.2f}, "
             f"hard per epoch {arm_result.hard_per_epoch} ({arm_result.seconds:.0f}s)")
     doc = {"seed": seed, "arms": results, "base": base, "world": {"easy": world.easy_rules, "hard": world.hard_rules},
-           "config": asdict(config), "seconds": round(time.time() - t0, 1)}
+           "config": config.redacted(), "seconds": round(time.time() - t0, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
     (out_dir / "table.md").write_text(markdown_table(doc))

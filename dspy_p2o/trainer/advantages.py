@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-SCALES = ("group", "batch", "none")
+from dspy_p2o.config import SCALES
 
 
 @dataclass

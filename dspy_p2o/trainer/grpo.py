@@ -26,84 +26,14 @@ from typing import Any, Sequence
 
 import torch
 
+from dspy_p2o.config import TrainerConfig
 from dspy_p2o.rollouts import Rollout
 from dspy_p2o.trainer import checkpoint as ckpt
-from dspy_p2o.trainer.advantages import SCALES, group_advantages
+from dspy_p2o.trainer.advantages import group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
                                        sequence_logprobs, supports_logits_to_keep)
-from dspy_p2o.trainer.losses import (LOSS_AGGREGATIONS, TEMPLATE_RATIO_MODES, aggregate, template_clip_upper,
-                                     template_ratio_weights, token_loss, truncated_is_weights)
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-@dataclass
-class TrainerConfig:
-    """Hyper-parameters of the GRPO trainer. Defaults follow the paper (DESIGN.md §3) where it says."""
-
-    lr: float = 1e-6  # AdamW learning rate (paper: 1e-6)
-    warmup_ratio: float = 0.05  # linear warm-up over this fraction of total_steps (paper: 5%)
-    lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to 0 (needs total_steps)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0  # global grad-norm clipping; <= 0 disables it
-    mini_batch_size: int | None = None  # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
-    updates_per_batch: int = 1  # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (length-bucketed micro-batches)
-    epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
-    epsilon_high: float = 0.28  # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
-    loss_agg: str = "dapo"  # "grpo" (sequence mean, then batch mean) | "dapo" (token mean) | "dr_grpo" (sum / constant)
-    dr_grpo_length: int | None = None  # dr_grpo's constant length; None = the longest completion of the batch
-    scale_rewards: str = "group"  # advantage std scaling: "group" (GRPO) | "batch" | "none" (Dr. GRPO)
-    beta: float = 0.0  # KL(pi || pi_init) coefficient; 0 = no reference model loaded (paper: no KL)
-    tis_cap: float | None = None  # truncated importance sampling min(cap, pi_trainer / pi_engine) per token; None = off
-    distill: bool = True  # gradient on x (context distillation) or, False, on the sampled T(x, z) (ablation)
-    template_ratio: str = "mask"  # distilled tokens with pi(y_t|x)/pi(y_t|x~) outside the bounds: "mask" | "soft" | "off"
-    template_ratio_bounds: tuple[float, float] = (0.01, 10.0)  # the authors' bounds
-    template_clip: bool = False  # distilled tokens may climb to pi(y_t|x~) in one batch (upper clip, losses.py)
-    temperature: float = 1.0  # log-probs are taken at the sampling temperature (paper: 0.6)
-    gradient_checkpointing: bool = False  # recompute activations in backward (long completions on GPU)
-    dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
-    sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
-    keep_last_checkpoints: int = 2  # older checkpoints are deleted
-    process_timeout_s: float = 6 * 3600.0  # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
-    seed: int = 0  # python / numpy / torch seeds
-
-    def __post_init__(self) -> None:
-        def choice(name: str, options: tuple) -> None:
-            if getattr(self, name) not in options:
-                raise ValueError(f"TrainerConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
-
-        choice("lr_schedule", LR_SCHEDULES)
-        choice("loss_agg", LOSS_AGGREGATIONS)
-        choice("scale_rewards", SCALES)
-        choice("template_ratio", TEMPLATE_RATIO_MODES)
-        choice("sync", ("step", "epoch"))
-        choice("dtype", ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
-        if self.lr <= 0:
-            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainerConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"TrainerConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
-        if self.updates_per_batch < 1:
-            raise ValueError(f"TrainerConfig.updates_per_batch must be >= 1, got {self.updates_per_batch}")
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"TrainerConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ValueError(f"TrainerConfig epsilons must satisfy 0 <= epsilon_low < 1, epsilon_high >= 0; "
-                             f"got {self.epsilon_low}, {self.epsilon_high}")
-        if self.beta < 0:
-            raise ValueError(f"TrainerConfig.beta must be >= 0, got {self.beta}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"TrainerConfig.tis_cap must be > 0 or None, got {self.tis_cap}")
-        lo, hi = self.template_ratio_bounds
-        if not 0 < lo <= 1 <= hi:
-            raise ValueError(f"TrainerConfig.template_ratio_bounds must satisfy 0 < lo <= 1 <= hi, got {(lo, hi)}")
-        self.template_ratio_bounds = (float(lo), float(hi))
-        if self.temperature <= 0:
-            raise ValueError(f"TrainerConfig.temperature must be > 0 (log-probs of greedy sampling are degenerate), "
-                             f"got {self.temperature}")
-
+from dspy_p2o.trainer.losses import (aggregate, template_clip_upper, template_ratio_weights, token_loss,
+                                     truncated_is_weights)
 
 @dataclass
 class _Sequences:
@@ -132,6 +62,9 @@ class GRPOTrainer:
             Loaded from a path, weights are fp32 (AdamW master weights); the compute dtype
             comes from `config.dtype` through accelerate's mixed precision.
         tokenizer: required with a module; loaded with a path otherwise.
+        temperature: the sampling temperature; log-probs are taken at it (the run's
+            `P2OConfig.temperature`; paper: 0.6).
+        seed: python / numpy / torch seeds (the run's `P2OConfig.seed`).
         engine: synced after every step (`sync="step"`) and by `sync_engine()`. A
             `LocalEngine` sharing this module needs no copy.
         total_steps: optimiser steps of the whole run, for warm-up and decay.
@@ -141,16 +74,20 @@ class GRPOTrainer:
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, config: TrainerConfig = TrainerConfig(), *,
-                 engine: Any = None, total_steps: int | None = None, accelerator: Any = None,
-                 logger: Any = None) -> None:
+                 temperature: float = 1.0, seed: int = 0, engine: Any = None, total_steps: int | None = None,
+                 accelerator: Any = None, logger: Any = None) -> None:
         from accelerate.utils import set_seed
 
+        if temperature <= 0:
+            raise ValueError(f"GRPOTrainer temperature must be > 0 (log-probs of greedy sampling are degenerate), "
+                             f"got {temperature}")
         self.config = replace(config)  # the default instance is shared; never mutate it
+        self.temperature = temperature
         self.engine = engine
         self.sync_diffs: list[float] = []  # log-prob differences reported by verified weight syncs
         self.logger = logger
         self.total_steps = total_steps
-        set_seed(config.seed)
+        set_seed(seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
         module, self.tokenizer = _load(model, tokenizer)
         if self.tokenizer is None:
@@ -326,7 +263,7 @@ class GRPOTrainer:
 
     def _logprobs(self, model, prompts, completions) -> list[torch.Tensor]:
         return sequence_logprobs(model, prompts, completions, pad_id=self.pad_id, max_tokens=self.config.micro_batch_tokens,
-                                 temperature=self.config.temperature, device=self.device,
+                                 temperature=self.temperature, device=self.device,
                                  logits_to_keep=self._logits_to_keep)
 
     def _mini_batches(self, groups: list[str]) -> list[list[int]]:
@@ -384,7 +321,7 @@ class GRPOTrainer:
     def _micro_batch_loss(self, seqs: _Sequences, rows: list[int], norm: dict) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         batch = make_batch(rows, seqs.prompts, seqs.completions, self.pad_id, self.device)
-        logp = batch_logprobs(self._model, batch, cfg.temperature, self._logits_to_keep)
+        logp = batch_logprobs(self._model, batch, self.temperature, self._logits_to_keep)
         width, device = batch.width, self.device
         mask = batch.completion_mask & right_align(seqs.kept, rows, width).bool().to(device)
         ref = right_align(seqs.ref, rows, width).to(device) if seqs.ref is not None else None

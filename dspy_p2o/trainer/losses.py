@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
-TEMPLATE_RATIO_MODES = ("mask", "soft", "off")
+from dspy_p2o.config import LOSS_AGGREGATIONS, TEMPLATE_RATIO_MODES
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""The run configuration: a leaf module, one home per knob, strict values, errors that name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dspy_p2o.config import MOVED, ConfigError, P2OConfig, parse_overrides
+from dspy_p2o.run_dir import config_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_module_and_train_help_import_no_torch_dspy_or_gepa():
+    code = ("import sys, dspy_p2o.config, dspy_p2o.train_cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dspy', 'gepa', 'transformers'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_dotted_overrides_of_nested_knobs_are_honoured():
+    cfg = P2OConfig.load(None, parse_overrides(["trainer.lr=2e-5", "trainer.template_ratio_bounds=[0.1, 5]",
+                                                "prompt.min_hard=8", "prompt.budget=light", "data.train=x.jsonl",
+                                                "temperature=0.7", "seed=3", "k=4"]))
+    assert (cfg.trainer.lr, cfg.trainer.template_ratio_bounds) == (2e-5, (0.1, 5.0))
+    assert (cfg.prompt.min_hard, cfg.prompt.budget, cfg.data.train) == (8, "light", "x.jsonl")
+    assert (cfg.temperature, cfg.seed, cfg.k) == (0.7, 3, 4)
+    again = P2OConfig.load(yaml.safe_load(cfg.to_yaml()))  # config.yaml round trip: nothing rewritten
+    assert again == cfg
+
+
+@pytest.mark.parametrize("key", sorted(MOVED))
+def test_a_moved_key_names_its_new_home(key):
+    section, _, name = key.rpartition(".")
+    home = "method" if key == "prompt_phase" else f"top-level {name}"
+    for source, overrides in ((None, {key: 1}), ({section: {name: 1}} if section else {name: 1}, None)):
+        with pytest.raises(ConfigError, match=f"config key '{key}' has moved; use .*{home}"):
+            P2OConfig.load(source, overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.lr=fast", "config key 'trainer.lr' must be a number, got 'fast'"),
+    ("distill=1", "config key 'trainer.distill' must be true or false, got 1"),
+    ("epochs=2.5", "config key 'epochs' must be an integer, got 2.5"),
+    ("min_hard='8'", "config key 'prompt.min_hard' must be an integer, got '8'"),
+    ("budget=1.5", "config key 'prompt.budget' must be a string or an integer, got 1.5"),
+    ("trackers=[3]", "config key 'trackers' must be a string, got 3"),
+    ("trainer.lr=-1", "invalid config section 'trainer': TrainerConfig.lr must be > 0, got -1.0"),
+    ("method=ppo", "method must be one of p2o, grpo, got 'ppo'"),
+    ("trainer.lrr=1", "unknown config key(s) trainer.lrr"),
+])
+def test_a_bad_value_is_one_error_naming_its_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        P2OConfig.load(None, parse_overrides([override]))
+    assert str(info.value) == message
+
+
+def test_a_section_that_is_not_a_mapping_is_named():
+    with pytest.raises(ConfigError, match="config section 'trainer' must be a mapping, got int"):
+        P2OConfig.load({"trainer": 3})
+
+
+def test_benchmark_configs_load():
+    for path in sorted((ROOT / "benchmarks" / "configs").glob("*.yaml")):
+        P2OConfig.load(path)
+    assert P2OConfig.load(ROOT / "benchmarks/configs/grpo_baseline.yaml").method == "grpo"
+
+
+def test_an_older_run_dirs_config_compares_in_todays_keys():
+    """Run dirs written before `method` and the single home of k / seed / temperature resume."""
+    new = P2OConfig.load(None, {"method": "grpo"}).redacted()
+    old = yaml.safe_load(P2OConfig().to_yaml())
+    del old["method"]
+    old["prompt_phase"] = False
+    old["trainer"].update(temperature=0.6, seed=0)
+    old["prompt"].update(k=6, seed=0)
+    assert config_changes(old, new) == {}
+    old["prompt_phase"] = True
+    assert config_changes(old, new) == {"method": ("p2o", "grpo")}
