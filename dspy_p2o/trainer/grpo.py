@@ -137,18 +137,15 @@ class GRPOTrainer:
         total_steps: optimiser steps of the whole run, for warm-up and decay.
         accelerator: an `accelerate.Accelerator`; one is made when None (plain CPU / one
             GPU need no accelerate config).
-        logger: a `MetricsLogger`; `train_on` logs its metrics there when given.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, config: TrainerConfig = TrainerConfig(), *,
-                 engine: Any = None, total_steps: int | None = None, accelerator: Any = None,
-                 logger: Any = None) -> None:
+                 engine: Any = None, total_steps: int | None = None, accelerator: Any = None) -> None:
         from accelerate.utils import set_seed
 
         self.config = replace(config)  # the default instance is shared; never mutate it
         self.engine = engine
         self.sync_diffs: list[float] = []  # log-prob differences reported by verified weight syncs
-        self.logger = logger
         self.total_steps = total_steps
         set_seed(config.seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
@@ -211,8 +208,8 @@ class GRPOTrainer:
         denominators count the rows and tokens of all processes, each process backpropagates
         its rows' share, and DDP's gradient average (times N) sums the shares.
 
-        Returns (and logs, when a logger was given) the batch's metrics (the log-prob
-        mismatch and template-ratio ones from this process's rows only).
+        Returns the batch's metrics (the log-prob mismatch and template-ratio ones from this
+        process's rows only).
         """
         from accelerate.utils import gather_object
 
@@ -228,7 +225,6 @@ class GRPOTrainer:
         trained = [i for i in range(len(rows)) if adv.informative[i]]
         if not trained:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
-            self._log(metrics)
             return metrics
         steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])]
         steps *= cfg.updates_per_batch
@@ -271,7 +267,6 @@ class GRPOTrainer:
         metrics.update(steps=float(len(step_stats)), time_sync=time_sync, time_train=elapsed - time_sync,
                        tokens_per_s=tokens / max(1e-9, elapsed - time_sync),
                        global_step=float(self.global_step))
-        self._log(metrics)
         return metrics
 
     def _prepare(self, rollouts: Sequence[Rollout], trained: list[int], advantages: torch.Tensor, *,
@@ -464,10 +459,6 @@ class GRPOTrainer:
         self.global_step = int(state["global_step"])
         self.sync_engine()  # a separate engine must serve the restored weights
         return state.get("extra_state", {})
-
-    def _log(self, metrics: dict[str, float]) -> None:
-        if self.logger is not None:
-            self.logger.log(metrics, step=self.global_step, prefix="train/")
 
 
 # ---------------------------------------------------------------------- helpers
