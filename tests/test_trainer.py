@@ -173,9 +173,27 @@ def test_bad_rollouts_are_named(trainer_model_dir):
 def test_warmup_and_cosine_schedule(trainer_model_dir):
     config = TrainerConfig(lr=1.0, warmup_ratio=0.2, lr_schedule="cosine")
     trainer = GRPOTrainer(trainer_model_dir, config=config, total_steps=10)
-    factors = [trainer._lr_factor(s) for s in range(11)]
+    factors = [trainer.scheduler.lr_lambdas[0](s) for s in range(11)]
     assert factors[:2] == [0.5, 1.0]  # ceil(0.2 * 10) = 2 warm-up steps
     assert factors[6] == pytest.approx(0.5) and factors[10] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("schedule, total, expected", [
+    ("constant", 5, [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", 5, [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
+    ("linear", 1, [1.0]),  # the warm-up is the whole run: its one step still trains at the full lr
+])
+def test_lr_schedule_warms_up_from_its_first_step(schedule, total, expected):
+    from dspy_p2o.trainer.grpo import make_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, schedule, warmup_ratio=0.4, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx(expected)
 
 
 def test_checkpoints_keep_the_last_n_and_restore(trainer_model_dir, tmp_path):

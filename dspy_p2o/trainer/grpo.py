@@ -146,7 +146,6 @@ class GRPOTrainer:
         self.config = replace(config)  # the default instance is shared; never mutate it
         self.engine = engine
         self.sync_diffs: list[float] = []  # log-prob differences reported by verified weight syncs
-        self.total_steps = total_steps
         set_seed(config.seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
         module, self.tokenizer = _load(model, tokenizer)
@@ -167,7 +166,7 @@ class GRPOTrainer:
                                       weight_decay=config.weight_decay)
         self._model, self.optimizer = self.accelerator.prepare(module, optimizer)
         # Registered rather than prepared: a prepared scheduler steps once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = make_scheduler(self.optimizer, config.lr_schedule, config.warmup_ratio, total_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.global_step = 0
 
@@ -180,22 +179,6 @@ class GRPOTrainer:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
-
-    def _lr_factor(self, step: int) -> float:
-        total = self.total_steps
-        if total is None:
-            if self.config.lr_schedule != "constant":
-                raise ValueError(f"lr_schedule={self.config.lr_schedule!r} needs GRPOTrainer(total_steps=...)")
-            return 1.0
-        warmup = math.ceil(self.config.warmup_ratio * total)
-        if step < warmup:
-            return (step + 1) / warmup
-        if self.config.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if self.config.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # ------------------------------------------------------------------ training
     def train_on(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
@@ -473,6 +456,31 @@ def _quiet_tied_weight_warning():
         yield
     finally:
         logger.setLevel(level)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float,
+                   total_steps: int | None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule: transformers' `get_scheduler` with a linear warm-up over
+    ceil(warmup_ratio * total_steps) optimiser steps, then "constant", "cosine" or "linear"
+    decay to 0 at `total_steps` (without total_steps only "constant", and no warm-up).
+
+    transformers' warm-up starts at lr 0, so a run's first step would not train: during the
+    warm-up step s takes the schedule's factor of step s + 1 (lr / w, 2 lr / w, ..., lr; the
+    schedule runs at least one step past the warm-up, so that last factor is 1 even when the
+    warm-up is the whole run). Past total_steps the factor stays at that of total_steps.
+    """
+    from transformers import get_scheduler
+
+    if total_steps is None:
+        if schedule != "constant":
+            raise ValueError(f"lr_schedule={schedule!r} needs GRPOTrainer(total_steps=...)")
+        return get_scheduler("constant", optimizer)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    factor = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                           num_training_steps=max(total_steps, warmup + 1)).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: factor(step + 1 if step < warmup else min(step, total_steps)))
 
 
 def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeout_s):
