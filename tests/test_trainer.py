@@ -56,6 +56,51 @@ def test_gradient_is_taken_on_the_right_prompt(trainer_model_dir, distill):
         assert all(row[:len(x)] != x for row in spy.nograd_rows)
 
 
+def test_gradient_prompt_is_x_when_distilled_else_the_sampled_prompt():
+    from dspy_p2o.trainer.grpo import gradient_prompt
+
+    x, x_tilde = [11, 12], [13, 14, 15]
+    (templated,) = templated_group("q", x, x_tilde, [[16]], [1.0])
+    (plain,) = templated_group("q", x, x_tilde, [[16]], [1.0], template=None)
+    assert gradient_prompt(templated, distill=True) == x
+    assert gradient_prompt(templated, distill=False) == x_tilde  # the no-distillation ablation
+    assert gradient_prompt(plain, distill=True) == gradient_prompt(plain, distill=False) == x
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("template_ratio", ["off", "mask"])  # "off": on-policy, the gradient pass takes pi_old
+def test_sequences_are_built_once_and_never_changed(trainer_model_dir, monkeypatch, template_ratio):
+    import copy
+    import dataclasses
+
+    built = []
+    prepare = GRPOTrainer._prepare
+
+    def spy(self, *args, **kwargs):
+        seqs, tilde = prepare(self, *args, **kwargs)
+        built.append((seqs, copy.deepcopy(seqs)))
+        return seqs, tilde
+
+    monkeypatch.setattr(GRPOTrainer, "_prepare", spy)
+    trainer = GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3, template_ratio=template_ratio))
+    metrics = trainer.train_on(_batch())
+    ((seqs, before),) = built
+    assert (seqs.old is None) == (template_ratio == "off")
+    for field in dataclasses.fields(seqs):
+        assert _same(getattr(seqs, field.name), getattr(before, field.name)), field.name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seqs.old = None
+    # the old log-probs of the gradient pass still reach the engine comparison and the ratio metrics
+    assert "logprob_diff_plain_abs_mean" in metrics and "template_log_ratio_mean" in metrics
+
+
 @pytest.mark.parametrize("distill", [True, False])
 def test_positive_advantage_raises_logprob_on_the_gradient_prompt(trainer_model_dir, distill):
     x, x_tilde, good, bad = _prompts()
