@@ -56,6 +56,51 @@ def test_gradient_is_taken_on_the_right_prompt(trainer_model_dir, distill):
         assert all(row[:len(x)] != x for row in spy.nograd_rows)
 
 
+def test_gradient_prompt_is_x_when_distilled_else_the_sampled_prompt():
+    from dspy_p2o.trainer.grpo import gradient_prompt
+
+    x, x_tilde = [11, 12], [13, 14, 15]
+    (templated,) = templated_group("q", x, x_tilde, [[16]], [1.0])
+    (plain,) = templated_group("q", x, x_tilde, [[16]], [1.0], template=None)
+    assert gradient_prompt(templated, distill=True) == x
+    assert gradient_prompt(templated, distill=False) == x_tilde  # the no-distillation ablation
+    assert gradient_prompt(plain, distill=True) == gradient_prompt(plain, distill=False) == x
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("template_ratio", ["off", "mask"])  # "off": on-policy, the gradient pass takes pi_old
+def test_sequences_are_built_once_and_never_changed(trainer_model_dir, monkeypatch, template_ratio):
+    import copy
+    import dataclasses
+
+    built = []
+    prepare = GRPOTrainer._prepare
+
+    def spy(self, *args, **kwargs):
+        seqs, tilde = prepare(self, *args, **kwargs)
+        built.append((seqs, copy.deepcopy(seqs)))
+        return seqs, tilde
+
+    monkeypatch.setattr(GRPOTrainer, "_prepare", spy)
+    trainer = GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3, template_ratio=template_ratio))
+    metrics = trainer.train_on(_batch())
+    ((seqs, before),) = built
+    assert (seqs.old is None) == (template_ratio == "off")
+    for field in dataclasses.fields(seqs):
+        assert _same(getattr(seqs, field.name), getattr(before, field.name)), field.name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seqs.old = None
+    # the old log-probs of the gradient pass still reach the engine comparison and the ratio metrics
+    assert "logprob_diff_plain_abs_mean" in metrics and "template_log_ratio_mean" in metrics
+
+
 @pytest.mark.parametrize("distill", [True, False])
 def test_positive_advantage_raises_logprob_on_the_gradient_prompt(trainer_model_dir, distill):
     x, x_tilde, good, bad = _prompts()
@@ -173,9 +218,27 @@ def test_bad_rollouts_are_named(trainer_model_dir):
 def test_warmup_and_cosine_schedule(trainer_model_dir):
     config = TrainerConfig(lr=1.0, warmup_ratio=0.2, lr_schedule="cosine")
     trainer = GRPOTrainer(trainer_model_dir, config=config, total_steps=10)
-    factors = [trainer._lr_factor(s) for s in range(11)]
+    factors = [trainer.scheduler.lr_lambdas[0](s) for s in range(11)]
     assert factors[:2] == [0.5, 1.0]  # ceil(0.2 * 10) = 2 warm-up steps
     assert factors[6] == pytest.approx(0.5) and factors[10] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("schedule, total, expected", [
+    ("constant", 5, [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", 5, [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
+    ("linear", 1, [1.0]),  # the warm-up is the whole run: its one step still trains at the full lr
+])
+def test_lr_schedule_warms_up_from_its_first_step(schedule, total, expected):
+    from dspy_p2o.trainer.grpo import make_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, schedule, warmup_ratio=0.4, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx(expected)
 
 
 def test_checkpoints_keep_the_last_n_and_restore(trainer_model_dir, tmp_path):

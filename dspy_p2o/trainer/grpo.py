@@ -1,9 +1,11 @@
 """GRPO with context distillation on `accelerate`.
 
 One call of `train_on(rollouts)` is one batch of the paper's Alg. 1 phase 1:
-group advantages -> log-probs before the update (the PPO "old" policy, and for
-distilled rollouts the template ratio pi(y_t|x) / pi(y_t|x~)) -> one optimiser step per
-mini-batch of questions (micro-batches with gradient accumulation) -> weight sync.
+group advantages -> each rollout's gradient prompt (`gradient_prompt`: x for a distilled
+rollout sampled from T(x, z)) -> the named steps before the update (`_prepare`: old
+log-probs, templated log-probs, token weights, clip ceiling) -> one optimiser step per
+mini-batch of questions (micro-batches with gradient accumulation; the loss is losses.py's
+J) -> weight sync.
 Distribution (DDP / FSDP / DeepSpeed) comes from accelerate's own config. Under N
 processes each process trains on its own share of the batch's rollouts (whole GRPO
 groups); what every process must agree on -- advantages, which groups carry signal, the
@@ -20,7 +22,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,26 +34,39 @@ from dspy_p2o.trainer import checkpoint as ckpt
 from dspy_p2o.trainer.advantages import group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
                                        sequence_logprobs, supports_logits_to_keep)
-from dspy_p2o.trainer.losses import (aggregate, template_clip_upper, template_ratio_weights, token_loss,
+from dspy_p2o.trainer.losses import (TemplateRatio, aggregate, template_ratio_metrics, token_loss,
                                      truncated_is_weights)
 
-@dataclass
-class _Sequences:
-    """The per-rollout tensors one batch trains on."""
 
-    prompts: list[list[int]]  # the gradient prompt: x, or T(x, z) when distill=False
-    completions: list[list[int]]
-    advantages: torch.Tensor
-    old: list[torch.Tensor]
-    weights: list[torch.Tensor]  # TIS x template-ratio weight per token
-    kept: list[torch.Tensor]  # bool per token: counts in the loss
-    ref: list[torch.Tensor] | None = None
-    groups: list[str] = field(default_factory=list)
-    behaviour: list[torch.Tensor] = field(default_factory=list)
-    templated: list[bool] = field(default_factory=list)
-    tilde: dict[int, torch.Tensor] = field(default_factory=dict)  # log pi(y | x~) of distilled rows
-    upper: list[torch.Tensor] | None = None  # per-token upper clip (template_clip), else 1 + epsilon_high
-    old_from_forward: bool = False  # on-policy: `old` is filled by the (only) gradient pass
+def distilled(rollout: Rollout, distill: bool) -> bool:
+    """Whether the rollout is context-distilled: sampled from x~ = T(x, z), trained on x."""
+    return distill and rollout.templated
+
+
+def gradient_prompt(rollout: Rollout, distill: bool) -> list[int]:
+    """The prompt p the gradient is taken on -- the one place that decides it.
+
+    Context distillation (paper Alg. 1, phase 1): a rollout sampled from the templated input,
+    y ~ pi_old(. | T(x, z)), is trained on the original input, grad log pi_theta(y | x), so the
+    policy learns to answer without the template. distill=False (the paper's ablation) trains on
+    the sampled T(x, z). A plain rollout was sampled from x: both are x.
+    """
+    return rollout.prompt_ids if distilled(rollout, distill) else rollout.sampled_prompt_ids
+
+
+@dataclass(frozen=True)
+class _Sequences:
+    """This process's trained rows of one batch as the loss takes them (losses.py's J): built once
+    before the update by `GRPOTrainer._prepare`, never changed."""
+
+    prompts: tuple[list[int], ...]  # p_i = gradient_prompt(rollout, distill)
+    completions: tuple[list[int], ...]  # y_i
+    advantages: torch.Tensor  # A_i
+    old: tuple[torch.Tensor, ...] | None  # log pi_old(y_it | p_i); None: on-policy, the gradient pass's own
+    weights: tuple[torch.Tensor, ...]  # w_it: template-ratio x truncated-IS weight
+    kept: tuple[torch.Tensor, ...]  # m_it (bool): the token counts in the loss
+    upper: tuple[torch.Tensor, ...] | None  # c_it where the template raised it; None: 1 + eps_high everywhere
+    ref: tuple[torch.Tensor, ...] | None  # log pi_ref(y_it | p_i) when beta > 0
 
 
 class GRPOTrainer:
@@ -70,12 +85,11 @@ class GRPOTrainer:
         total_steps: optimiser steps of the whole run, for warm-up and decay.
         accelerator: an `accelerate.Accelerator`; one is made when None (plain CPU / one
             GPU need no accelerate config).
-        logger: a `MetricsLogger`; `train_on` logs its metrics there when given.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, config: TrainerConfig = TrainerConfig(), *,
                  temperature: float = 1.0, seed: int = 0, engine: Any = None, total_steps: int | None = None,
-                 accelerator: Any = None, logger: Any = None) -> None:
+                 accelerator: Any = None) -> None:
         from accelerate.utils import set_seed
 
         if temperature <= 0:
@@ -85,8 +99,6 @@ class GRPOTrainer:
         self.temperature = temperature
         self.engine = engine
         self.sync_diffs: list[float] = []  # log-prob differences reported by verified weight syncs
-        self.logger = logger
-        self.total_steps = total_steps
         set_seed(seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
         module, self.tokenizer = _load(model, tokenizer)
@@ -99,6 +111,8 @@ class GRPOTrainer:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module.train()
         self._logits_to_keep = supports_logits_to_keep(module)
+        self.template_ratio = TemplateRatio(config.template_ratio, config.template_ratio_bounds, config.template_clip,
+                                            config.epsilon_high)
         self.ref_model = None
         if config.beta > 0:
             reference = copy.deepcopy(module).eval().requires_grad_(False)
@@ -107,7 +121,7 @@ class GRPOTrainer:
                                       weight_decay=config.weight_decay)
         self._model, self.optimizer = self.accelerator.prepare(module, optimizer)
         # Registered rather than prepared: a prepared scheduler steps once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = make_scheduler(self.optimizer, config.lr_schedule, config.warmup_ratio, total_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.global_step = 0
 
@@ -121,22 +135,6 @@ class GRPOTrainer:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def _lr_factor(self, step: int) -> float:
-        total = self.total_steps
-        if total is None:
-            if self.config.lr_schedule != "constant":
-                raise ValueError(f"lr_schedule={self.config.lr_schedule!r} needs GRPOTrainer(total_steps=...)")
-            return 1.0
-        warmup = math.ceil(self.config.warmup_ratio * total)
-        if step < warmup:
-            return (step + 1) / warmup
-        if self.config.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if self.config.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
     # ------------------------------------------------------------------ training
     def train_on(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
         """Train on one batch of rollouts: one optimiser step per mini-batch of questions.
@@ -148,8 +146,8 @@ class GRPOTrainer:
         denominators count the rows and tokens of all processes, each process backpropagates
         its rows' share, and DDP's gradient average (times N) sums the shares.
 
-        Returns (and logs, when a logger was given) the batch's metrics (the log-prob
-        mismatch and template-ratio ones from this process's rows only).
+        Returns the batch's metrics (the log-prob mismatch and template-ratio ones from this
+        process's rows only).
         """
         from accelerate.utils import gather_object
 
@@ -165,26 +163,28 @@ class GRPOTrainer:
         trained = [i for i in range(len(rows)) if adv.informative[i]]
         if not trained:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
-            self._log(metrics)
             return metrics
         steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])]
         steps *= cfg.updates_per_batch
         mine = [i for i in trained if offset <= i < offset + len(rollouts)]
-        seqs = self._prepare(rollouts, [i - offset for i in mine], adv.values[offset:offset + len(rollouts)],
-                             n_steps=len(steps))
+        chosen = [rollouts[i - offset] for i in mine]
+        seqs, tilde = self._prepare(chosen, adv.values[mine], n_steps=len(steps))
         position = {g: j for j, g in enumerate(mine)}  # global row -> row of seqs
         kept = dict(zip(trained, gather_object([int(k.sum()) for k in seqs.kept])))
         norm_length = cfg.dr_grpo_length or max(rows[i].completion_len for i in trained)
         time_sync = 0.0
         step_sums: list[dict[str, float]] = []
         step_stats: list[dict[str, float]] = []
+        step_old: dict[int, torch.Tensor] = {}  # on-policy: the old log-probs the gradient passes took
         self.sync_diffs = []
         for step_rows in steps:
             norm = dict(num_sequences=len(step_rows), num_tokens=sum(kept[g] for g in step_rows),
                         norm_length=norm_length)
             n_micro = max(len(self._micro_plan(rows, [g for g in step_rows if rows[g].rank == rank]))
                           for rank in range(acc.num_processes))
-            sums, stats = self._optimiser_step(seqs, [position[g] for g in step_rows if g in position], norm, n_micro)
+            sums, stats, old = self._optimiser_step(seqs, [position[g] for g in step_rows if g in position], norm,
+                                                    n_micro)
+            step_old.update(old)
             step_sums.append(sums)
             step_stats.append(stats)
             if cfg.sync == "step":
@@ -199,57 +199,87 @@ class GRPOTrainer:
             metrics["sync_logprob_diff"] = max(self.sync_diffs)
         for key in step_stats[0]:
             metrics[key] = statistics.fmean(s[key] for s in step_stats)
-        on_sampled = [seqs.tilde.get(j, lp) for j, lp in enumerate(seqs.old)]
-        metrics.update(_mismatch_metrics(on_sampled, seqs.behaviour, seqs.templated))
-        if seqs.tilde:
-            metrics.update(_ratio_metrics(seqs.old, list(seqs.tilde.values()), list(seqs.tilde), seqs.kept, seqs.weights))
+        old = seqs.old if seqs.old is not None else [step_old[j] for j in range(len(chosen))]
+        metrics.update(_mismatch_metrics(_on_sampled_prompt(old, tilde), [_behaviour(r) for r in chosen],
+                                         [r.templated for r in chosen]))
+        metrics.update(template_ratio_metrics([old[j] for j in tilde], list(tilde.values()),
+                                              [seqs.kept[j] for j in tilde], [seqs.weights[j] for j in tilde]))
         tokens = sum(rows[i].prompt_len + rows[i].completion_len for i in trained)
         elapsed = time.perf_counter() - start
         metrics.update(steps=float(len(step_stats)), time_sync=time_sync, time_train=elapsed - time_sync,
                        tokens_per_s=tokens / max(1e-9, elapsed - time_sync),
                        global_step=float(self.global_step))
-        self._log(metrics)
         return metrics
 
-    def _prepare(self, rollouts: Sequence[Rollout], trained: list[int], advantages: torch.Tensor, *,
-                 n_steps: int) -> _Sequences:
-        """Log-probs before the update (this process's rows): old (gradient prompt), template ratio
-        (distilled), reference. `n_steps`: the optimiser steps of the whole batch."""
-        cfg = self.config
-        chosen = [rollouts[i] for i in trained]
-        distilled = [cfg.distill and r.templated for r in chosen]
-        prompts = [r.prompt_ids if d else r.sampled_prompt_ids for r, d in zip(chosen, distilled)]
+    # ------------------------------------------------------------------ before the update (named steps)
+    def _prepare(self, chosen: list[Rollout], advantages: torch.Tensor, *,
+                 n_steps: int) -> tuple[_Sequences, dict[int, torch.Tensor]]:
+        """This process's trained rows, scored before the update; returns them and log pi(y | x~)
+        of the distilled rows (by row). `n_steps`: the optimiser steps of the whole batch."""
+        prompts = [gradient_prompt(r, self.config.distill) for r in chosen]
         completions = [r.completion_ids for r in chosen]
-        tilde_rows = [j for j, d in enumerate(distilled) if d]
-        # On-policy (one step, nothing needs the old log-probs up front): the gradient pass's own
-        # detached log-probs are the old ones, saving a forward pass (as TRL does).
-        from_forward = n_steps == 1 and cfg.tis_cap is None and (
-            not tilde_rows or (cfg.template_ratio == "off" and not cfg.template_clip))
-        old = ([torch.empty(0)] * len(chosen) if from_forward
-               else self._logprobs(self._scoring_model, prompts, completions))
-        # log pi(y | x~) for distilled rollouts: the template ratio and the engine comparison need it
-        tilde = self._logprobs(self._scoring_model, [chosen[j].sampled_prompt_ids for j in tilde_rows],
-                               [completions[j] for j in tilde_rows]) if tilde_rows else []
-        weights = [torch.ones(len(c)) for c in completions]
-        kept = [torch.ones(len(c), dtype=torch.bool) for c in completions]
-        if not from_forward:
-            for j, lp_tilde in zip(tilde_rows, tilde):
-                weights[j], kept[j] = template_ratio_weights(old[j], lp_tilde, cfg.template_ratio,
-                                                             cfg.template_ratio_bounds)
-        behaviour = [torch.tensor(r.behaviour_logprobs, dtype=torch.float32) for r in chosen]
-        if cfg.tis_cap is not None:
-            on_sampled = [dict(zip(tilde_rows, tilde)).get(j, lp) for j, lp in enumerate(old)]
-            weights = [w * truncated_is_weights(t, b, cfg.tis_cap) for w, t, b in zip(weights, on_sampled, behaviour)]
+        old = None if self._old_is_current(chosen, n_steps) else self._old_logprobs(prompts, completions)
+        tilde = self._templated_logprobs(chosen)
+        weights, kept = self._token_weights(chosen, old, tilde)
+        upper = self._clip_ceiling(chosen, old, tilde)
         ref = (self._logprobs(self.accelerator.unwrap_model(self.ref_model), prompts, completions)
                if self.ref_model is not None else None)
-        upper = None
-        if cfg.template_clip and tilde_rows:
-            upper = [torch.full((len(c),), 1 + cfg.epsilon_high) for c in completions]
-            for j, lp_tilde in zip(tilde_rows, tilde):
-                upper[j] = template_clip_upper(old[j], lp_tilde, cfg.epsilon_high)
-        return _Sequences(prompts, completions, advantages[trained], old, weights, kept, ref,
-                          [r.example_id for r in chosen], behaviour, [r.templated for r in chosen],
-                          dict(zip(tilde_rows, tilde)), upper=upper, old_from_forward=from_forward)
+        seqs = _Sequences(prompts=tuple(prompts), completions=tuple(completions), advantages=advantages,
+                          old=_frozen(old), weights=tuple(weights), kept=tuple(kept), upper=_frozen(upper),
+                          ref=_frozen(ref))
+        return seqs, tilde
+
+    def _old_is_current(self, chosen: list[Rollout], n_steps: int) -> bool:
+        """On-policy, pi_old = pi_theta: with one optimiser step and nothing that needs pi_old before
+        it (no truncated IS, no template ratio of a distilled row), the gradient pass's own detached
+        log-probs are the old ones -- a forward pass saved (as TRL does)."""
+        needs_ratio = self.template_ratio.needs_old_logprobs and any(distilled(r, self.config.distill) for r in chosen)
+        return n_steps == 1 and self.config.tis_cap is None and not needs_ratio
+
+    def _old_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        """log pi_old(y_t | p, y_<t) on the gradient prompt p: the denominator of the PPO ratio
+        rho_t = pi_theta / pi_old, held over all the batch's optimiser steps."""
+        return self._logprobs(self._scoring_model, prompts, completions)
+
+    def _templated_logprobs(self, chosen: list[Rollout]) -> dict[int, torch.Tensor]:
+        """log pi(y_t | x~, y_<t) of each distilled row (by row), x~ = T(x, z) the prompt it was
+        sampled from: the denominator of the template ratio r_t = pi(y_t | x) / pi(y_t | x~), and
+        the trainer's side of the comparison with the engine's log-probs."""
+        rows = [j for j, r in enumerate(chosen) if distilled(r, self.config.distill)]
+        if not rows:
+            return {}
+        logprobs = self._logprobs(self._scoring_model, [chosen[j].sampled_prompt_ids for j in rows],
+                                  [chosen[j].completion_ids for j in rows])
+        return dict(zip(rows, logprobs))
+
+    def _token_weights(self, chosen: list[Rollout], old: list[torch.Tensor] | None,
+                       tilde: dict[int, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(w_t, m_t) per row: w_t = w(r_t) * min(C, pi_theta(y_t | s) / pi_engine(y_t | s)).
+
+        w(r_t), m_t: the template ratio's weight and mask of a distilled token (`TemplateRatio`),
+        1 and kept elsewhere; the second factor is truncated importance sampling (`tis_cap` = C,
+        s the sampled prompt), 1 when off."""
+        weights = [torch.ones(len(r.completion_ids)) for r in chosen]
+        kept = [torch.ones(len(r.completion_ids), dtype=torch.bool) for r in chosen]
+        if old is not None:
+            for j, lp_tilde in tilde.items():
+                weights[j], kept[j] = self.template_ratio.weights(old[j], lp_tilde)
+        if self.config.tis_cap is not None:
+            weights = [w * truncated_is_weights(t, _behaviour(r), self.config.tis_cap)
+                       for w, t, r in zip(weights, _on_sampled_prompt(old, tilde), chosen)]
+        return weights, kept
+
+    def _clip_ceiling(self, chosen: list[Rollout], old: list[torch.Tensor] | None,
+                      tilde: dict[int, torch.Tensor]) -> list[torch.Tensor] | None:
+        """The upper clip c_t per row: max(1 + eps_high, pi(y_t | x~) / pi_old(y_t | x)) for a
+        distilled token under `template_clip` (`TemplateRatio.ceiling`), 1 + eps_high elsewhere;
+        None when no token's ceiling is raised."""
+        if not (self.template_ratio.clip and tilde):
+            return None
+        upper = [torch.full((len(r.completion_ids),), 1 + self.config.epsilon_high) for r in chosen]
+        for j, lp_tilde in tilde.items():
+            upper[j] = self.template_ratio.ceiling(old[j], lp_tilde)
+        return upper
 
     @property
     def _scoring_model(self) -> torch.nn.Module:
@@ -281,24 +311,27 @@ class GRPOTrainer:
         return [[members[j] for j in mb] for mb in plan_micro_batches(lengths, self.config.micro_batch_tokens)]
 
     def _optimiser_step(self, seqs: _Sequences, mine: list[int], norm: dict,
-                        n_micro: int) -> tuple[dict[str, float], dict[str, float]]:
+                        n_micro: int) -> tuple[dict[str, float], dict[str, float], dict[int, torch.Tensor]]:
         """One optimiser step on this process's rows `mine` of the step's mini-batch.
 
         Every process runs `n_micro` forward/backward passes (the most any process needs;
         the extra ones are idle passes with a zero loss), so DDP's one gradient all-reduce
         (on the last pass) and FSDP's per-pass gathers line up across processes.
-        Returns this process's loss/clip/token sums and the step's lr and grad norm.
+        Returns this process's loss/clip/token sums, the step's lr and grad norm, and (on-policy)
+        the old log-probs its gradient passes took, by row.
         """
         cfg, acc = self.config, self.accelerator
         micro = [[mine[j] for j in mb] for mb in plan_micro_batches(
             [len(seqs.prompts[i]) + len(seqs.completions[i]) for i in mine], cfg.micro_batch_tokens)] if mine else []
         sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "tokens": 0.0}
+        old: dict[int, torch.Tensor] = {}
         self._model.train()
         for n in range(max(1, n_micro)):
             last = n == max(1, n_micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self._model):
                 if n < len(micro):
-                    loss, stats = self._micro_batch_loss(seqs, micro[n], norm)
+                    loss, stats, micro_old = self._micro_batch_loss(seqs, micro[n], norm)
+                    old.update(micro_old)
                     for k, v in stats.items():
                         sums[k] += v
                 else:
@@ -311,36 +344,38 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return sums, {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return sums, {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}, old
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss through the whole model: a process without rows in a step still joins its collectives."""
         out = self._model(input_ids=torch.tensor([[self.pad_id]], device=self.device))
         return out.logits.sum() * 0.0
 
-    def _micro_batch_loss(self, seqs: _Sequences, rows: list[int], norm: dict) -> tuple[torch.Tensor, dict]:
+    def _micro_batch_loss(self, seqs: _Sequences, rows: list[int],
+                          norm: dict) -> tuple[torch.Tensor, dict, dict[int, torch.Tensor]]:
+        """The micro-batch's share of J (losses.py) on `rows` of `seqs`; returns it, its stats and,
+        on-policy, the old log-probs it took (by row)."""
         cfg = self.config
         batch = make_batch(rows, seqs.prompts, seqs.completions, self.pad_id, self.device)
-        logp = batch_logprobs(self._model, batch, self.temperature, self._logits_to_keep)
-        width, device = batch.width, self.device
-        mask = batch.completion_mask & right_align(seqs.kept, rows, width).bool().to(device)
-        ref = right_align(seqs.ref, rows, width).to(device) if seqs.ref is not None else None
-        if seqs.old_from_forward:
-            old = logp.detach()
-            for r, i in enumerate(rows):
-                seqs.old[i] = old[r, width - len(seqs.completions[i]):].float().cpu()
-        else:
-            old = right_align(seqs.old, rows, width).to(device)
-        tl = token_loss(logp, old, seqs.advantages[rows].to(device),
-                        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                        weights=right_align(seqs.weights, rows, width).to(device), ref_logp=ref, beta=cfg.beta,
-                        upper=right_align(seqs.upper, rows, width, fill=1.0).to(device) if seqs.upper else None)
+        logp = batch_logprobs(self._model, batch, self.temperature, self._logits_to_keep)  # log pi_theta(y_t | p, y_<t)
+
+        def per_token(values, fill=0.0):  # per-row 1-D tensors -> [rows, width], aligned with logp
+            return right_align(values, rows, batch.width, fill).to(self.device)
+
+        old = logp.detach() if seqs.old is None else per_token(seqs.old)  # on-policy: pi_old = pi_theta
+        tl = token_loss(logp, old, seqs.advantages[rows].to(self.device), epsilon_low=cfg.epsilon_low,
+                        epsilon_high=cfg.epsilon_high, weights=per_token(seqs.weights),
+                        upper=per_token(seqs.upper, fill=1.0) if seqs.upper is not None else None,
+                        ref_logp=per_token(seqs.ref) if seqs.ref is not None else None, beta=cfg.beta)
+        mask = batch.completion_mask & per_token(seqs.kept).bool()
         loss = aggregate(tl.loss, mask, cfg.loss_agg, **norm)
         m = mask.float()
         stats = {"loss": loss.item(), "clip_low": (tl.clipped_low * m).sum().item(),
                  "clip_high": (tl.clipped_high * m).sum().item(), "tokens": m.sum().item(),
                  "kl": (tl.kl * m).sum().item() if tl.kl is not None else 0.0}
-        return loss, stats
+        taken = {} if seqs.old is not None else {
+            i: old[r, batch.width - len(seqs.completions[i]):].float().cpu() for r, i in enumerate(rows)}
+        return loss, stats, taken
 
     # ------------------------------------------------------------------ sync, checkpoints
     def sync_engine(self) -> float:
@@ -402,10 +437,6 @@ class GRPOTrainer:
         self.sync_engine()  # a separate engine must serve the restored weights
         return state.get("extra_state", {})
 
-    def _log(self, metrics: dict[str, float]) -> None:
-        if self.logger is not None:
-            self.logger.log(metrics, step=self.global_step, prefix="train/")
-
 
 # ---------------------------------------------------------------------- helpers
 @contextlib.contextmanager
@@ -419,6 +450,31 @@ def _quiet_tied_weight_warning():
         yield
     finally:
         logger.setLevel(level)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float,
+                   total_steps: int | None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule: transformers' `get_scheduler` with a linear warm-up over
+    ceil(warmup_ratio * total_steps) optimiser steps, then "constant", "cosine" or "linear"
+    decay to 0 at `total_steps` (without total_steps only "constant", and no warm-up).
+
+    transformers' warm-up starts at lr 0, so a run's first step would not train: during the
+    warm-up step s takes the schedule's factor of step s + 1 (lr / w, 2 lr / w, ..., lr; the
+    schedule runs at least one step past the warm-up, so that last factor is 1 even when the
+    warm-up is the whole run). Past total_steps the factor stays at that of total_steps.
+    """
+    from transformers import get_scheduler
+
+    if total_steps is None:
+        if schedule != "constant":
+            raise ValueError(f"lr_schedule={schedule!r} needs GRPOTrainer(total_steps=...)")
+        return get_scheduler("constant", optimizer)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    factor = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                           num_training_steps=max(total_steps, warmup + 1)).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: factor(step + 1 if step < warmup else min(step, total_steps)))
 
 
 def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeout_s):
@@ -483,8 +539,7 @@ class _Row:
 
     @classmethod
     def of(cls, r: Rollout, rank: int, distill: bool) -> "_Row":
-        prompt = r.prompt_ids if distill and r.templated else r.sampled_prompt_ids
-        return cls(r.example_id, float(r.reward), len(prompt), len(r.completion_ids), r.templated,
+        return cls(r.example_id, float(r.reward), len(gradient_prompt(r, distill)), len(r.completion_ids), r.templated,
                    r.finish_reason == "length", rank)
 
 
@@ -514,15 +569,19 @@ def _batch_metrics(rows: Sequence[_Row], adv) -> dict[str, float]:
     return out
 
 
-def _ratio_metrics(old, tilde, tilde_rows, kept, weights) -> dict[str, float]:
-    if not tilde_rows:
-        return {}
-    log_r = torch.cat([old[j] - lp for j, lp in zip(tilde_rows, tilde)])
-    k = torch.cat([kept[j] for j in tilde_rows])
-    w = torch.cat([weights[j] for j in tilde_rows])
-    return {"template_log_ratio_mean": log_r.mean().item(), "template_log_ratio_min": log_r.min().item(),
-            "template_log_ratio_max": log_r.max().item(), "template_ratio_median": log_r.median().exp().item(),
-            "template_masked_frac": 1.0 - k.float().mean().item(), "template_weight_mean": w.mean().item()}
+def _frozen(values: list[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
+    return tuple(values) if values is not None else None
+
+
+def _behaviour(rollout: Rollout) -> torch.Tensor:
+    """log pi_engine(y_t | s): the engine's log-probs of the completion on the prompt s it sampled from."""
+    return torch.tensor(rollout.behaviour_logprobs, dtype=torch.float32)
+
+
+def _on_sampled_prompt(old: Sequence[torch.Tensor], tilde: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """The trainer's log pi(y_t | s) on the prompt s each row was sampled from: x~ for a distilled
+    row (`tilde`), its gradient prompt (`old`) otherwise."""
+    return [tilde.get(j, lp) for j, lp in enumerate(old)]
 
 
 def _mismatch_metrics(trainer, behaviour, templated) -> dict[str, float]:

@@ -1,5 +1,14 @@
 """The clipped policy-gradient loss per token, its aggregation variants, and the
-template-ratio weights of context distillation.
+template ratio of context distillation (`TemplateRatio`: its one home).
+
+The objective of one mini-batch (paper Alg. 1, phase 1; PPO/GRPO with DAPO's clip-higher):
+
+    J(theta) = 1/N * sum_i sum_t m_it * w_it * min(rho_it * A_i, clip(rho_it, 1 - eps_low, c_it) * A_i)
+               - beta * KL(pi_theta || pi_ref),      rho_it = pi_theta(y_it | p_i, y_i<t) / pi_old(y_it | p_i, y_i<t)
+
+p_i is the rollout's gradient prompt (x under context distillation), A_i its group advantage,
+m_it the token mask, w_it the token weight (template ratio x truncated IS), c_it the upper
+clip (1 + eps_high, or the template's ceiling) and N the aggregation's normaliser.
 
 Everything works on padded [rows, tokens] tensors with a 0/1 `mask`; aggregation takes
 the normalisers of the whole mini-batch so that micro-batch losses add up to exactly the
@@ -28,7 +37,7 @@ def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
                epsilon_low: float = 0.2, epsilon_high: float = 0.28, weights: torch.Tensor | None = None,
                ref_logp: torch.Tensor | None = None, beta: float = 0.0,
                upper: torch.Tensor | None = None) -> TokenLoss:
-    """-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) * weight + beta * KL.
+    """-w_t * min(rho_t * A, clip(rho_t, 1 - eps_low, c_t) * A) + beta * KL_t per token (the module's J).
 
     `advantages` is one value per row; `weights` (detached, per token) carries the
     truncated importance-sampling and template-ratio factors. `upper` (per token) replaces
@@ -76,18 +85,6 @@ def _raised_ceiling_loss(logp: torch.Tensor, r: torch.Tensor, adv: torch.Tensor,
     return -weight * live * adv
 
 
-def template_clip_upper(logp_x: torch.Tensor, logp_tilde: torch.Tensor, epsilon_high: float) -> torch.Tensor:
-    """Upper clip per distilled token: max(1 + eps_high, pi(y_t | x~) / pi_old(y_t | x)).
-
-    PPO's trust region lets pi(y_t | x) gain at most log(1 + eps_high) (~0.25 nats) per batch,
-    while a token the template unlocked can start tens of nats lower under x: distillation
-    would then take dozens of epochs (measured in the toy world, RESULTS.md). The template's
-    own probability is the target of distillation, so it is a natural ceiling: a token may
-    climb up to it, never beyond, and tokens already likelier under x keep the usual clip.
-    """
-    return torch.maximum(torch.exp(logp_tilde - logp_x), torch.full_like(logp_x, 1 + epsilon_high))
-
-
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, *, num_sequences: int, num_tokens: int,
               norm_length: int) -> torch.Tensor:
     """Reduce masked per-token losses of (part of) a mini-batch to its share of the mini-batch loss.
@@ -106,6 +103,46 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, *, num_sequences
     if agg == "dr_grpo":
         return (loss * mask).sum() / max(1, num_sequences * norm_length)
     raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(cap, pi_trainer / pi_engine) per token: corrects the engine/trainer mismatch (TIS)."""
+    return torch.exp(trainer_logp - behaviour_logp).clamp(max=cap)
+
+
+# ---------------------------------------------------------------------- context distillation's template ratio
+
+
+@dataclass(frozen=True)
+class TemplateRatio:
+    """Everything the trainer does with the template ratio of a distilled token,
+
+        r_t = pi(y_t | x, y_<t) / pi(y_t | x~, y_<t),   x~ = T(x, z), both taken before the update:
+
+    `mode` turns r_t into the token's weight and mask (`weights`: the authors' mask drops tokens
+    with r_t outside `bounds`), and `clip` raises the token's upper clip to the template's own
+    probability (`ceiling`). Plain rows have no ratio. The trainer takes the log-probs and
+    calls these; every other use of the ratio goes through this class.
+    """
+
+    mode: str = "mask"
+    bounds: tuple[float, float] = (0.01, 10.0)
+    clip: bool = False
+    epsilon_high: float = 0.28
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """Whether a distilled row needs log pi_old(y | x) before the update (else all its tokens
+        weigh 1 under PPO's usual clip)."""
+        return self.mode != "off" or self.clip
+
+    def weights(self, logp_x: torch.Tensor, logp_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, kept) per token of one distilled completion: `template_ratio_weights`."""
+        return template_ratio_weights(logp_x, logp_tilde, self.mode, self.bounds)
+
+    def ceiling(self, logp_x: torch.Tensor, logp_tilde: torch.Tensor) -> torch.Tensor:
+        """The upper clip c_t per token of one distilled completion (`clip` on): `template_clip_upper`."""
+        return template_clip_upper(logp_x, logp_tilde, self.epsilon_high)
 
 
 def template_ratio_weights(logp_x: torch.Tensor, logp_tilde: torch.Tensor, mode: str,
@@ -132,6 +169,25 @@ def template_ratio_weights(logp_x: torch.Tensor, logp_tilde: torch.Tensor, mode:
     return torch.minimum(torch.minimum(ones, r / lo), hi / r), ones.bool()
 
 
-def truncated_is_weights(trainer_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """min(cap, pi_trainer / pi_engine) per token: corrects the engine/trainer mismatch (TIS)."""
-    return torch.exp(trainer_logp - behaviour_logp).clamp(max=cap)
+def template_clip_upper(logp_x: torch.Tensor, logp_tilde: torch.Tensor, epsilon_high: float) -> torch.Tensor:
+    """Upper clip per distilled token: max(1 + eps_high, pi(y_t | x~) / pi_old(y_t | x)).
+
+    PPO's trust region lets pi(y_t | x) gain at most log(1 + eps_high) (~0.25 nats) per batch,
+    while a token the template unlocked can start tens of nats lower under x: distillation
+    would then take dozens of epochs (measured in the toy world, RESULTS.md). The template's
+    own probability is the target of distillation, so it is a natural ceiling: a token may
+    climb up to it, never beyond, and tokens already likelier under x keep the usual clip.
+    """
+    return torch.maximum(torch.exp(logp_tilde - logp_x), torch.full_like(logp_x, 1 + epsilon_high))
+
+
+def template_ratio_metrics(logp_x: list[torch.Tensor], logp_tilde: list[torch.Tensor], kept: list[torch.Tensor],
+                           weights: list[torch.Tensor]) -> dict[str, float]:
+    """The distilled tokens' log r_t (mean, min, max, median ratio) and the share the mask dropped."""
+    if not logp_x:
+        return {}
+    log_r = torch.cat([x - t for x, t in zip(logp_x, logp_tilde)])
+    k, w = torch.cat(kept), torch.cat(weights)
+    return {"template_log_ratio_mean": log_r.mean().item(), "template_log_ratio_min": log_r.min().item(),
+            "template_log_ratio_max": log_r.max().item(), "template_ratio_median": log_r.median().exp().item(),
+            "template_masked_frac": 1.0 - k.float().mean().item(), "template_weight_mean": w.mean().item()}
