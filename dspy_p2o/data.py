@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import dspy
 
-from dspy_p2o.rewards import extract_boxed, normalize_gold
+from dspy_p2o.rewards.text import extract_boxed, normalize_gold
 
 logger = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from dspy_p2o.models import ModelPackageMissing
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
 from dspy_p2o.metrics import MetricsLogger, read_metrics
+from dspy_p2o.passk import mean_pass_at_k
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
@@ -439,7 +440,8 @@ class P2OLoop:
         return {f"wait_frac/rank{r}": f for r, f in enumerate(fractions)}
 
     def evaluate(self, examples: list[dspy.Example]) -> dict[str, float]:
-        """pass@1 (and pass@k when eval_k > 1) WITHOUT templates: greedy for one sample, else sampled.
+        """pass@1 (the mean reward) and, when eval_k > 1, the unbiased pass@eval_k, WITHOUT templates:
+        greedy for one sample, else sampled.
         Each process evaluates its share; the rewards are gathered."""
         cfg, acc = self.config, self.accelerator
         rollouts = collect_rollouts(
@@ -452,7 +454,7 @@ class P2OLoop:
         failures = sum(c[1] for c in self._gather([self.reward_fn.take_counts()]))
         out = {"val/pass@1": _mean([_mean(v) for v in by_id.values()]), "val/metric_failures": failures}
         if cfg.eval_k > 1:
-            out[f"val/pass@{cfg.eval_k}"] = _mean([float(max(v) > 0) for v in by_id.values()])
+            out[f"val/pass@{cfg.eval_k}"] = mean_pass_at_k(by_id.values(), cfg.eval_k)
         return out
 
     def _write_reports(self, state: LoopState) -> None:
@@ -485,14 +487,15 @@ def _mean(values: list[float]) -> float:
 
 
 def _template_success(stats: dict[str, list[list[float]]] | None) -> dict[str, float]:
-    """pass@1 / pass@K of hard questions with their templates vs without (paper Fig. 4)."""
+    """pass@1 (mean reward) / pass@K (K = the group's size: any success) of hard questions with
+    their templates vs without (paper Fig. 4)."""
     if not stats or not stats["templated"]:
         return {}
     out = {"templated/pass@1": _mean([_mean(g) for g in stats["templated"]]),
-           "templated/pass@k": _mean([float(max(g) > 0) for g in stats["templated"]])}
+           "templated/pass@k": mean_pass_at_k(stats["templated"])}
     if stats["plain"]:
         out["plain/pass@1"] = _mean([_mean(g) for g in stats["plain"]])
-        out["plain/pass@k"] = _mean([float(max(g) > 0) for g in stats["plain"]])
+        out["plain/pass@k"] = mean_pass_at_k(stats["plain"])
     return out
 
 

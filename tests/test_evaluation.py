@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import dspy
@@ -11,7 +10,7 @@ import pytest
 from dspy_p2o.cli import main
 from dspy_p2o.data import BENCHMARKS
 from dspy_p2o.engines.local import LocalEngine
-from dspy_p2o.evaluation import AnswerExtractor, Protocol, pass_at_k, protocol_for, results_table, summarize
+from dspy_p2o.evaluation import AnswerExtractor, Protocol, protocol_for, results_table, summarize
 from dspy_p2o.evaluation.prompting import RAW_INSTRUCTION, make_prompting
 from dspy_p2o.evaluation.runner import read_samples
 
@@ -31,14 +30,6 @@ def test_protocol_follows_the_paper_and_its_overrides():
     assert protocol_for(500, sampled_below=10**9).samples == 16
     with pytest.raises(ValueError, match="identical samples"):
         protocol_for(30, samples=4, temperature=0)
-
-
-@pytest.mark.parametrize("n, k", [(4, 1), (5, 2), (6, 3), (4, 4)])
-def test_pass_at_k_equals_the_fraction_of_k_subsets_with_a_success(n, k):
-    for c in range(n + 1):
-        outcomes = [True] * c + [False] * (n - c)
-        subsets = list(itertools.combinations(outcomes, k))
-        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
 def test_summary_is_mean_over_problems_of_per_problem_accuracy():

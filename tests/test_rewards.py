@@ -182,7 +182,7 @@ def test_worker_killed_behind_the_pools_back_is_replaced():
     import signal
 
     rewards.warm_up_verifier()
-    worker = rewards._get_pool()._idle[-1]  # the next one a check would take
+    worker = rewards.pool._get_pool()._idle[-1]  # the next one a check would take
     os.kill(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait()
     assert verify_answer("5/15", r"\frac13")
@@ -191,7 +191,19 @@ def test_worker_killed_behind_the_pools_back_is_replaced():
 def test_pool_size_setting_is_checked(monkeypatch):
     monkeypatch.setenv("DSPY_P2O_VERIFY_WORKERS", "zero")
     with pytest.raises(ValueError, match="DSPY_P2O_VERIFY_WORKERS"):
-        rewards._pool_size()
+        rewards.pool._pool_size()
+
+
+def test_worker_process_imports_only_math_verify():
+    """The worker is started often (first use, after every kill): it must not load DSPy, torch or the package."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-P", "-X", "importtime", rewards.pool.WORKER_SCRIPT, "0"],
+                          input="", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ready\n"
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert "math_verify" in imported and not imported & {"dspy", "torch", "dspy_p2o"}
 
 
 def test_bad_timeout_is_rejected():
@@ -296,7 +308,7 @@ def test_metric_missing_or_empty_answer_field(math500_row):
 
 
 def test_metric_timeout_feedback(monkeypatch):
-    monkeypatch.setattr(rewards, "DEFAULT_TIMEOUT", LIMIT)
+    monkeypatch.setattr(rewards.checker, "DEFAULT_TIMEOUT", LIMIT)
     gold = dspy.Example(question="q", answer="5", id="t/0").with_inputs("question")
     result = math_metric(gold, dspy.Prediction(answer="6^{6^{6^{6}}}"))
     assert result.score == 0.0 and "timed out" in result.feedback and "5" in result.feedback

@@ -8,7 +8,6 @@ reported alongside); a larger one is decoded greedily once.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from math import comb
 from typing import Any, Sequence
 
 SMALL_BENCHMARK_SIZE = 100  # fewer problems than this -> sampled protocol
@@ -71,15 +70,6 @@ def protocol_for(
         temperature, samples = 0.0, 1
     return Protocol(samples=samples, temperature=temperature, top_p=1.0 if top_p is None else top_p,
                     top_k=0 if top_k is None else top_k, max_tokens=max_tokens, seed=seed)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def mean(values: Sequence[float]) -> float:

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from dspy_p2o.evaluation.protocol import mean, pass_at_k
+from dspy_p2o.evaluation.protocol import mean
 from dspy_p2o.jsonio import write_json
+from dspy_p2o.passk import mean_pass_at_k
 
 # Column order and titles of the paper's Table 1.
 BENCHMARK_TITLES = {
@@ -32,15 +33,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not by_problem:
         return {"n_problems": 0, "n_samples": 0, "accuracy": 0.0}
     k = min(len(rs) for rs in by_problem.values())
+    correct = [[float(bool(r["correct"])) for r in rs] for rs in by_problem.values()]
     summary: dict[str, Any] = {
         "n_problems": len(by_problem),
         "n_samples": len(records),
         "samples_per_problem": k,
-        "accuracy": mean([mean([float(bool(r["correct"])) for r in rs]) for rs in by_problem.values()]),
+        "accuracy": mean([mean(c) for c in correct]),
     }
     if k > 1:
-        summary[f"pass@{k}"] = mean([pass_at_k(len(rs), sum(bool(r["correct"]) for r in rs), k)
-                                     for rs in by_problem.values()])
+        summary[f"pass@{k}"] = mean_pass_at_k(correct, k)
     # Diagnostics: how often an answer was found at all, and how often generation hit max_tokens.
     summary["answer_found"] = mean([float(r.get("answer") is not None) for r in records])
     if any("finish_reason" in r for r in records):
