@@ -4,7 +4,9 @@ Per epoch t:
   phase 1  every batch: K rollouts per question -- T(x, z) for questions that were hard in
            t-1 and got templates, x otherwise -- a GRPO update with the gradient on x,
            and hard mining from the rewards;
-  sync     the engine serves the new weights (also after every step by default);
+  sync     the engine serves the new weights: after every step (trainer sync="step", the
+           default) or once at the end of phase 1 (sync="epoch"); a resume syncs once, when
+           the trainer loads its checkpoint;
   phase 2  GEPA on the new hard set -> template pool -> K templates per hard question.
 
 Everything needed to resume lives in the run directory: the loop state (state.json,
@@ -311,6 +313,7 @@ class P2OLoop:
         cfg, epoch, acc = self.config, state.epoch, self.accelerator
         batches = self._batches(epoch)
         self._epoch_start, self.wait_s = time.perf_counter(), 0.0
+        trains = state.batch < len(batches)  # False on a resume after the epoch's last batch
         bar = _bar(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    enabled=cfg.progress and self.is_main)
         for b in range(state.batch, len(batches)):
@@ -338,6 +341,8 @@ class P2OLoop:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", step=self.trainer.global_step)
         bar.close()
+        if trains and cfg.trainer.sync == "epoch":  # with sync="step" the last step has synced
+            self.trainer.sync_engine()  # GEPA and the next epoch sample the new weights
 
     def _metric_failures(self, epoch: int, b: int) -> int:
         """The batch's failed metric calls (scored 0) on every process; a batch where every call
@@ -377,7 +382,6 @@ class P2OLoop:
             write_jsonl(self.run.rewards_file(epoch), ({"id": i, "rewards": r} for i, r in rewards.items()))
             write_jsonl(self.run.hard_file(epoch), (
                 {"id": i, "success_rate": sum(rewards[i]) / len(rewards[i]), "rewards": rewards[i]} for i in hard))
-        sync_s = self.trainer.sync_engine()
         state.hard_count = len(hard)
         record: dict[str, Any] = {"epoch": epoch, "ran": False, "hard": len(hard)}
         if not cfg.prompt_phase:
@@ -392,7 +396,6 @@ class P2OLoop:
         if self.is_main:
             write_json(self.run.templates_file(epoch), record)
         state.assignments = record.get("assignments", {})
-        state.sync_s = sync_s
 
     def _run_gepa(self, epoch: int, hard: list[str]) -> dict[str, Any]:
         cfg = self.config
