@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import dspy
 
+from dspy_p2o import display
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
@@ -208,8 +209,9 @@ class P2OLoop:
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(str(exc)) from None
         limits = f"retries {lm.num_retries}, timeout {lm.kwargs.get('timeout', 'litellm default')} s per attempt"
-        _print(f"reflection teacher {lm.model}: " + (f"preflight ok in {seconds:.1f} s; " if seconds is not None
-                                                      else "preflight off; ") + limits, cfg.progress and self.is_main)
+        display.line(f"reflection teacher {lm.model}: " + (f"preflight ok in {seconds:.1f} s; " if seconds is not None
+                                                           else "preflight off; ") + limits,
+                     cfg.progress and self.is_main)
 
     def _initial_policy_engine(self) -> Engine:
         """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""
@@ -269,6 +271,10 @@ class P2OLoop:
 
     # ------------------------------------------------------------------ Alg. 1
     def run_loop(self) -> CompileResult:
+        with display.quiet_libraries():  # the phases' live lines only, unless verbose
+            return self._run_loop()
+
+    def _run_loop(self) -> CompileResult:
         try:
             self._build()  # the model loads and the engine starts BEFORE the run dir is claimed
         except BaseException:
@@ -314,8 +320,9 @@ class P2OLoop:
         batches = self._batches(epoch)
         self._epoch_start, self.wait_s = time.perf_counter(), 0.0
         trains = state.batch < len(batches)  # False on a resume after the epoch's last batch
-        bar = _bar(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   enabled=cfg.progress and self.is_main)
+        shown = cfg.progress and self.is_main
+        bar = display.live(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                           enabled=shown)
         for b in range(state.batch, len(batches)):
             assignments = {i: z for i, z in state.assignments.items()} if cfg.prompt_phase else {}
             share = shard(batches[b], acc.process_index, acc.num_processes)
@@ -325,7 +332,7 @@ class P2OLoop:
                 top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                 seed=cfg.seed * 100_003 + epoch * 1_009 + b + acc.process_index * 7_919,
                 assignments=assignments, plain_per_group=cfg.plain_per_group,
-                progress=False)  # one live line per phase: the epoch bar below carries reward and step
+                progress=shown and display.verbose())  # the phase's live line: the epoch bar below
             t_rollout = time.perf_counter() - t0
             waited = self.wait_s
             failures = self._metric_failures(epoch, b)
@@ -401,12 +408,12 @@ class P2OLoop:
         cfg = self.config
         prompt_cfg = dataclasses.replace(cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch)
         student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-        program = self.program.deepcopy()
-        program.set_lm(student)
+        program = self.program.deepcopy()  # the student LM comes from the context (an LM does not deep-copy)
         with dspy.context(adapter=self.renderer.adapter):  # GEPA sees the format that is trained
             result = run_prompt_phase(
                 program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
-                metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch)
+                metric=self.metric, config=prompt_cfg, log_dir=self.run.gepa_dir(epoch), epoch=epoch,
+                progress=cfg.progress)
         self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
                         step=self.trainer.global_step)
         return {"epoch": epoch, "hard": len(hard), **result.to_json()}
@@ -423,10 +430,10 @@ class P2OLoop:
         entry.update(self._wait_fractions())
         self.logger.log({f"epoch/{k}": v for k, v in entry.items()}, step=self.trainer.global_step)
         state.history.append(entry)
-        _print(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
-               f"hard {entry['hard']}, templated next {entry['templated_questions']}"
-               + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
-               cfg.progress and self.is_main)
+        display.line(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
+                     f"hard {entry['hard']}, templated next {entry['templated_questions']}"
+                     + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
+                     cfg.progress and self.is_main)
         state.epoch, state.phase, state.batch, state.rewards, state.metric_failures = epoch + 1, "train", 0, {}, 0
         state.done = state.epoch >= cfg.epochs
         self._checkpoint(state)
@@ -498,17 +505,3 @@ def _template_success(stats: dict[str, list[list[float]]] | None) -> dict[str, f
         out["plain/pass@1"] = _mean([_mean(g) for g in stats["plain"]])
         out["plain/pass@k"] = _mean([float(max(g) > 0) for g in stats["plain"]])
     return out
-
-
-def _bar(total: int, *, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="batch", disable=not enabled)
-
-
-def _print(line: str, enabled: bool) -> None:
-    from tqdm.auto import tqdm
-
-    if enabled:
-        tqdm.write(line)
-    log.info(line)
