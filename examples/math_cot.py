@@ -2,10 +2,10 @@
 
 Evaluate it on a few MATH500 problems with any LM litellm can reach:
 
-    DSPY_P2O_LM=openai/gpt-4o-mini python programs/math_cot.py
-    python programs/math_cot.py --lm openai/Qwen/Qwen3-4B --api-base http://localhost:8000/v1 -n 5
+    DSPY_P2O_LM=openai/gpt-4o-mini python examples/math_cot.py
+    python examples/math_cot.py --lm openai/Qwen/Qwen3-4B --api-base http://localhost:8000/v1 -n 5
 
-Use it from dspy_p2o as ``program="programs/math_cot.py:build"``.
+Use it from dspy_p2o as ``program="examples/math_cot.py:build"``.
 """
 
 from __future__ import annotations
