@@ -3,7 +3,7 @@
 - A phase's live line (`live`): phase 1's batches of an epoch with the reward and the
   optimiser step, the prompt phase's metric calls of its GEPA budget (`GEPAProgress`), the toy
   world's pretraining. It disappears when the phase ends.
-- Summary lines (`line`): one per epoch, written above any live line and logged too.
+- Summary lines (`line`): one per epoch, written above any live line (logged when not shown).
 - Everything else -- the engines' generate bars, the reward scoring bars, DSPy's evaluation
   bars, gepa's own bar, transformers' load/save bars, DSPy's and GEPA's info logging -- only
   with `set_verbose(True)` (`--verbose`). Warnings and errors are always shown.
@@ -65,12 +65,13 @@ def live(total: int | None, *, desc: str, unit: str, enabled: bool, initial: int
 
 
 def line(text: str, enabled: bool) -> None:
-    """A summary line: printed above any live line when `enabled`, always logged."""
+    """A summary line: printed above any live line when `enabled`, else logged (at info)."""
     from tqdm.auto import tqdm
 
     if enabled:
         tqdm.write(text)
-    log.info(text)
+    else:
+        log.info(text)
 
 
 class GEPAProgress:
