@@ -44,6 +44,8 @@ def add_arguments(parser: Any) -> None:
 def configure(*, verbose: bool = False) -> None:
     """For a command line that owns its process: the verbosity, and the libraries' logging and
     bars for the whole process (also outside the loop: loading models, the toy world's base policy)."""
+    import dspy  # noqa: F401  (importing DSPy sets its logger to INFO: the level is set after it)
+
     set_verbose(verbose)
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("dspy").setLevel(level)

@@ -25,7 +25,6 @@ def main(args: argparse.Namespace) -> int:
     from dspy_p2o.programs import get_program
     from dspy_p2o.rewards import math_metric
 
-    display.configure(verbose=args.verbose)
     overrides = parse_overrides(args.overrides)
     if args.quiet:
         overrides["progress"] = False
@@ -39,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"nothing to resume in {run_dir} (no state.json)")
     if not args.resume and (run_dir / "state.json").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
+    display.configure(verbose=args.verbose)
     d = cfg.data
     trainset = load_trainset(d.train, question_field=d.question_field, answer_field=d.answer_field, limit=d.train_limit,
                              seed=cfg.seed)
