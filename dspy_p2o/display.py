@@ -120,18 +120,24 @@ def quiet_libraries() -> Iterator[None]:
     class SilentModule:  # what dspy.utils.parallelizer uses of the tqdm module: tqdm.tqdm
         tqdm = Silent
 
+    # (module, name, stand-in); a name a later release no longer has is left alone: its bar shows, nothing breaks
+    patches = [(m, name, new) for m, name, new in ((gepa_engine, "tqdm", Silent), (dspy_parallel, "tqdm", SilentModule))
+               if hasattr(m, name)]
+    saved = [getattr(m, name) for m, name, _ in patches]
     levels = {"dspy": logging.WARNING, "dspy.utils.parallelizer": logging.CRITICAL}
     saved_levels = {name: logging.getLogger(name).level for name in levels}
-    saved = (gepa_engine.tqdm, dspy_parallel.tqdm, hf_logging.is_progress_bar_enabled())
-    gepa_engine.tqdm, dspy_parallel.tqdm = Silent, SilentModule
+    bars_on = hf_logging.is_progress_bar_enabled()
+    for m, name, new in patches:
+        setattr(m, name, new)
     hf_logging.disable_progress_bar()
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
-        gepa_engine.tqdm, dspy_parallel.tqdm = saved[0], saved[1]
-        if saved[2]:
+        for (m, name, _), old in zip(patches, saved):
+            setattr(m, name, old)
+        if bars_on:
             hf_logging.enable_progress_bar()
         for name, level in saved_levels.items():
             logging.getLogger(name).setLevel(level)
