@@ -4,7 +4,9 @@ Per epoch t:
   phase 1  every batch: K rollouts per question -- T(x, z) for questions that were hard in
            t-1 and got templates, x otherwise -- a GRPO update with the gradient on x,
            and hard mining from the rewards;
-  sync     the engine serves the new weights (also after every step by default);
+  sync     the engine serves the new weights: after every step (trainer sync="step", the
+           default) or once at the end of phase 1 (sync="epoch"); a resume syncs once, when
+           the trainer loads its checkpoint;
   phase 2  GEPA on the new hard set -> template pool -> K templates per hard question.
 
 Everything needed to resume lives in the run directory: the loop state (state.json,
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 import dspy
 
+from dspy_p2o import display
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
 from dspy_p2o.engines import Engine, LocalEngine, make_engine
@@ -206,8 +209,9 @@ class P2OLoop:
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(str(exc)) from None
         limits = f"retries {lm.num_retries}, timeout {lm.kwargs.get('timeout', 'litellm default')} s per attempt"
-        _print(f"reflection teacher {lm.model}: " + (f"preflight ok in {seconds:.1f} s; " if seconds is not None
-                                                      else "preflight off; ") + limits, cfg.progress and self.is_main)
+        display.line(f"reflection teacher {lm.model}: " + (f"preflight ok in {seconds:.1f} s; " if seconds is not None
+                                                           else "preflight off; ") + limits,
+                     cfg.progress and self.is_main)
 
     def _initial_policy_engine(self) -> Engine:
         """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""
@@ -267,6 +271,10 @@ class P2OLoop:
 
     # ------------------------------------------------------------------ Alg. 1
     def run_loop(self) -> CompileResult:
+        with display.quiet_libraries():  # the phases' live lines only, unless verbose
+            return self._run_loop()
+
+    def _run_loop(self) -> CompileResult:
         try:
             self._build()  # the model loads and the engine starts BEFORE the run dir is claimed
         except BaseException:
@@ -311,8 +319,10 @@ class P2OLoop:
         cfg, epoch, acc = self.config, state.epoch, self.accelerator
         batches = self._batches(epoch)
         self._epoch_start, self.wait_s = time.perf_counter(), 0.0
-        bar = _bar(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   enabled=cfg.progress and self.is_main)
+        trains = state.batch < len(batches)  # False on a resume after the epoch's last batch
+        shown = cfg.progress and self.is_main
+        bar = display.live(len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                           enabled=shown)
         for b in range(state.batch, len(batches)):
             assignments = {i: z for i, z in state.assignments.items()} if cfg.method == "p2o" else {}
             share = shard(batches[b], acc.process_index, acc.num_processes)
@@ -322,7 +332,7 @@ class P2OLoop:
                 top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                 seed=cfg.seed * 100_003 + epoch * 1_009 + b + acc.process_index * 7_919,
                 assignments=assignments, plain_per_group=cfg.plain_per_group,
-                progress=False)  # one live line per phase: the epoch bar below carries reward and step
+                progress=shown and display.verbose())  # the phase's live line: the epoch bar below
             t_rollout = time.perf_counter() - t0
             waited = self.wait_s
             failures = self._metric_failures(epoch, b)
@@ -338,6 +348,8 @@ class P2OLoop:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", step=self.trainer.global_step)
         bar.close()
+        if trains and cfg.trainer.sync == "epoch":  # with sync="step" the last step has synced
+            self.trainer.sync_engine()  # GEPA and the next epoch sample the new weights
 
     def _metric_failures(self, epoch: int, b: int) -> int:
         """The batch's failed metric calls (scored 0) on every process; a batch where every call
@@ -377,7 +389,6 @@ class P2OLoop:
             write_jsonl(self.run.rewards_file(epoch), ({"id": i, "rewards": r} for i, r in rewards.items()))
             write_jsonl(self.run.hard_file(epoch), (
                 {"id": i, "success_rate": sum(rewards[i]) / len(rewards[i]), "rewards": rewards[i]} for i in hard))
-        sync_s = self.trainer.sync_engine()
         state.hard_count = len(hard)
         record: dict[str, Any] = {"epoch": epoch, "ran": False, "hard": len(hard)}
         if cfg.method == "grpo":
@@ -392,18 +403,16 @@ class P2OLoop:
         if self.is_main:
             write_json(self.run.templates_file(epoch), record)
         state.assignments = record.get("assignments", {})
-        state.sync_s = sync_s
 
     def _run_gepa(self, epoch: int, hard: list[str]) -> dict[str, Any]:
         cfg = self.config
         student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-        program = self.program.deepcopy()
-        program.set_lm(student)
+        program = self.program.deepcopy()  # the student LM comes from the context (an LM does not deep-copy)
         with dspy.context(adapter=self.renderer.adapter):  # GEPA sees the format that is trained
             result = run_prompt_phase(
                 program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
                 metric=self.metric, config=cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch,
-                log_dir=self.run.gepa_dir(epoch), epoch=epoch)
+                log_dir=self.run.gepa_dir(epoch), epoch=epoch, progress=cfg.progress)
         self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
                         step=self.trainer.global_step)
         return {"epoch": epoch, "hard": len(hard), **result.to_json()}
@@ -420,10 +429,10 @@ class P2OLoop:
         entry.update(self._wait_fractions())
         self.logger.log({f"epoch/{k}": v for k, v in entry.items()}, step=self.trainer.global_step)
         state.history.append(entry)
-        _print(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
-               f"hard {entry['hard']}, templated next {entry['templated_questions']}"
-               + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
-               cfg.progress and self.is_main)
+        display.line(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
+                     f"hard {entry['hard']}, templated next {entry['templated_questions']}"
+                     + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
+                     cfg.progress and self.is_main)
         state.epoch, state.phase, state.batch, state.rewards, state.metric_failures = epoch + 1, "train", 0, {}, 0
         state.done = state.epoch >= cfg.epochs
         self._checkpoint(state)
@@ -497,17 +506,3 @@ def _template_success(stats: dict[str, list[list[float]]] | None) -> dict[str, f
         out["plain/pass@1"] = _mean([_mean(g) for g in stats["plain"]])
         out["plain/pass@k"] = mean_pass_at_k(stats["plain"])
     return out
-
-
-def _bar(total: int, *, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="batch", disable=not enabled)
-
-
-def _print(line: str, enabled: bool) -> None:
-    from tqdm.auto import tqdm
-
-    if enabled:
-        tqdm.write(line)
-    log.info(line)

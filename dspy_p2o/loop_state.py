@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PHASES = ("train", "prompt")
+RETIRED = ("sync_s",)  # fields older versions wrote and nothing read: dropped on load, so their runs resume
 
 
 @dataclass
@@ -28,7 +29,6 @@ class LoopState:
     metrics_offset: int | None = None  # metrics.jsonl's size at this save: a resume drops what came after
     metric_failures: int = 0  # failed metric calls (scored 0) so far in this epoch
     hard_count: int = 0  # |D_hard| of the last prompt phase
-    sync_s: float = 0.0  # seconds of the last end-of-epoch weight sync
     done: bool = False
 
     def __post_init__(self) -> None:
@@ -40,6 +40,7 @@ class LoopState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LoopState":
+        data = {k: v for k, v in data.items() if k not in RETIRED}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

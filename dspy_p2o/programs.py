@@ -1,4 +1,7 @@
-"""Built-in DSPy programs and loading user programs by name or path."""
+"""The program registry: built-in DSPy programs and loading user programs by name or path.
+
+Example programs to copy live in the repository's top-level `programs/` folder.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +39,6 @@ class MathCoT(dspy.Module):
 
 #: Names :func:`get_program` builds itself.
 BUILTIN_PROGRAMS = {"math_cot": MathCoT}
-# Handled by the caller (no DSPy program at all), so never built here.
-_RESERVED = ("raw",)
 
 
 def get_program(name_or_path: str) -> dspy.Module:
@@ -53,8 +54,6 @@ def get_program(name_or_path: str) -> dspy.Module:
     spec = name_or_path.strip()
     if spec in BUILTIN_PROGRAMS:
         return BUILTIN_PROGRAMS[spec]()
-    if spec in _RESERVED:
-        raise ValueError(f"program {spec!r} is reserved: it is handled by the caller, not built by get_program")
     if ":" not in spec:
         raise ValueError(
             f"unknown program {spec!r}: use one of {', '.join(BUILTIN_PROGRAMS)}, "

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from dspy_p2o import display
 from dspy_p2o.config import ConfigError, P2OConfig, parse_overrides
 
 
@@ -15,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. epochs=2 trainer.lr=1e-5 distill=false")
+    display.add_arguments(parser)  # --quiet is the override progress=false
 
 
 def main(args: argparse.Namespace) -> int:
@@ -23,7 +25,10 @@ def main(args: argparse.Namespace) -> int:
     from dspy_p2o.programs import get_program
     from dspy_p2o.rewards import math_metric
 
-    cfg = P2OConfig.load(args.config, parse_overrides(args.overrides))  # ConfigError: one line, exit 2 (cli.py)
+    overrides = parse_overrides(args.overrides)
+    if args.quiet:
+        overrides["progress"] = False
+    cfg = P2OConfig.load(args.config, overrides)  # ConfigError: one line, exit 2 (cli.py)
     if not cfg.policy:
         raise ConfigError("the config names no policy (set policy: <model dir or hub id>)")
     if args.resume and not args.run_dir:
@@ -33,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"nothing to resume in {run_dir} (no state.json)")
     if not args.resume and (run_dir / "state.json").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
+    display.configure(verbose=args.verbose)
     d = cfg.data
     trainset = load_trainset(d.train, question_field=d.question_field, answer_field=d.answer_field, limit=d.train_limit,
                              seed=cfg.seed)

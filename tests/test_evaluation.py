@@ -59,6 +59,12 @@ def test_extractor_prefers_the_program_answer_field(tiny_model_dir):
     assert f"What is 1+1?\n{RAW_INSTRUCTION}" in prompt
 
 
+def test_a_prompt_mode_given_as_the_program_is_named_as_such(tiny_model_dir):
+    """`raw` is the eval's prompt mode, handled here: the program registry knows nothing of it."""
+    with pytest.raises(ValueError, match="'raw' is a prompt mode, not a program: use --prompt raw"):
+        make_prompting("program", LocalEngine(tiny_model_dir).tokenizer, program="raw")
+
+
 def prompting_signature():
     from dspy_p2o.programs import get_program
     from dspy_p2o.renderer import single_predictor

@@ -185,8 +185,11 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     proc.wait()
     refused = subprocess.run(_train_cmd(config, run_dir), env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "--resume" in refused.stderr
-    resumed = subprocess.run(_train_cmd(config, run_dir, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_train_cmd(config, run_dir, "--resume", "--quiet"), env=env, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [line[:5] for line in resumed.stdout.splitlines()] == ["done:"]  # --quiet: the result line only...
+    assert "%|" not in resumed.stderr and " INFO " not in resumed.stderr  # ...no bar, no info logging
     fresh_dir = tmp_path / "fresh"
     fresh = subprocess.run(_train_cmd(config, fresh_dir), env=env, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]

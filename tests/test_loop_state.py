@@ -12,7 +12,7 @@ def test_loop_state_round_trips_through_state_json(tmp_path):
     state = LoopState(epoch=1, phase="prompt", batch=3, rewards={"q1": [0.0, 1.0]}, assignments={"q1": ["z1", "z2"]},
                       templated_stats={"0": {"templated": [[1.0]], "plain": [[0.0]]}},
                       history=[{"epoch": 1, "step": 4}], checkpoint="ckpt/checkpoint-4", checkpoint_step=4,
-                      hard_count=2, sync_s=0.5, done=False)
+                      hard_count=2, done=False)
     write_json(tmp_path / "state.json", state.to_json())
     assert LoopState.from_json(json.loads((tmp_path / "state.json").read_text())) == state
 
@@ -22,3 +22,7 @@ def test_loop_state_refuses_unknown_fields_and_phases():
         LoopState.from_json({"epoch": 0, "epochz": 1})
     with pytest.raises(ValueError, match="phase must be one of"):
         LoopState(phase="eval")
+
+
+def test_loop_state_drops_retired_fields_so_older_runs_resume():
+    assert LoopState.from_json({"epoch": 1, "sync_s": 0.5}) == LoopState(epoch=1)

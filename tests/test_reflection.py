@@ -4,9 +4,10 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import dspy
 import pytest
 
-from dspy_p2o.prompt_phase.reflection import close_reflection_lm, describe_reflection_lm, make_reflection_lm
+from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm
 
 SECRET = "sk-very-secret-987"
 
@@ -60,7 +61,7 @@ def test_teacher_retries_then_answers_and_never_leaks_the_key(teacher_server, mo
     assert lm("Propose an instruction.") == ["Double the number."]
     assert len(_Teacher.calls) == 3  # two 503s, retried with back-off, then the answer
     assert _Teacher.calls[-1]["auth"] == f"Bearer {SECRET}"  # the key does reach the endpoint...
-    visible = json.dumps(describe_reflection_lm(lm)) + json.dumps(lm.dump_state()) + repr(lm)
+    visible = json.dumps(lm.dump_state()) + repr(lm)
     visible += json.dumps([{k: str(v) for k, v in h.items()} for h in lm.history])
     assert SECRET not in visible  # ...and nothing we log or save
 
@@ -102,3 +103,25 @@ def test_self_reflection_builds_pi_init_engine_lazily(tiny_model_dir):
     lm("Again.")
     assert len(built) == 1  # one engine, reused
     close_reflection_lm(lm)
+
+
+def test_the_loop_releases_the_pi_init_engine_when_it_ends(tmp_path, tiny_model_dir, monkeypatch):
+    """Self-reflection's frozen pi_init engine (a second model, or a second vLLM server) lives only
+    as long as the loop: run_loop closes it however it ends."""
+    from dspy_p2o.config import P2OConfig
+    from dspy_p2o.engines import LocalEngine
+    from dspy_p2o.loop import P2OLoop
+    from loop_fixtures import closeness_metric, sum_examples, tiny_overrides
+
+    closed = []
+    monkeypatch.setattr(LocalEngine, "close", lambda self: closed.append(self))
+    config = P2OConfig.load(None, {"policy": str(tiny_model_dir), "reflection": "self",
+                                   **tiny_overrides(epochs=1, prompt_phase=False)})
+    loop = P2OLoop(dspy.ChainOfThought("question -> answer"), sum_examples(4, 0, "train"), metric=closeness_metric,
+                   policy=str(tiny_model_dir), config=config, run_dir=tmp_path / "run")
+    lm = loop.reflection_lm()
+    lm("Propose an instruction.")  # GEPA's first reflection builds pi_init
+    pi_init = lm._engine_spec.engine
+    assert pi_init is not None
+    loop.run_loop()
+    assert pi_init in closed and lm._engine_spec.engine is None

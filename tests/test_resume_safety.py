@@ -118,3 +118,31 @@ def test_cli_prints_a_refused_resume_as_one_line(tmp_path, tiny_model_dir):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "belongs to an incompatible run (trainer.beta: 0.0 -> 0.5);" in lines[0], done.stderr
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("sync", ["step", "epoch"])
+def test_resume_syncs_the_engine_exactly_once(tmp_path, tiny_model_dir, monkeypatch, sync):
+    """Stopped between phase 1 and the end of the epoch (state.json says "prompt"), a resume
+    serves the restored weights through one sync -- the checkpoint load's -- and no second one."""
+    from dspy_p2o.loop import P2OLoop
+    from dspy_p2o.trainer import GRPOTrainer
+
+    run_dir = tmp_path / "run"
+
+    def stop(self, state):
+        raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(P2OLoop, "_end_epoch", stop)
+        with pytest.raises(_Stop):
+            _resume(run_dir, tiny_model_dir, sync=sync)
+    assert json.loads((run_dir / "state.json").read_text())["phase"] == "prompt"
+    syncs = []
+    real = GRPOTrainer.sync_engine
+    monkeypatch.setattr(GRPOTrainer, "sync_engine", lambda self: syncs.append(1) or real(self))
+    assert len(_resume(run_dir, tiny_model_dir, sync=sync).history) == 1
+    assert len(syncs) == 1

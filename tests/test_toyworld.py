@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import dspy
 import pytest
@@ -172,16 +173,40 @@ def test_execution_samples_teach_the_answer_to_follow_the_reasoning(tiny_policy)
     assert trained.split("[[ ## answer ## ]]")[-1].strip().startswith(apply_rule(rule, parse_question(question)[1]))
 
 
-def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path):
-    """Two arms end to end through P2OLoop on a tiny budget: the JSON schema and the bookkeeping."""
+TINY_RUN = dict(epochs=2, k=4, batch_size=12, mini_batch_size=6, max_tokens=12, plain_per_group=2, budget=12,
+                beam_width=1, min_hard=2, dev_size=2)
+LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (WARNING|ERROR|CRITICAL) ")  # DSPy's log format
+
+
+@pytest.fixture
+def display_configured():
+    """`display.configure` as a command line runs it, undone afterwards (it sets process-wide state)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from dspy_p2o import display
+
+    level, bars = logging.getLogger("dspy").level, hf_logging.is_progress_bar_enabled()
+    display.configure(verbose=False)
+    yield
+    logging.getLogger("dspy").setLevel(level)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
+def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path, capfd, display_configured):
+    """Two arms end to end through P2OLoop on a tiny budget: the JSON schema and the bookkeeping;
+    quiet (progress off), nothing but warnings and errors reaches the terminal."""
     from dspy_p2o.toyworld.experiment import markdown_table, run_experiment, toy_config
 
     world, policy_config, cache, _ = tiny_policy
-    config = toy_config(dict(epochs=2, k=4, batch_size=12, mini_batch_size=6, max_tokens=12, plain_per_group=2,
-                             budget=12, beam_width=1, min_hard=2, dev_size=2))
+    config = toy_config(TINY_RUN)
     doc = run_experiment(0, ("grpo", "p2o"), out_dir=tmp_path, config=config,
                          world_config=WorldConfig(train_per_tag=3, test_per_tag=2), policy_config=policy_config,
                          cache_dir=cache, progress=False, log=lambda s: None)
+    out, err = capfd.readouterr()
+    assert out == "" and [line for line in err.splitlines() if not LOG_LINE.match(line)] == []
     assert doc["seed"] == 0 and set(doc["arms"]) == {"grpo", "p2o"}
     for arm, r in doc["arms"].items():
         assert 0.0 <= r["hard_acc"] <= 1.0 and 0.0 <= r["easy_acc"] <= 1.0
@@ -202,3 +227,20 @@ def test_run_config_is_the_packaged_yaml_on_the_train_schema():
     assert (cfg.trainer.lr, cfg.trainer.template_ratio, cfg.prompt.budget) == (5e-5, "off", 400)
     small = toy_config({"epochs": 2, "budget": 12, "trainer.beta": 0.0})
     assert (small.epochs, small.prompt.budget, small.trainer.beta, small.k) == (2, 12, 0.0, 8)
+
+
+def test_demo_display_is_one_live_line_per_phase_and_the_epoch_lines(tiny_policy, tmp_path, capfd, display_configured):
+    """With progress on: the epoch lines on stdout; on stderr only the phases' live lines (the epoch's
+    batches, GEPA's metric calls of its budget) and warnings -- no generate/score bars, no DSPy
+    evaluation bars, no gepa or transformers bars, no info logging."""
+    from dspy_p2o.toyworld.experiment import run_experiment, toy_config
+
+    world, policy_config, cache, _ = tiny_policy
+    run_experiment(0, ("p2o",), out_dir=tmp_path, config=toy_config(TINY_RUN),
+                   world_config=WorldConfig(train_per_tag=3, test_per_tag=2), policy_config=policy_config,
+                   cache_dir=cache, progress=True, log=lambda s: None)
+    out, err = capfd.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    live = {line.split(":")[0] for line in err.replace("\r", "\n").splitlines() if line.strip() and not LOG_LINE.match(line)}
+    assert live <= {"epoch 1/2", "epoch 2/2", "prompt phase 1", "pretrain"}, live
+    assert "prompt phase 1" in live  # GEPA's progress is the prompt phase's live line

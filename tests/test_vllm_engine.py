@@ -18,7 +18,7 @@ import torch
 
 from dspy_p2o.engines.base import SamplingParams
 from dspy_p2o.engines.local import process_logits
-from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, reference_engine, reference_engine_kwargs
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, reference_engine_kwargs
 from dspy_p2o.engines.vllm_server import VLLMServer, VLLMServerError
 from dspy_p2o.testing.fake_vllm import FakeVLLMServer
 
@@ -195,7 +195,8 @@ def test_reference_engine_is_frozen_and_never_the_policy_server(fake, model_dir)
     kwargs = reference_engine_kwargs(policy_kwargs)
     assert "url" not in kwargs and "api_key" not in kwargs and kwargs["frozen"] is True
     assert kwargs["gpu_memory_utilization"] == 0.2 and kwargs["max_model_len"] == 4096
-    ref = reference_engine(model_dir, **policy_kwargs, reference_url=fake.url, reference_api_key="secret-key")
+    ref = VLLMEngine(model_dir, **reference_engine_kwargs(  # what the loop starts for pi_init
+        {**policy_kwargs, "reference_url": fake.url, "reference_api_key": "secret-key"}))
     try:
         assert ref.url == fake.url and ref.served_model_name == fake.served_model_name
         with pytest.raises(RuntimeError, match="frozen"):

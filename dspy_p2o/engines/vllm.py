@@ -555,11 +555,6 @@ def reference_engine_kwargs(policy_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def reference_engine(model: str | os.PathLike, **policy_kwargs: Any) -> VLLMEngine:
-    """A frozen VLLMEngine serving `model`'s initial weights (see `reference_engine_kwargs`)."""
-    return VLLMEngine(model, **reference_engine_kwargs(policy_kwargs))
-
-
 class NCCLWeightSync:
     """vLLM's NCCL weight transfer (server started with `--weight-transfer-config {"backend": "nccl"}`).
 

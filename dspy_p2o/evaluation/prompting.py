@@ -41,6 +41,8 @@ def load_program(program: str | dspy.Module | tuple[dspy.Module, str]) -> tuple[
         return program
     if isinstance(program, dspy.Module):
         return program, type(program).__name__
+    if program in PROMPT_MODES:  # e.g. --program raw: the mode asked for in the wrong flag
+        raise ValueError(f"{program!r} is a prompt mode, not a program: use --prompt {program}")
     from dspy_p2o.programs import get_program
 
     return get_program(program), str(program)

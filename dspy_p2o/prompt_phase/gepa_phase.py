@@ -17,6 +17,7 @@ per-dev-example score bookkeeping, persistence and resume (`log_dir`). What P^2O
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from gepa.strategies.eval_policy import FullEvaluationPolicy
 from gepa.strategies.proposal_sampling import ProposalTask
 from gepa.utils.stop_condition import ScoreThresholdStopper
 
+from dspy_p2o import display
 from dspy_p2o.config import BUDGET_PRESETS, PromptPhaseConfig
 from dspy_p2o.jsonio import write_json
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, mean_scores, pareto_front, solved_by
@@ -244,11 +246,13 @@ def score_templates(program: dspy.Module, templates: Sequence[str], examples: Se
 
 def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example], *, student_lm: dspy.BaseLM,
                      reflection_lm: dspy.BaseLM, metric: Callable, config: PromptPhaseConfig | None = None,
-                     k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 0) -> PromptPhaseResult:
+                     k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 0,
+                     progress: bool = False) -> PromptPhaseResult:
     """Run GEPA on the hard set with the current policy as student and assign `k` templates per hard question.
 
     `k` is the number of templated rollouts per group (the run's k - plain_per_group) and
-    `seed` the phase's seed (the loop passes the run's seed + epoch).
+    `seed` the phase's seed (the loop passes the run's seed + epoch). `progress` shows the
+    phase's live line (metric calls of the budget; dspy_p2o.display).
 
     Resumable: a finished phase in `log_dir` is loaded, not rerun; an interrupted GEPA run
     continues from its saved state (`log_dir/gepa`).
@@ -281,10 +285,11 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     proposer = GuardedInstructionProposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
     gepa_dir = str(log_dir / "gepa")
+    live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch + 1}: GEPA on {len(ids)} hard", enabled=progress)
     gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(seed + epoch)),
                    "stop_callbacks": [ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
                    "use_cloudpickle": True, "val_evaluation_policy": ResumingEvaluationPolicy(gepa_dir),
-                   **cfg.gepa_kwargs}
+                   **cfg.gepa_kwargs, "callbacks": [live, *cfg.gepa_kwargs.get("callbacks", [])]}
     optimizer = dspy.GEPA(metric=metric, max_metric_calls=max_calls, reflection_lm=reflection_lm,
                           instruction_proposer=proposer, reflection_minibatch_size=cfg.reflection_minibatch_size,
                           use_merge=cfg.use_merge, num_threads=cfg.num_threads, log_dir=gepa_dir,
@@ -294,7 +299,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     logger.info("prompt phase epoch %d: GEPA on %d hard_train / %d hard_dev questions, budget %d metric calls, "
                 "beam %d", epoch, len(trainset), len(devset), max_calls, cfg.beam_width)
     student_before, reflection_before = _history_ids(student_lm), _history_ids(reflection_lm)
-    with dspy.context(lm=student_lm):
+    with dspy.context(lm=student_lm), display.quiet_libraries(), contextlib.closing(live):
         optimized = optimizer.compile(student, trainset=trainset, valset=devset)
         details = optimized.detailed_results
         templates = [single_predictor(c).signature.instructions for c in details.candidates]

@@ -113,12 +113,6 @@ def preflight(lm: dspy.BaseLM) -> float:
     return time.perf_counter() - start
 
 
-def describe_reflection_lm(lm: dspy.BaseLM) -> dict[str, Any]:
-    """What the run files may say about the reflection LM: never its key."""
-    state = lm.dump_state() if hasattr(lm, "dump_state") else {"model": getattr(lm, "model", "?")}
-    return {k: v for k, v in state.items() if "key" not in k.lower() and not k.startswith("_")}
-
-
 def close_reflection_lm(lm: dspy.BaseLM) -> None:
     """Free the pi_init engine behind a "self" reflection LM; a no-op for teachers."""
     backend = getattr(lm, "_engine_spec", None)

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dspy_p2o import display
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="run all four arms (adds the two ablations)")
@@ -21,19 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                         help="base-policy cache (default: $DSPY_P2O_CACHE/toyworld or ~/.cache/dspy_p2o/toyworld)")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    display.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    import logging
-
     from dspy_p2o.toyworld.experiment import ARMS, DEMO_ARMS, run_experiment, toy_config
 
-    logging.getLogger("dspy").setLevel(logging.WARNING)
+    display.configure(verbose=args.verbose)
     config = toy_config({} if args.epochs is None else {"epochs": args.epochs})  # ConfigError: one line (cli.py)
     arms = tuple(ARMS) if args.full else DEMO_ARMS
     doc = run_experiment(args.seed, arms, out_dir=args.out, config=config, cache_dir=args.cache_dir,
-                         progress=not args.quiet)
+                         progress=not args.quiet, log=print if not args.quiet else lambda line: None)
     from dspy_p2o.toyworld.experiment import markdown_table
 
     print()

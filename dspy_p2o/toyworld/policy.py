@@ -174,8 +174,7 @@ def build_tokenizer(world: World, config: PolicyConfig):
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run with n intra-op threads. A model this small gains nothing from more, and on a busy
-    2-core machine extra threads spin against other processes: measured 7 s/step with the
-    default vs 0.9 s/step with one thread (pretraining step, 5 other jobs running)."""
+    machine extra threads spin against other processes (benchmarks/toyworld/RESULTS.md)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -187,7 +187,7 @@ def build_world(seed: int = 0, config: WorldConfig | None = None) -> World:
 
     Every easy rule, hard rule and belief is a different rule, and each belief disagrees with its
     tag's true rule on every letter. Distinct beliefs keep the hard tags apart in the base policy:
-    when all of them copied (session 2), a tag re-pointed by training dragged the others to the same rule.
+    when all of them copied (benchmarks/toyworld/RESULTS.md), a tag re-pointed by training dragged the others to the same rule.
     """
     config = config or WorldConfig()
     rng = random.Random(f"toyworld-{seed}")
