@@ -116,7 +116,7 @@ def test_the_loop_releases_the_pi_init_engine_when_it_ends(tmp_path, tiny_model_
     closed = []
     monkeypatch.setattr(LocalEngine, "close", lambda self: closed.append(self))
     config = P2OConfig.load(None, {"policy": str(tiny_model_dir), "reflection": "self",
-                                   **tiny_overrides(epochs=1, prompt_phase=False)})
+                                   **tiny_overrides(epochs=1, method="grpo")})
     loop = P2OLoop(dspy.ChainOfThought("question -> answer"), sum_examples(4, 0, "train"), metric=closeness_metric,
                    policy=str(tiny_model_dir), config=config, run_dir=tmp_path / "run")
     lm = loop.reflection_lm()

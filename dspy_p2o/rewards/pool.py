@@ -14,11 +14,8 @@ start, not the ~3 s of DSPy), never re-import the user's ``__main__`` script (wh
 spawn/forkserver would do, re-running unguarded top-level code), and are safe to
 start from any thread.
 
-Measured on the 2-core dev machine (Nov 2026), one thread: a check of a MATH500
-gold (rendered as the answer) against itself takes a median of 3.7 ms, almost all
-of it sympy parsing; the process round trip adds ~0.1 ms (median of an empty
-request).  Starting a worker (importing math-verify) takes ~1 s and happens on
-first use and after a worker is killed.
+A check costs a few ms, almost all of it sympy parsing; starting a worker (importing
+math-verify) ~1 s, on first use and after a worker is killed (benchmarks/RESULTS.md).
 
 Environment: ``DSPY_P2O_VERIFY_WORKERS`` (pool size, default min(4, CPUs)) and
 ``DSPY_P2O_VERIFY_MEMORY_MB`` (per-worker address-space cap, default 4096; 0 = none).
