@@ -102,7 +102,10 @@ class ScriptedReflection:
         proposal = DOUBLE if doubles >= triples else TRIPLE
         with self._lock:
             self.proposals.append(proposal)
-        content = json.dumps({"new_instruction": proposal})
+        if "[[ ## new_instruction ## ]]" in text:  # asked in DSPy's chat format
+            content = f"[[ ## new_instruction ## ]]\n{proposal}\n\n[[ ## completed ## ]]"
+        else:
+            content = json.dumps({"new_instruction": proposal})
         return Response(id=None, model=request.model, message=Message.assistant(content), finish_reason="stop",
                         usage=Usage(input_tokens=len(text.split()), output_tokens=len(content.split()),
                                     total_tokens=len(text.split()) + len(content.split())))

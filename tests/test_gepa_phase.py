@@ -4,13 +4,15 @@ real dspy.GEPA, a scripted reflection LM proposing from the feedback it receives
 import json
 import socket
 
+import dspy
 import pytest
 
 from dspy_p2o.prompt_phase.gepa_phase import (
     RESULT_FILE, PromptPhaseConfig, metric_call_budget, run_prompt_phase, split_hard_set,
 )
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
-from prompt_phase_fixtures import DOUBLE, TRIPLE, build_policy, hard_examples, make_program, metric, scripted_reflection_lm
+from prompt_phase_fixtures import (DOUBLE, TRIPLE, build_policy, hard_examples, make_program, metric, question,
+                                   scripted_reflection_lm)
 
 
 def small_config(**kw):
@@ -139,3 +141,18 @@ def test_unreachable_http_teacher_ends_cleanly(policy, tmp_path, monkeypatch, ca
     assert out.assignments == {}  # nothing solved anything: questions stay on their plain input
     files = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".bin")
     assert "sk-test-secret-123" not in files + caplog.text
+
+
+def test_reflection_is_asked_in_dspys_chat_format_whatever_the_students_adapter():
+    """The run's adapter (JSON here) is the student's trained format; the reflection LM gets DSPy's
+    default chat format (a small self-reflecting model cannot write the JSON proposal object)."""
+    from dspy_p2o.prompt_phase.gepa_phase import reflection_proposer
+
+    lm, engine = scripted_reflection_lm()
+    proposer = reflection_proposer()
+    feedback = [{"Inputs": {"question": question(2)}, "Generated Outputs": {"answer": "1"},
+                 "Feedback": "Incorrect: the correct answer is 4, the double of 2."}]
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        out = proposer(candidate={"self": "Answer."}, reflective_dataset={"self": feedback}, components_to_update=["self"])
+    assert out == {"self": DOUBLE} and len(engine.requests) == 1
+    assert "[[ ## new_instruction ## ]]" in engine.requests[0] and "JSON object" not in engine.requests[0]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams
 from dspy_p2o.engines.hf import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
@@ -112,8 +113,6 @@ class LocalEngine(Engine):
             self.model.train(was_training)
 
     def _sample_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams, generator) -> list[list[Completion]]:
-        from transformers import DynamicCache
-
         device = self.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -123,7 +122,7 @@ class LocalEngine(Engine):
             mask[row, width - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = _kv_cache(self.model.config)
         # Prefill each prompt once, then fan the cache out to its n samples. Only the last position's
         # logits are needed: the LM head over every prompt position (49k vocabulary) cost more than decoding.
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -231,6 +230,67 @@ class LocalEngine(Engine):
 
     def close(self) -> None:
         pass
+
+
+def _kv_cache(config: Any) -> Cache:
+    """The KV cache of one generate call: `GrowingLayer`s for full-attention models (the
+    transformers default, `DynamicCache`, for models with sliding-window or other layer types)."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if layer_types != {"full_attention"} or sliding:
+        return DynamicCache(config=config)
+    return Cache(layer_class_to_replicate=GrowingLayer)
+
+
+class GrowingLayer(DynamicLayer):
+    """A KV-cache layer that writes each decode step into spare capacity, doubling it when full.
+
+    transformers' `DynamicLayer` concatenates the whole cache with the new token at every step:
+    at 32 sequences of ~400 tokens that copies as many bytes per step as the weights of
+    SmolLM2-135M, and decoding on CPU is bound by memory traffic. Here a step writes one slot;
+    `keys`/`values` are views of the filled part, so everything that reads them (attention,
+    mask sizes, lengths) sees exactly what `DynamicLayer` would hold.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._length = 0
+        end = self._length + key_states.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, max(end + 64, 2 * end))
+        self._k[:, :, self._length:end] = key_states
+        self._v[:, :, self._length:end] = value_states
+        self._length = end
+        self._views()
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        k = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
+        v = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
+        if self._length:
+            k[:, :, :self._length], v[:, :, :self._length] = self.keys, self.values
+        self._k, self._v = k, v
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, :self._length], self._v[:, :, :self._length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized and self._k is not None:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized and self._k is not None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("the engine's KV cache is never cropped")
 
 
 def _cut_at_stop_string(text, toks, lps, stops, tokenizer):

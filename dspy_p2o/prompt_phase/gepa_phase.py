@@ -156,6 +156,13 @@ class GuardedInstructionProposer(InstructionProposer):
         return out
 
 
+def reflection_proposer() -> GuardedInstructionProposer:
+    """The phase's proposer. The reflection LM is asked in DSPy's default format (ChatAdapter,
+    JSON as its fallback), not in the run's adapter, which is the STUDENT's trained format and is
+    set in the context around the phase (a small self-reflecting model cannot write JSON)."""
+    return GuardedInstructionProposer(adapter=dspy.ChatAdapter())
+
+
 class ReflectionFailureStopper:
     def __init__(self, proposer: GuardedInstructionProposer, max_failures: int) -> None:
         self.proposer, self.max_failures = proposer, max_failures
@@ -282,7 +289,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
 
     student = program.deepcopy()
     single_predictor(student).lm = None  # GEPA deep-copies the program per candidate; the LM comes from the context
-    proposer = GuardedInstructionProposer()
+    proposer = reflection_proposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
     gepa_dir = str(log_dir / "gepa")
     live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch + 1}: GEPA on {len(ids)} hard", enabled=progress)
