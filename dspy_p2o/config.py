@@ -32,6 +32,9 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 LOSS_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")  # trainer/losses.py
 TEMPLATE_RATIO_MODES = ("mask", "soft", "off")  # trainer/losses.py
 SCALES = ("group", "batch", "none")  # advantage std scaling (trainer/advantages.py)
+# dtype names a user may write -> torch's name (the engines' and the trainer's one table)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 BUDGET_PRESETS = {"light": ("light", 1), "medium": ("medium", 1), "heavy": ("heavy", 1), "heavy_4": ("heavy", 4)}
 
 # Keys that left the schema, and where each lives now.
@@ -115,7 +118,7 @@ class TrainerConfig:
         choice("scale_rewards", SCALES)
         choice("template_ratio", TEMPLATE_RATIO_MODES)
         choice("sync", ("step", "epoch"))
-        choice("dtype", ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
+        choice("dtype", ("auto", *DTYPES))
         if self.lr <= 0:
             raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

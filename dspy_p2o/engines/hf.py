@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
+from dspy_p2o.config import DTYPES
 
 
 def check_model_path(path: str | os.PathLike) -> str:
@@ -48,9 +47,9 @@ def resolve_dtype(dtype: Any, device: Any) -> Any:
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if str(dtype) not in _DTYPES:
+    if str(dtype) not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return getattr(torch, _DTYPES[str(dtype)])
+    return getattr(torch, DTYPES[str(dtype)])
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

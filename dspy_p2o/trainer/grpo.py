@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dspy_p2o.config import TrainerConfig
+from dspy_p2o.config import DTYPES, TrainerConfig
 from dspy_p2o.rollouts import Rollout
 from dspy_p2o.trainer import checkpoint as ckpt
 from dspy_p2o.trainer.advantages import group_advantages
@@ -489,8 +489,7 @@ def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeou
     if dtype in ("auto",):
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     else:
-        precision = {"float32": "no", "fp32": "no", "bfloat16": "bf16", "bf16": "bf16",
-                     "float16": "fp16", "fp16": "fp16"}[dtype]
+        precision = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[DTYPES[dtype]]  # accelerate's names
     return Accelerator(mixed_precision=precision, cpu=not cuda,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
 
