@@ -85,7 +85,8 @@ class ScriptedReflection:
     feedback in the request and proposes the template for the majority cue. It records every
     request, and can be told to fail (unreachable teacher) after some calls."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, free_text: bool = False) -> None:
+        self.free_text = free_text  # reply with the bare instruction, outside any format
         self.requests: list[str] = []
         self.proposals: list[str] = []
         self.fail_after = fail_after
@@ -102,7 +103,9 @@ class ScriptedReflection:
         proposal = DOUBLE if doubles >= triples else TRIPLE
         with self._lock:
             self.proposals.append(proposal)
-        if "[[ ## new_instruction ## ]]" in text:  # asked in DSPy's chat format
+        if self.free_text:
+            content = f"Sure! {proposal}"
+        elif "[[ ## new_instruction ## ]]" in text:  # asked in DSPy's chat format
             content = f"[[ ## new_instruction ## ]]\n{proposal}\n\n[[ ## completed ## ]]"
         else:
             content = json.dumps({"new_instruction": proposal})

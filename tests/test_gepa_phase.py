@@ -156,3 +156,18 @@ def test_reflection_is_asked_in_dspys_chat_format_whatever_the_students_adapter(
         out = proposer(candidate={"self": "Answer."}, reflective_dataset={"self": feedback}, components_to_update=["self"])
     assert out == {"self": DOUBLE} and len(engine.requests) == 1
     assert "[[ ## new_instruction ## ]]" in engine.requests[0] and "JSON object" not in engine.requests[0]
+
+
+def test_a_reply_outside_the_format_is_read_as_the_instruction():
+    """A small self-reflecting model rarely writes DSPy's fields; its reply is taken as the proposal
+    (GEPA scores it before keeping it), counted apart, and is not a reflection failure."""
+    from dspy_p2o.prompt_phase.gepa_phase import reflection_proposer
+
+    lm, engine = scripted_reflection_lm(free_text=True)
+    proposer = reflection_proposer()
+    feedback = [{"Inputs": {"question": question(3)}, "Generated Outputs": {"answer": "1"},
+                 "Feedback": "Incorrect: the correct answer is 9, the triple of 3."}]
+    with dspy.context(lm=lm):
+        out = proposer(candidate={"self": "Answer."}, reflective_dataset={"self": feedback}, components_to_update=["self"])
+    assert out == {"self": f"Sure! {TRIPLE}"} and len(engine.requests) == 1  # one call: no JSON retry
+    assert (proposer.unformatted, proposer.total_failures, proposer.consecutive_failures) == (1, 0, 0)

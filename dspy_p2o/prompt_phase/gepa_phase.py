@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+from dspy.utils.exceptions import AdapterParseError
 from gepa.strategies.eval_policy import FullEvaluationPolicy
 from gepa.strategies.proposal_sampling import ProposalTask
 from gepa.utils.stop_condition import ScoreThresholdStopper
@@ -133,34 +135,70 @@ class ResumingEvaluationPolicy(FullEvaluationPolicy):
 
 
 class GuardedInstructionProposer(InstructionProposer):
-    """DSPy's built-in proposer that counts consecutive reflection failures, so a stopper can
-    end the phase when the reflection LM (a remote teacher) stays unreachable."""
+    """DSPy's built-in proposer that (a) counts consecutive reflection failures, so a stopper can
+    end the phase when the reflection LM (a remote teacher) stays unreachable, and (b) takes a
+    reply that misses DSPy's output format as the instruction itself (`instruction_from_text`),
+    as GEPA's own proposer reads its reply leniently: a small self-reflecting model rarely writes
+    the format, and GEPA scores every proposal on hard_dev before anything keeps it."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.consecutive_failures = 0
         self.total_failures = 0
+        self.unformatted = 0  # proposals read from a reply that missed the format
         self.last_error: str | None = None
 
     def __call__(self, candidate, reflective_dataset, components_to_update):
         try:
             out = super().__call__(candidate=candidate, reflective_dataset=reflective_dataset,
                                    components_to_update=components_to_update)
+        except AdapterParseError as exc:
+            text = instruction_from_text(exc.lm_response or "")
+            if not text or len(components_to_update) != 1:
+                self._failed(exc)
+                raise
+            self.unformatted += 1
+            out = {components_to_update[0]: text}
         except Exception as exc:
-            self.consecutive_failures += 1
-            self.total_failures += 1
-            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-            logger.warning("reflection LM call failed (%d in a row): %s", self.consecutive_failures, self.last_error)
+            self._failed(exc)
             raise
         self.consecutive_failures = 0
         return out
 
+    def _failed(self, exc: Exception) -> None:
+        self.consecutive_failures += 1
+        self.total_failures += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        logger.warning("reflection LM call failed (%d in a row): %s", self.consecutive_failures, self.last_error)
+
+
+_FIELD_HEADER = re.compile(r"^\s*\[\[\s*##\s*(\w+)\s*##\s*\]\]\s*$", re.MULTILINE)
+
+
+def instruction_from_text(reply: str) -> str:
+    """The new instruction in a reflection reply that missed DSPy's format: the `new_instruction`
+    field when the reply has one (chat headers or a JSON key), else the text inside its code
+    fence (GEPA's own proposer), else the whole reply without field headers. "" when nothing is left."""
+    text = reply.strip()
+    sections = _FIELD_HEADER.split(text)  # [before, name1, body1, name2, body2, ...]
+    named = dict(zip(sections[1::2], sections[2::2]))
+    if named.get("new_instruction", "").strip():
+        text = named["new_instruction"]
+    elif (match := re.search(r'"new_instruction"\s*:\s*"((?:[^"\\]|\\.)*)', text)) is not None:
+        text = match.group(1).replace('\\n', '\n').replace('\\"', '"')
+    elif text.count("```") >= 2:
+        text = text.split("```", 1)[1].rsplit("```", 1)[0]
+        text = text.split("\n", 1)[1] if re.match(r"[\w-]*\n", text) else text  # a language tag line
+    text = _FIELD_HEADER.sub("", text)
+    return text.strip()
+
 
 def reflection_proposer() -> GuardedInstructionProposer:
-    """The phase's proposer. The reflection LM is asked in DSPy's default format (ChatAdapter,
-    JSON as its fallback), not in the run's adapter, which is the STUDENT's trained format and is
-    set in the context around the phase (a small self-reflecting model cannot write JSON)."""
-    return GuardedInstructionProposer(adapter=dspy.ChatAdapter())
+    """The phase's proposer. The reflection LM is asked in DSPy's chat format, not in the run's
+    adapter, which is the STUDENT's trained format and is set in the context around the phase
+    (a small self-reflecting model cannot write the JSON object). No second call in JSON on a
+    parse failure: the proposer reads a reply that missed the format itself."""
+    return GuardedInstructionProposer(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
 
 
 class ReflectionFailureStopper:
@@ -348,6 +386,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
         "student_lm": _usage_since(student_lm, student_before),
         "reflection_lm": _usage_since(reflection_lm, reflection_before),
         "reflection_failures": proposer.total_failures,
+        "reflection_unformatted": proposer.unformatted,
         "templates_accepted": len(templates) - 1,
         "templates_assigned": len({t for ts in assignments.values() for t in ts}),
         "questions_assigned": len(assignments),
