@@ -1,7 +1,10 @@
 """A small arithmetic world for loop tests: the format-trained tiny model, sums as questions."""
 
 import json
+import os
 import random
+import signal
+import subprocess
 import time
 
 import dspy
@@ -18,6 +21,24 @@ def sum_examples(n: int, seed: int, prefix: str) -> list[dspy.Example]:
 
 def write_jsonl(path, examples) -> None:
     path.write_text("".join(json.dumps({"problem": ex.question, "answer": ex.answer}) + "\n" for ex in examples))
+
+
+def kill_in_epoch_two(cmd: list[str], run_dir, *, env: dict, timeout_s: float, cwd=None) -> dict:
+    """Start a `dspy-p2o train` command, SIGKILL its whole process group once a checkpoint
+    inside epoch 2 exists (a resume must then continue mid-epoch), and return that state."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    state_file = run_dir / "state.json"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if state.get("epoch") == 1 and state.get("phase") == "train" and state.get("batch", 0) >= 1:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(state_file.read_text())
 
 
 def tiny_overrides(**extra) -> dict:

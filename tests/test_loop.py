@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dspy
@@ -15,7 +13,7 @@ import yaml
 import dspy_p2o
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.rewards import math_metric
-from loop_fixtures import sum_examples, tiny_overrides, write_jsonl
+from loop_fixtures import kill_in_epoch_two, sum_examples, tiny_overrides, write_jsonl
 
 
 def program():
@@ -172,17 +170,7 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     here = Path(__file__).parent  # the checkout under test, not an installed copy
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(config, run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once a checkpoint inside epoch 2 exists
-        state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
-        if state.get("epoch") == 1 and state.get("phase") == "train" and state.get("batch", 0) >= 1:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_in_epoch_two(_train_cmd(config, run_dir), run_dir, env=env, timeout_s=240)
     refused = subprocess.run(_train_cmd(config, run_dir), env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "--resume" in refused.stderr
     resumed = subprocess.run(_train_cmd(config, run_dir, "--resume", "--quiet"), env=env, capture_output=True, text=True,

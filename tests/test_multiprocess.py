@@ -6,16 +6,14 @@ code of this checkout (PYTHONPATH), one thread each.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from loop_fixtures import sum_examples, write_jsonl, write_train_config
+from loop_fixtures import kill_in_epoch_two, sum_examples, write_jsonl, write_train_config
 from trainer_fixtures import trainer_model_dir  # noqa: F401
 
 HERE = Path(__file__).parent
@@ -155,18 +153,7 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
 def test_two_process_run_killed_in_epoch_two_resumes_to_the_same_step_count(tiny_run, two_process_run):
     root, config = tiny_run
     run_dir = root / "killed"
-    proc = subprocess.Popen(_train(2, config, run_dir), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a checkpoint inside epoch 2 exists
-        state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
-        if state.get("epoch") == 1 and state.get("phase") == "train" and state.get("batch", 0) >= 1:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = json.loads((run_dir / "state.json").read_text())
+    state = kill_in_epoch_two(_train(2, config, run_dir), run_dir, env=_env(), cwd=ROOT, timeout_s=300)
     assert not state["done"] and state["epoch"] == 1
     _run(_train(2, config, run_dir, "--resume"))
     assert _final_step(run_dir) == _final_step(two_process_run[0])
