@@ -252,6 +252,8 @@ class GrowingLayer(DynamicLayer):
     mask sizes, lengths) sees exactly what `DynamicLayer` would hold.
     """
 
+    is_croppable = False  # the engine never crops; `crop` refuses instead of leaving views stale
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
