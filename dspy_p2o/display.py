@@ -96,32 +96,54 @@ class GEPAProgress:
         self.bar.close()
 
 
+class NoBar:
+    """Stands in for `tqdm.tqdm` where a library hard-codes its bar: takes every call, draws nothing,
+    and -- unlike a disabled tqdm -- never touches tqdm's process-wide instance set, which DSPy's
+    parallelizer clears from other threads (a disabled tqdm created meanwhile raised KeyError)."""
+
+    disable = True
+    _instances: set = set()  # always empty: DSPy's parallelizer calls tqdm.tqdm._instances.clear()
+
+    def __init__(self, iterable: Any = None, *args: Any, **kwargs: Any) -> None:
+        self.iterable, self.total, self.n = iterable, kwargs.get("total"), kwargs.get("initial", 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def __enter__(self) -> "NoBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+
+    def __getattr__(self, name: str) -> Any:  # set_description, set_postfix, refresh, close, write, ...
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Unless verbose: no bars and no info logging from DSPy, gepa and transformers inside the
     loop (restored when it ends). dspy.GEPA hard-codes `display_progress_bar=True` in its call to
     gepa.optimize (passing it again in gepa_kwargs is a duplicate keyword), and DSPy's
     bootstrap_trace_data hard-codes `display_progress=True`: their bars are switched off by
-    replacing, for the duration, the tqdm class those two modules hold with one that draws
-    nothing -- the prompt phase shows its progress as its own live line (`GEPAProgress`).
+    replacing, for the duration, the tqdm class those two modules hold with `NoBar` -- the
+    prompt phase shows its progress as its own live line (`GEPAProgress`).
     DSPy's per-example parse errors during GEPA (scored as failures) are hidden likewise."""
     if _VERBOSE:
         yield
         return
     import dspy.utils.parallelizer as dspy_parallel
     import gepa.core.engine as gepa_engine
-    import tqdm as tqdm_module
     from transformers.utils import logging as hf_logging
 
-    class Silent(tqdm_module.tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **{**kwargs, "disable": True})
-
     class SilentModule:  # what dspy.utils.parallelizer uses of the tqdm module: tqdm.tqdm
-        tqdm = Silent
+        tqdm = NoBar
 
     # (module, name, stand-in); a name a later release no longer has is left alone: its bar shows, nothing breaks
-    patches = [(m, name, new) for m, name, new in ((gepa_engine, "tqdm", Silent), (dspy_parallel, "tqdm", SilentModule))
+    patches = [(m, name, new) for m, name, new in ((gepa_engine, "tqdm", NoBar), (dspy_parallel, "tqdm", SilentModule))
                if hasattr(m, name)]
     saved = [getattr(m, name) for m, name, _ in patches]
     levels = {"dspy": logging.WARNING, "dspy.utils.parallelizer": logging.CRITICAL}
