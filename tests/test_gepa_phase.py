@@ -8,11 +8,12 @@ import dspy
 import pytest
 
 from dspy_p2o.prompt_phase.gepa_phase import (
-    RESULT_FILE, PromptPhaseConfig, metric_call_budget, run_prompt_phase, split_hard_set,
+    RESULT_FILE, PromptPhaseConfig, metric_call_budget, program_with, run_prompt_phase, split_hard_set, template_of,
 )
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
 from prompt_phase_fixtures import (DOUBLE, TRIPLE, build_policy, hard_examples, make_program, metric, question,
                                    scripted_reflection_lm)
+from two_step_gepa_fixtures import PLAN, SOLVE, TwoStep, scripted_student_lm
 
 
 def small_config(**kw):
@@ -171,3 +172,91 @@ def test_a_reply_outside_the_format_is_read_as_the_instruction():
         out = proposer(candidate={"self": "Answer."}, reflective_dataset={"self": feedback}, components_to_update=["self"])
     assert out == {"self": f"Sure! {TRIPLE}"} and len(engine.requests) == 1  # one call: no JSON retry
     assert (proposer.unformatted, proposer.total_failures, proposer.consecutive_failures) == (1, 0, 0)
+
+
+# --------------------------------------------------------------------------- compound programs
+
+
+def test_compound_program_evolves_templates_per_predictor_and_assigns_them(tmp_path, monkeypatch):
+    """A two-predictor program: a template is {predictor: instruction} for both predictors; GEPA
+    reflects on each predictor in turn, and the candidates whose plan instruction is helpful are
+    kept, saved readably and assigned to the questions they solve."""
+    from dspy_p2o.prompt_phase import gepa_phase
+
+    budgets = []  # the GEPA budget preset scales with the number of predictors
+
+    def budget(preset, dev_size, num_components=1):
+        budgets.append((preset, dev_size, num_components))
+        return 80
+
+    monkeypatch.setattr(gepa_phase, "metric_call_budget", budget)
+    student, engine = scripted_student_lm()
+    reflection, script = scripted_reflection_lm()
+    examples, seed = hard_examples(), template_of(TwoStep())
+    out = run_prompt_phase(TwoStep(), examples, student_lm=student, reflection_lm=reflection, metric=metric,
+                           config=small_config(budget="light"), k=3, log_dir=tmp_path, epoch=1)
+    assert out.ran, out.reason
+    assert budgets == [("light", len(out.dev_ids), 2)]
+    assert seed == {PLAN: TwoStep().plan.signature.instructions, SOLVE: TwoStep().solve.signature.instructions}
+    assert {PLAN, SOLVE} <= set(engine.calls)
+    # round-robin: the reflection LM was asked about the solve predictor too (its seed instruction)
+    assert any(seed[SOLVE] in r for r in script.requests) and any(seed[PLAN] in r for r in script.requests)
+    assert all(list(p["template"]) == [PLAN, SOLVE] for p in out.pool)
+    assert out.pool[0]["template"] == seed and out.pool[0]["changed"] == [] and out.pool[0]["mean_dev_score"] == 0.0
+    by_plan = {p["template"][PLAN]: p for p in out.pool if p["duplicate_of"] is None}
+    assert DOUBLE in by_plan and TRIPLE in by_plan, list(by_plan)
+    kind = {ex.id: ex.factor for ex in examples}
+    for instruction, factor in ((DOUBLE, 2), (TRIPLE, 3)):
+        entry = by_plan[instruction]
+        assert entry["template"] == {PLAN: instruction, SOLVE: seed[SOLVE]} and entry["changed"] == [PLAN]
+        assert entry["on_front"] and entry["in_cover"] and entry["parent"] is not None
+        assert [s == 1.0 for s in out.scores[entry["index"]]] == [kind[i] == factor for i in out.dev_ids]
+    # every hard question, dev and train alike, gets K copies of the candidate program that solves it
+    assert sorted(out.assignments) == sorted(kind)
+    for qid, templates in out.assignments.items():
+        assert templates == [{PLAN: DOUBLE if kind[qid] == 2 else TRIPLE, SOLVE: seed[SOLVE]}] * 3
+    assert out.cost["templates_assigned"] == 2 and out.cost["metric_calls_hard_train"] > 0
+    saved = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert saved["assignments"] == out.assignments and saved["pool"] == out.pool
+    again = run_prompt_phase(TwoStep(), examples, student_lm=student, reflection_lm=reflection, metric=metric,
+                             config=small_config(budget="light"), k=3, log_dir=tmp_path, epoch=1)
+    assert again.assignments == out.assignments and "loaded_from" in again.cost
+
+
+def test_program_with_sets_every_predictor_and_rejects_a_template_that_does_not_fit():
+    program = TwoStep()
+    program.plan.lm = program.solve.lm = scripted_student_lm()[0]  # its own LM: replaced by the context's
+    template = {PLAN: DOUBLE, SOLVE: TRIPLE}
+    prog = program_with(program, template)
+    assert template_of(prog) == template and prog.plan.lm is None and prog.solve.lm is None
+    assert template_of(program) != template and program.plan.lm is not None  # the program itself is untouched
+    student, _ = scripted_student_lm()
+    with dspy.context(lm=student):
+        assert program_with(program, {PLAN: DOUBLE, SOLVE: "Answer."})(question=question(5)).answer == "2"
+    with pytest.raises(ValueError, match=r"missing \['solve'\], unknown \[\]"):
+        program_with(program, {PLAN: DOUBLE})
+    with pytest.raises(ValueError, match=r"missing \[\], unknown \['critic'\]"):
+        program_with(program, {**template, "critic": "Check."})
+    with pytest.raises(ValueError, match="a str template fits a one-predictor program; TwoStep has 2 predictors"):
+        program_with(program, DOUBLE)
+    # a one-predictor program keeps str templates
+    single = program_with(make_program(), DOUBLE)
+    assert template_of(single) == DOUBLE and single.lm is None
+
+
+def test_the_proposer_reads_each_predictors_reply_on_its_own():
+    """A selector asking for several predictors at once: each reply that misses the format is
+    still read as that predictor's instruction (one reflection call per predictor)."""
+    from dspy_p2o.prompt_phase.gepa_phase import reflection_proposer
+
+    lm, engine = scripted_reflection_lm(free_text=True)
+    proposer = reflection_proposer()
+    doubles = [{"Inputs": {"question": question(2)}, "Generated Outputs": {"rule": "one"},
+                "Feedback": "Incorrect: the correct answer is 4, the double of 2."}]
+    triples = [{"Inputs": {"question": question(3), "rule": "one"}, "Generated Outputs": {"answer": "1"},
+                "Feedback": "Incorrect: the correct answer is 9, the triple of 3."}]
+    with dspy.context(lm=lm):
+        out = proposer(candidate={PLAN: "Plan.", SOLVE: "Solve."}, reflective_dataset={PLAN: doubles, SOLVE: triples},
+                       components_to_update=[PLAN, SOLVE])
+    assert out == {PLAN: f"Sure! {DOUBLE}", SOLVE: f"Sure! {TRIPLE}"} and len(engine.requests) == 2
+    assert (proposer.unformatted, proposer.total_failures) == (2, 0)

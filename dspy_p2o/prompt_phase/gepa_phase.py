@@ -1,7 +1,17 @@
 """Phase 2 of P^2O: evolve templates for the hard set with DSPy's own `dspy.GEPA`.
 
-What GEPA does unchanged: reflective mutation of the program's single instruction, its
-per-dev-example score bookkeeping, persistence and resume (`log_dir`). What P^2O adds:
+A *template* is one GEPA candidate program, read by `template_of` and applied by
+`program_with`: for a one-predictor program the instruction string; for a compound program
+(several predictors sharing the student LM) a dict {predictor name: instruction} with one
+entry for every predictor, in `program.named_predictors()` order. The paper's templates are
+single prompts; for a compound program the pool, Pareto front and assignment (Alg. 2/4) work
+on whole candidate programs, so a hard question is rolled out with a consistent set of
+instructions for all its predictors.
+
+What GEPA does unchanged: reflective mutation of the predictors' instructions (one predictor
+per proposal, round-robin over the predictors), its per-dev-example score bookkeeping,
+persistence and resume (`log_dir`). (Not its merge: see `PromptPhaseConfig.use_merge`.)
+What P^2O adds:
 
 - a hard_train / hard_dev split of the hard set (GEPA reflects on hard_train minibatches
   and keeps per-example scores on hard_dev);
@@ -39,10 +49,12 @@ from dspy_p2o import display
 from dspy_p2o.config import BUDGET_PRESETS, PromptPhaseConfig
 from dspy_p2o.jsonio import write_json
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, mean_scores, pareto_front, solved_by
-from dspy_p2o.renderer import single_predictor
+from dspy_p2o.renderer import predictors_of
 from dspy_p2o.rewards import safe_metric
 
 logger = logging.getLogger(__name__)
+
+Template = str | dict[str, str]  # one predictor: its instruction; several: {predictor name: instruction}
 
 RESULT_FILE = "prompt_phase.json"
 SPLIT_FILE = "split.json"
@@ -52,7 +64,7 @@ SPLIT_FILE = "split.json"
 class PromptPhaseResult:
     ran: bool
     reason: str
-    assignments: dict[str, list[str]] = field(default_factory=dict)
+    assignments: dict[str, list[Template]] = field(default_factory=dict)
     pool: list[dict] = field(default_factory=list)
     dev_ids: list[str] = field(default_factory=list)
     train_ids: list[str] = field(default_factory=list)
@@ -139,7 +151,11 @@ class GuardedInstructionProposer(InstructionProposer):
     end the phase when the reflection LM (a remote teacher) stays unreachable, and (b) takes a
     reply that misses DSPy's output format as the instruction itself (`instruction_from_text`),
     as GEPA's own proposer reads its reply leniently: a small self-reflecting model rarely writes
-    the format, and GEPA scores every proposal on hard_dev before anything keeps it."""
+    the format, and GEPA scores every proposal on hard_dev before anything keeps it.
+
+    One reflection call per component (predictor), each read on its own: GEPA's default
+    round-robin selector asks for one component per proposal, and a selector asking for several
+    gets each reply that missed the format read as that component's instruction."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -149,19 +165,21 @@ class GuardedInstructionProposer(InstructionProposer):
         self.last_error: str | None = None
 
     def __call__(self, candidate, reflective_dataset, components_to_update):
-        try:
-            out = super().__call__(candidate=candidate, reflective_dataset=reflective_dataset,
-                                   components_to_update=components_to_update)
-        except AdapterParseError as exc:
-            text = instruction_from_text(exc.lm_response or "")
-            if not text or len(components_to_update) != 1:
+        out = {}
+        for name in components_to_update:
+            try:
+                out.update(super().__call__(candidate=candidate, reflective_dataset=reflective_dataset,
+                                            components_to_update=[name]))
+            except AdapterParseError as exc:
+                text = instruction_from_text(exc.lm_response or "")
+                if not text:
+                    self._failed(exc)
+                    raise
+                self.unformatted += 1
+                out[name] = text
+            except Exception as exc:
                 self._failed(exc)
                 raise
-            self.unformatted += 1
-            out = {components_to_update[0]: text}
-        except Exception as exc:
-            self._failed(exc)
-            raise
         self.consecutive_failures = 0
         return out
 
@@ -268,23 +286,61 @@ def _usage_since(lm: dspy.BaseLM, before: set[int]) -> dict:
     return out
 
 
-def _program_with(program: dspy.Module, instruction: str, lm: dspy.BaseLM) -> dspy.Module:
+# --------------------------------------------------------------------------- templates
+
+
+def _named_predictors(program: dspy.Module) -> list[tuple[str, dspy.Predict]]:
+    named = predictors_of(program)
+    if not named:
+        raise ValueError(f"{type(program).__name__} has no predictors; the prompt phase evolves predictor instructions")
+    return named
+
+
+def template_of(program: dspy.Module) -> Template:
+    """The template a (candidate) program carries: the instruction of a one-predictor program,
+    else {predictor name: instruction} for every predictor, in `named_predictors()` order."""
+    named = _named_predictors(program)
+    if len(named) == 1:
+        return named[0][1].signature.instructions
+    return {name: pred.signature.instructions for name, pred in named}
+
+
+def program_with(program: dspy.Module, template: Template) -> dspy.Module:
+    """A deep copy of `program` with the template's instructions set on its predictors (see
+    `template_of`) and every predictor's `lm` set to None: all of them run on the student LM of
+    the surrounding `dspy.context` (an LM object does not deep-copy). A str template needs a
+    one-predictor program; a dict must name exactly the program's predictors."""
+    names = [name for name, _ in _named_predictors(program)]
+    if isinstance(template, str):
+        if len(names) != 1:
+            raise ValueError(f"a str template fits a one-predictor program; {type(program).__name__} has "
+                             f"{len(names)} predictors ({', '.join(names)}): pass {{predictor name: instruction}}")
+        instructions = {names[0]: template}
+    elif isinstance(template, dict):
+        missing, unknown = [n for n in names if n not in template], [n for n in template if n not in names]
+        if missing or unknown:
+            raise ValueError(f"template does not match {type(program).__name__}'s predictors {names}: "
+                             f"missing {missing}, unknown {unknown}")
+        instructions = template
+    else:
+        raise ValueError(f"a template is a str or a {{predictor name: instruction}} dict, "
+                         f"got {type(template).__name__}")
     prog = program.deepcopy()
-    pred = single_predictor(prog)
-    pred.signature = pred.signature.with_instructions(instruction)
-    pred.lm = None  # the student LM comes from dspy.context (an LM object does not deep-copy)
+    for name, pred in predictors_of(prog):
+        pred.signature = pred.signature.with_instructions(instructions[name])
+        pred.lm = None
     return prog
 
 
-def score_templates(program: dspy.Module, templates: Sequence[str], examples: Sequence[dspy.Example], *,
+def score_templates(program: dspy.Module, templates: Sequence[Template], examples: Sequence[dspy.Example], *,
                     lm: dspy.BaseLM, metric: Callable, num_threads: int) -> list[list[float]]:
-    """templates x examples scores of the program with each instruction (metric failures score 0)."""
+    """templates x examples scores of the program with each template (`program_with`; metric failures score 0)."""
     rows = []
     for template in templates:
         evaluate = dspy.Evaluate(devset=list(examples), metric=metric, num_threads=num_threads,
                                  failure_score=0.0, display_progress=False, max_errors=10 ** 9)
         with dspy.context(lm=lm):
-            result = evaluate(_program_with(program, template, lm))
+            result = evaluate(program_with(program, template))
         rows.append([float(getattr(score, "score", score) or 0.0) for _, _, score in result.results])
     return rows
 
@@ -294,6 +350,12 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
                      k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 0,
                      progress: bool = False) -> PromptPhaseResult:
     """Run GEPA on the hard set with the current policy as student and assign `k` templates per hard question.
+
+    `program` may have one predictor or several; all of them run on `student_lm`. A template
+    (in `assignments` and in the pool) is then the instruction string, or for several predictors
+    a dict {predictor name: instruction} naming every predictor (`template_of`); a compound
+    pool entry also lists the predictors GEPA `changed` from the seed program. The GEPA budget
+    preset scales with the number of predictors (GEPA's auto budget).
 
     `k` is the number of templated rollouts per group (the run's k - plain_per_group) and
     `seed` the phase's seed (the loop passes the run's seed + epoch). `progress` shows the
@@ -318,15 +380,15 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
             return done
         raise ValueError(f"{result_path} is a finished prompt phase for a different hard set; "
                          "use a fresh log_dir per epoch")
-    single_predictor(program)  # a clear error for multi-predictor programs, before any work
+    names = [name for name, _ in _named_predictors(program)]  # a clear error before any work
     metric = safe_metric(metric)
     by_id = dict(zip(ids, hard_examples))
     train_ids, dev_ids = _load_split(log_dir, ids, cfg.dev_size, seed + 1000 * epoch)
     trainset, devset = [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
-    max_calls = metric_call_budget(cfg.budget, len(devset))
+    max_calls = metric_call_budget(cfg.budget, len(devset), num_components=len(names))
 
-    student = program.deepcopy()
-    single_predictor(student).lm = None  # GEPA deep-copies the program per candidate; the LM comes from the context
+    # GEPA deep-copies the program per candidate; every predictor's LM comes from the context
+    student = program_with(program, template_of(program))
     proposer = reflection_proposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
     gepa_dir = str(log_dir / "gepa")
@@ -341,13 +403,14 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
                           track_stats=True, seed=seed + epoch, warn_on_score_mismatch=False,
                           gepa_kwargs=gepa_kwargs)
     start = time.time()
-    logger.info("prompt phase epoch %d: GEPA on %d hard_train / %d hard_dev questions, budget %d metric calls, "
-                "beam %d", epoch, len(trainset), len(devset), max_calls, cfg.beam_width)
+    logger.info("prompt phase epoch %d: GEPA on %d hard_train / %d hard_dev questions, %d predictor(s), budget %d "
+                "metric calls, beam %d, merge %s", epoch, len(trainset), len(devset), len(names), max_calls,
+                cfg.beam_width, "on" if cfg.use_merge else "off")
     student_before, reflection_before = _history_ids(student_lm), _history_ids(reflection_lm)
     with dspy.context(lm=student_lm), display.quiet_libraries(), contextlib.closing(live):
         optimized = optimizer.compile(student, trainset=trainset, valset=devset)
         details = optimized.detailed_results
-        templates = [single_predictor(c).signature.instructions for c in details.candidates]
+        templates = [template_of(c) for c in details.candidates]
         scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
         front = pareto_front(scores, None, random.Random(seed))
         cover = greedy_cover(scores, front, cfg.solved_threshold)
@@ -365,13 +428,18 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     rng = random.Random(seed * 7919 + epoch)
     assignments = assign_templates(dev_ids + train_ids, solved, templates, means, cover, k=k, rng=rng,
                                    same_template_in_group=cfg.same_template_in_group)
-    pool = [{"index": c, "template": templates[c], "mean_dev_score": means[c],
-             "parent": next((p for p in (details.parents[c] or []) if p is not None), None),
-             "on_front": c in front, "in_cover": c in cover,
-             "solved_dev": sum(1 for s in scores[c] if s >= cfg.solved_threshold),
-             # GEPA dedupes proposals within a round only: the same text may come back later
-             "duplicate_of": templates.index(templates[c]) if templates.index(templates[c]) != c else None}
-            for c in range(len(templates))]
+    pool = []
+    for c, template in enumerate(templates):
+        entry = {"index": c, "template": template, "mean_dev_score": means[c],
+                 "parent": next((p for p in (details.parents[c] or []) if p is not None), None),
+                 "on_front": c in front, "in_cover": c in cover,
+                 "solved_dev": sum(1 for s in scores[c] if s >= cfg.solved_threshold),
+                 # GEPA dedupes proposals within a round only: the same text may come back later
+                 "duplicate_of": templates.index(template) if templates.index(template) != c else None}
+        if isinstance(template, dict):  # a compound program: the predictors GEPA evolved from the seed (index 0)
+            entry["changed"] = [name for name, text in template.items() if text != templates[0][name]]
+        pool.append(entry)
+    assigned = [t for ts in assignments.values() for t in ts]  # templates may be dicts: not hashable
     reason = "ok"
     if failure_stopper.fired:
         reason = (f"reflection LM failed {cfg.max_reflection_failures} times in a row ({proposer.last_error}); "
@@ -388,7 +456,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
         "reflection_failures": proposer.total_failures,
         "reflection_unformatted": proposer.unformatted,
         "templates_accepted": len(templates) - 1,
-        "templates_assigned": len({t for ts in assignments.values() for t in ts}),
+        "templates_assigned": sum(1 for e in pool if e["duplicate_of"] is None and e["template"] in assigned),
         "questions_assigned": len(assignments),
         "wall_time_s": round(wall, 3),
     }

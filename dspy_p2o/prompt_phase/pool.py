@@ -2,13 +2,16 @@
 
 Pure functions over a score matrix `scores[c][j]`: candidate template c on dev example j.
 A template *solves* an example when its score reaches `threshold` (1.0 under the strict
-binary reward).
+binary reward). Templates are opaque here (an instruction, or one per predictor of a compound
+program: gepa_phase.template_of); only their indices and scores matter.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypeVar
+
+T = TypeVar("T")  # a template: str, or {predictor name: instruction} for a compound program
 
 
 def _check_matrix(scores: Sequence[Sequence[float]]) -> int:
@@ -120,9 +123,9 @@ def sample_k(choices: Sequence[int], weights: Sequence[float], k: int, rng: rand
     return out
 
 
-def assign_templates(question_ids: Sequence[str], solved: Mapping[str, Sequence[int]], templates: Sequence[str],
+def assign_templates(question_ids: Sequence[str], solved: Mapping[str, Sequence[int]], templates: Sequence[T],
                      mean_dev_scores: Sequence[float], cover: Sequence[int], *, k: int, rng: random.Random,
-                     same_template_in_group: bool = False) -> dict[str, list[str]]:
+                     same_template_in_group: bool = False) -> dict[str, list[T]]:
     """K templates per hard question (paper Alg. 2).
 
     A question draws from the templates that solved it, else from the covering set,
@@ -137,7 +140,7 @@ def assign_templates(question_ids: Sequence[str], solved: Mapping[str, Sequence[
     for c in list(cover) + [c for ids in solved.values() for c in ids]:
         if not 0 <= c < len(templates):
             raise ValueError(f"template index {c} is outside the pool of {len(templates)} templates")
-    assignments: dict[str, list[str]] = {}
+    assignments: dict[str, list[T]] = {}
     for qid in question_ids:
         choices = sorted(set(solved.get(qid) or [])) or list(cover)
         if not choices:
