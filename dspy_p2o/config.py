@@ -158,7 +158,12 @@ class PromptPhaseConfig:
     stop_at_score: float = 1.0  # stop GEPA once a template's mean dev score reaches this
     solved_threshold: float = 1.0  # a score at or above this counts as "solved"
     reflection_minibatch_size: int = 3
-    use_merge: bool = False  # GEPA merge recombines components; a one-predictor program has one
+    # GEPA merge (combine two candidates that evolved different predictors of a compound program) stays off:
+    # gepa 0.1.4 draws the common ancestor weighted by its mean dev score and raises ("Total of weights must be
+    # greater than zero") when that is 0, as the seed's usually is on a hard set (questions the policy fails
+    # without a template). A one-predictor program has nothing to merge; round-robin reflection still evolves
+    # every predictor of a compound one (tests/test_gepa_phase.py shows both)
+    use_merge: bool = False
     max_reflection_failures: int = 3  # consecutive failed reflection calls that end the phase
     score_hard_train: bool = True  # score front + cover templates on hard_train to assign them too
     gepa_kwargs: dict = field(default_factory=dict)  # passed on to gepa.optimize

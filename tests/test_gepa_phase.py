@@ -223,6 +223,24 @@ def test_compound_program_evolves_templates_per_predictor_and_assigns_them(tmp_p
     assert again.assignments == out.assignments and "loaded_from" in again.cost
 
 
+def test_every_predictor_evolves_and_merge_stays_off(tmp_path):
+    """When each predictor holds one half of the questions, GEPA's round-robin reflection evolves
+    both (one candidate per predictor). GEPA's merge would combine them, but gepa 0.1.4 raises
+    when their common ancestor (the seed) scores 0 on dev, as it does on a hard set: the reason
+    PromptPhaseConfig.use_merge stays off. (Should gepa fix that, this test says so.)"""
+    student, _ = scripted_student_lm(plan_triples=False, solve_triples=True)
+    reflection, _ = scripted_reflection_lm()
+    out = run_prompt_phase(TwoStep(), hard_examples(), student_lm=student, reflection_lm=reflection, metric=metric,
+                           config=small_config(), k=3, log_dir=tmp_path / "default")
+    assert out.ran and not PromptPhaseConfig().use_merge
+    cover = {tuple(p["changed"]): p["template"] for p in out.pool if p["in_cover"]}
+    seed = template_of(TwoStep())
+    assert cover[(PLAN,)] == {PLAN: DOUBLE, SOLVE: seed[SOLVE]} and cover[(SOLVE,)] == {PLAN: seed[PLAN], SOLVE: TRIPLE}
+    with pytest.raises(ValueError, match="Total of weights must be greater than zero"):
+        run_prompt_phase(TwoStep(), hard_examples(), student_lm=student, reflection_lm=reflection, metric=metric,
+                         config=small_config(use_merge=True), k=3, log_dir=tmp_path / "merge")
+
+
 def test_program_with_sets_every_predictor_and_rejects_a_template_that_does_not_fit():
     program = TwoStep()
     program.plan.lm = program.solve.lm = scripted_student_lm()[0]  # its own LM: replaced by the context's
