@@ -51,7 +51,7 @@ def time_ours(model_dir: Path, args) -> list[float]:
         x = tok(x, add_special_tokens=False)["input_ids"]
         for k in range(args.k):
             y = torch.randint(10, len(tok) - 10, (args.completion_len,), generator=g).tolist()
-            rollouts.append(Rollout(f"q{q}", x, x, y, [-7.0] * len(y), float(k % 2)))
+            rollouts.append(Rollout.of_call(f"q{q}", x, x, y, [-7.0] * len(y), float(k % 2)))
     config = TrainerConfig(lr=1e-6, loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0.0,
                            scale_rewards="group", micro_batch_tokens=args.micro_batch_tokens, warmup_ratio=0.0)
     trainer = GRPOTrainer(model_dir, config=config)

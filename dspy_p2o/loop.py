@@ -47,9 +47,9 @@ from dspy_p2o.passk import mean_pass_at_k
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
-from dspy_p2o.renderer import Renderer, make_adapter, single_predictor
+from dspy_p2o.renderer import Renderer, make_adapter, program_input_fields, servable_predictors
 from dspy_p2o.rewards import MetricError
-from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
+from dspy_p2o.rollouts import Rollout, collect_program_rollouts, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer, make_accelerator
 
@@ -63,7 +63,7 @@ class CompileResult:
     program: dspy.Module
     checkpoint: Path
     history: list[dict[str, Any]]
-    templates: dict[str, list[str]]
+    templates: dict[str, list[Any]]  # per hard question: instructions (str), or {predictor: instruction}
     run_dir: Path
     engine: Engine | None = field(default=None, repr=False)
     adapter: dspy.Adapter | None = None  # the run's DSPy adapter: serve with dspy.context(adapter=result.adapter)
@@ -102,8 +102,12 @@ class P2OLoop:
             raise ValueError('reflection="custom" needs the reflection LM object itself (compile(..., reflection=lm))')
         self.program, self.metric, self.policy, self.config = program, metric, str(policy), config
         self._given_reflection_lm = self._reflection_lm = reflection_lm
-        self.predictor = single_predictor(program)
-        inputs = list(self.predictor.signature.input_fields)
+        try:
+            self.predictors = servable_predictors(program)  # (name, predictor); several: a compound program
+            inputs = (list(self.predictors[0][1].signature.input_fields) if len(self.predictors) == 1
+                      else program_input_fields(program))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.trainset = with_ids(list(trainset), "train")
         validate_examples(self.trainset, inputs)
         self.valset = with_ids(list(valset), "val") if valset else []
@@ -182,7 +186,11 @@ class P2OLoop:
             self.engine = make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, temperature=cfg.temperature, seed=cfg.seed,
                                        engine=self.engine, total_steps=total_steps, accelerator=acc)
-        self.renderer = Renderer(self.predictor, self.engine.tokenizer, adapter=make_adapter(cfg.adapter))
+        self.adapter = make_adapter(cfg.adapter)
+        self.renderers = {name: Renderer(pred, self.engine.tokenizer, adapter=self.adapter, name=name)
+                          for name, pred in self.predictors}
+        # one predictor: its render is the program's prompt (no execution needed, see rollouts.py)
+        self.renderer = next(iter(self.renderers.values())) if len(self.renderers) == 1 else None
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
 
     def reflection_lm(self) -> dspy.LM:
@@ -327,9 +335,8 @@ class P2OLoop:
             assignments = {i: z for i, z in state.assignments.items()} if cfg.method == "p2o" else {}
             share = shard(batches[b], acc.process_index, acc.num_processes)
             t0 = time.perf_counter()
-            rollouts = collect_rollouts(
-                self.engine, self.renderer, share, self.reward_fn, k=cfg.k, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+            rollouts = self._collect(
+                share, k=cfg.k, temperature=cfg.temperature,
                 seed=cfg.seed * 100_003 + epoch * 1_009 + b + acc.process_index * 7_919,
                 assignments=assignments, plain_per_group=cfg.plain_per_group,
                 progress=shown and display.verbose())  # the phase's live line: the epoch bar below
@@ -350,6 +357,19 @@ class P2OLoop:
         bar.close()
         if trains and cfg.trainer.sync == "epoch":  # with sync="step" the last step has synced
             self.trainer.sync_engine()  # GEPA and the next epoch sample the new weights
+
+    def _collect(self, examples: list[dspy.Example], *, k: int, temperature: float, seed: int,
+                 assignments: dict[str, list[Any]] | None = None, plain_per_group: int = 0,
+                 progress: bool = False) -> list[Rollout]:
+        """k scored rollouts per example: the one predictor's prompts sampled directly, or the whole
+        compound program executed (rollouts.py)."""
+        cfg = self.config
+        sampling = dict(k=k, temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
+                        seed=seed, assignments=assignments, plain_per_group=plain_per_group, progress=progress)
+        if self.renderer is not None:
+            return collect_rollouts(self.engine, self.renderer, examples, self.reward_fn, **sampling)
+        return collect_program_rollouts(self.engine, self.program, self.renderers, examples, self.reward_fn,
+                                        **sampling)
 
     def _metric_failures(self, epoch: int, b: int) -> int:
         """The batch's failed metric calls (scored 0) on every process; a batch where every call
@@ -408,7 +428,7 @@ class P2OLoop:
         cfg = self.config
         student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
         program = self.program.deepcopy()  # the student LM comes from the context (an LM does not deep-copy)
-        with dspy.context(adapter=self.renderer.adapter):  # GEPA sees the format that is trained
+        with dspy.context(adapter=self.adapter):  # GEPA sees the format that is trained
             result = run_prompt_phase(
                 program, [self.by_id[i] for i in hard], student_lm=student, reflection_lm=self.reflection_lm(),
                 metric=self.metric, config=cfg.prompt, k=cfg.k - cfg.plain_per_group, seed=cfg.seed + epoch,
@@ -453,10 +473,8 @@ class P2OLoop:
         greedy for one sample, else sampled.
         Each process evaluates its share; the rewards are gathered."""
         cfg, acc = self.config, self.accelerator
-        rollouts = collect_rollouts(
-            self.engine, self.renderer, shard(examples, acc.process_index, acc.num_processes), self.reward_fn,
-            k=cfg.eval_k, temperature=0.0 if cfg.eval_k == 1 else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            max_tokens=cfg.max_tokens, seed=cfg.seed, progress=False)
+        rollouts = self._collect(shard(examples, acc.process_index, acc.num_processes), k=cfg.eval_k,
+                                 temperature=0.0 if cfg.eval_k == 1 else cfg.temperature, seed=cfg.seed, progress=False)
         by_id: dict[str, list[float]] = {}
         for ident, reward in self._gather([(r.example_id, r.reward) for r in rollouts]):
             by_id.setdefault(ident, []).append(reward)
@@ -481,7 +499,7 @@ class P2OLoop:
         program.set_lm(self.engine.dspy_lm(temperature=0.0, max_tokens=self.config.max_tokens))
         return CompileResult(program=program, checkpoint=checkpoint, history=state.history,
                              templates=state.assignments, run_dir=self.run.path, engine=self.engine,
-                             adapter=self.renderer.adapter)
+                             adapter=self.adapter)
 
 
 # ---------------------------------------------------------------------- helpers

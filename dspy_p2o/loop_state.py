@@ -21,7 +21,7 @@ class LoopState:
     phase: str = "train"  # "train" (phase 1, GRPO) or "prompt" (phase 2, GEPA) of `epoch`
     batch: int = 0  # the next batch of phase 1
     rewards: dict[str, list[float]] = field(default_factory=dict)  # this epoch's rewards per question: hard mining
-    assignments: dict[str, list[str]] = field(default_factory=dict)  # templates per hard question for this epoch
+    assignments: dict[str, list[Any]] = field(default_factory=dict)  # templates (str, or dict per predictor) per hard question
     templated_stats: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)  # epoch -> Fig. 4 rewards
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished epoch
     checkpoint: str | None = None  # the latest trainer checkpoint directory

@@ -66,14 +66,67 @@ def predictors_of(program: dspy.Module) -> list[tuple[str, dspy.Predict]]:
     return list(program.named_predictors())
 
 
+def program_input_fields(program: dspy.Module) -> list[str]:
+    """The example fields a program is called with: the named parameters of its `forward`, or, when
+    `forward` takes **kwargs (dspy.Predict, dspy.ChainOfThought), the input fields of its first
+    predictor's signature."""
+    import inspect
+
+    params = list(inspect.signature(type(program).forward).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if names or not any(p.kind == p.VAR_KEYWORD for p in params):
+        return names
+    named = predictors_of(program) or ([("self", program)] if isinstance(program, dspy.Predict) else [])
+    if not named:
+        raise ValueError(f"{type(program).__name__} has no predictor")
+    return list(named[0][1].signature.input_fields)
+
+
+_NON_TEXT_TYPES = ("Image", "Audio", "File")  # DSPy types an adapter formats as non-text message parts
+
+
+def _non_text(annotation: Any) -> str | None:
+    """The name of a non-text DSPy type inside a field's annotation (list[dspy.Image] too), else None."""
+    import typing
+
+    for name in _NON_TEXT_TYPES:
+        kind = getattr(dspy, name, None)
+        if isinstance(annotation, type) and kind is not None and issubclass(annotation, kind):
+            return name
+    return next((found for arg in typing.get_args(annotation) if (found := _non_text(arg))), None)
+
+
+def servable_predictors(program: dspy.Module) -> list[tuple[str, dspy.Predict]]:
+    """The program's (name, predictor) pairs when the one policy LM can serve and train every call:
+    no predictor with its own LM, no field the chat template cannot render as text. Otherwise a
+    one-line error naming every predictor that cannot be served and why."""
+    named = predictors_of(program)
+    if not named:
+        raise ValueError(f"{type(program).__name__} has no predictor: nothing for dspy_p2o to train")
+    problems = []
+    for name, predictor in named:
+        if getattr(predictor, "lm", None) is not None:
+            model = getattr(predictor.lm, "model", type(predictor.lm).__name__)
+            problems.append(f"{name!r} has its own LM ({model}; set {name}.lm = None so the policy serves it)")
+        fields = {**predictor.signature.input_fields, **predictor.signature.output_fields}
+        for field_name, info in fields.items():
+            kind = _non_text(info.annotation)
+            if kind:
+                problems.append(f"{name!r} has a dspy.{kind} field {field_name!r} (the policy is trained on text)")
+    if problems:
+        raise ValueError(f"dspy_p2o trains one policy LM serving every predictor of {type(program).__name__}; "
+                         f"it cannot serve: {'; '.join(problems)}")
+    return named
+
+
 def single_predictor(program: dspy.Module) -> dspy.Predict:
     """The predictor of a one-predictor program, or a clear error naming the limitation."""
     named = predictors_of(program)
     if len(named) != 1:
         names = ", ".join(n for n, _ in named) or "none"
         raise ValueError(
-            f"dspy_p2o trains programs with exactly one predictor; {type(program).__name__} has "
-            f"{len(named)} ({names}). Compile each predictor's sub-program separately."
+            f"this needs a program with exactly one predictor; {type(program).__name__} has "
+            f"{len(named)} ({names})"
         )
     return named[0][1]
 
@@ -83,6 +136,7 @@ class Renderer:
 
     `demos=None` uses the predictor's own demos (as DSPy would); pass [] to drop them.
     `chat_template_kwargs` go to `apply_chat_template` (e.g. {"enable_thinking": False}).
+    `name` is the predictor's name in its program (`named_predictors()`), recorded with its calls.
     """
 
     def __init__(
@@ -91,9 +145,11 @@ class Renderer:
         tokenizer: Any,
         adapter: dspy.Adapter | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        name: str = "predict",
     ) -> None:
         check_chat_template(tokenizer)
-        self.predictor = predictor
+        self.predictor, self.name = predictor, name
         self.tokenizer = tokenizer
         self.adapter = adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})

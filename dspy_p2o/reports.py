@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 from dspy_p2o.config import P2OConfig, redact
@@ -61,7 +63,7 @@ def _save(fig, path) -> str:
     return str(path)
 
 
-def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]], assignments: dict[str, list[str]],
+def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]], assignments: dict[str, list[Any]],
                   checkpoint: str | None) -> None:
     arm = "P^2O" if config.method == "p2o" else "GRPO baseline"
     lines = [f"# {arm} run: {run.path.name}", "",
@@ -81,10 +83,13 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
                  _fmt(h.get("val/pass@1")), _fmt(h.get("templated/pass@1")), _fmt(h.get("plain/pass@1")),
                  h.get("metric_failures", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    templates = sorted({z for zs in assignments.values() for z in zs})
+    distinct = {json.dumps(z, sort_keys=True): z for zs in assignments.values() for z in zs}  # dicts: not hashable
+    templates = [distinct[key] for key in sorted(distinct)]
     if templates:
         lines += ["", f"## Templates assigned for the next epoch ({len(assignments)} questions)", ""]
-        lines += [f"{i + 1}. {z!r}" for i, z in enumerate(templates[:10])]
+        for i, z in enumerate(templates[:10]):  # a compound program's template: one instruction per predictor
+            lines += [f"{i + 1}. {z!r}"] if isinstance(z, str) else \
+                [f"{i + 1}. candidate program:"] + [f"   - `{name}`: {text!r}" for name, text in z.items()]
     lines += ["", "Plots: `plots/training.png`, `plots/hard.png`, `plots/templates.png`. "
               "Per-step metrics: `metrics.jsonl`. Templates and scores per epoch: `templates/`."]
     (run.path / "summary.md").write_text("\n".join(lines) + "\n")

@@ -44,7 +44,7 @@ def global_batch() -> list[list[Rollout]]:
         for k, reward in enumerate(rewards):
             y = ids(3 + (k + q) % 4)
             z = "z" if k < templated else None
-            group.append(Rollout(f"q{q}", x, x_tilde if z else x, y, [-1.0] * len(y), reward, z))
+            group.append(Rollout.of_call(f"q{q}", x, x_tilde if z else x, y, [-1.0] * len(y), reward, z))
         groups.append(group)
     return groups
 

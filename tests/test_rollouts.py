@@ -42,17 +42,19 @@ def test_templated_and_plain_rollouts_are_batched_per_n(setup):
     assert [r.example_id for r in rollouts] == ["e0"] * 4 + ["e1"] * 4 + ["e2"] * 4
     x1 = renderer.render(renderer.inputs_of(examples[1])).token_ids
     group = rollouts[4:8]
-    assert all(r.prompt_ids == x1 for r in group)  # the gradient prompt is always x
+    assert all(len(r.calls) == 1 and r.calls[0].prompt_ids == x1 for r in group)  # the gradient prompt is always x
     assert sorted(str(r.template) for r in group) == ["Add carefully.", "Add carefully.", "None", "Think in tens."]
     for r in group:
-        z = r.template
+        z, call = r.template, r.calls[0]
         expected = x1 if z is None else renderer.render(renderer.inputs_of(examples[1]), instruction=z).token_ids
-        assert r.sampled_prompt_ids == expected and r.templated == (z is not None)
+        assert call.sampled_prompt_ids == expected and r.templated == call.templated == (z is not None)
     for r in rollouts:
-        assert len(r.behaviour_logprobs) == len(r.completion_ids) > 0
-        assert all(lp <= 0 for lp in r.behaviour_logprobs)
-        assert r.reward in (0.0, 1.0) and r.finish_reason in ("stop", "length")
-    assert all(not r.templated and r.sampled_prompt_ids == r.prompt_ids for r in rollouts[:4] + rollouts[8:])
+        call = r.calls[0]
+        assert len(call.behaviour_logprobs) == len(call.completion_ids) > 0
+        assert all(lp <= 0 for lp in call.behaviour_logprobs)
+        assert r.reward in (0.0, 1.0) and call.finish_reason in ("stop", "length")
+    assert all(not r.templated and r.calls[0].sampled_prompt_ids == r.calls[0].prompt_ids
+               for r in rollouts[:4] + rollouts[8:])
 
 
 def test_all_templated_when_no_plain_rollouts_are_asked_for(setup):

@@ -60,8 +60,8 @@ def test_gradient_prompt_is_x_when_distilled_else_the_sampled_prompt():
     from dspy_p2o.trainer.grpo import gradient_prompt
 
     x, x_tilde = [11, 12], [13, 14, 15]
-    (templated,) = templated_group("q", x, x_tilde, [[16]], [1.0])
-    (plain,) = templated_group("q", x, x_tilde, [[16]], [1.0], template=None)
+    (templated,) = (r.calls[0] for r in templated_group("q", x, x_tilde, [[16]], [1.0]))
+    (plain,) = (r.calls[0] for r in templated_group("q", x, x_tilde, [[16]], [1.0], template=None))
     assert gradient_prompt(templated, distill=True) == x
     assert gradient_prompt(templated, distill=False) == x_tilde  # the no-distillation ablation
     assert gradient_prompt(plain, distill=True) == gradient_prompt(plain, distill=False) == x
@@ -206,7 +206,7 @@ def test_shared_module_engine_sees_updates_and_metrics_are_reported(trainer_mode
 
 def test_bad_rollouts_are_named(trainer_model_dir):
     trainer = GRPOTrainer(trainer_model_dir, config=TrainerConfig())
-    bad = Rollout("q7", [1, 2], [1, 2], [5, 6], [-1.0], 1.0)
+    bad = Rollout.of_call("q7", [1, 2], [1, 2], [5, 6], [-1.0], 1.0)
     with pytest.raises(ValueError, match=r"example 'q7'.*1 behaviour log-probs for 2"):
         trainer.train_on([bad])
     with pytest.raises(ValueError, match="loss_agg"):

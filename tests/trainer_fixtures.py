@@ -24,5 +24,5 @@ def templated_group(example_id: str, x: list[int], x_tilde: list[int], completio
                     rewards: list[float], template: str | None = "z") -> list[Rollout]:
     """A group whose rollouts were all sampled from x_tilde (template=None makes them plain on x)."""
     sampled = x if template is None else x_tilde
-    return [Rollout(example_id, list(x), list(sampled), list(c), [-1.0] * len(c), r, template)
+    return [Rollout.of_call(example_id, list(x), list(sampled), list(c), [-1.0] * len(c), r, template)
             for c, r in zip(completions, rewards)]

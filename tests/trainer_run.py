@@ -25,7 +25,7 @@ def fixed_rollouts() -> list[Rollout]:
         x = torch.randint(10, 500, (10,), generator=g).tolist()
         for k in range(4):
             y = torch.randint(10, 500, (3 + k,), generator=g).tolist()
-            out.append(Rollout(f"q{q}", x, x, y, [-5.0] * len(y), float(k % 2)))
+            out.append(Rollout.of_call(f"q{q}", x, x, y, [-5.0] * len(y), float(k % 2)))
     return out
 
 

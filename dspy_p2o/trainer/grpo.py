@@ -1,8 +1,9 @@
 """GRPO with context distillation on `accelerate`.
 
 One call of `train_on(rollouts)` is one batch of the paper's Alg. 1 phase 1:
-group advantages -> each rollout's gradient prompt (`gradient_prompt`: x for a distilled
-rollout sampled from T(x, z)) -> the named steps before the update (`_prepare`: old
+group advantages (one per rollout) -> every predictor call of a rollout is one trained
+sequence with its rollout's advantage -> each call's gradient prompt (`gradient_prompt`:
+x_p for a distilled call sampled from T(x_p, z_p)) -> the named steps before the update (`_prepare`: old
 log-probs, templated log-probs, token weights, clip ceiling) -> one optimiser step per
 mini-batch of questions (micro-batches with gradient accumulation; the loss is losses.py's
 J) -> weight sync.
@@ -29,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from dspy_p2o.config import DTYPES, TrainerConfig
-from dspy_p2o.rollouts import Rollout
+from dspy_p2o.rollouts import Call, Rollout
 from dspy_p2o.trainer import checkpoint as ckpt
 from dspy_p2o.trainer.advantages import group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
@@ -38,20 +39,22 @@ from dspy_p2o.trainer.losses import (TemplateRatio, aggregate, template_ratio_me
                                      truncated_is_weights)
 
 
-def distilled(rollout: Rollout, distill: bool) -> bool:
-    """Whether the rollout is context-distilled: sampled from x~ = T(x, z), trained on x."""
-    return distill and rollout.templated
+def distilled(call: Call, distill: bool) -> bool:
+    """Whether the call is context-distilled: sampled from x~ = T(x, z), trained on x."""
+    return distill and call.templated
 
 
-def gradient_prompt(rollout: Rollout, distill: bool) -> list[int]:
+def gradient_prompt(call: Call, distill: bool) -> list[int]:
     """The prompt p the gradient is taken on -- the one place that decides it.
 
-    Context distillation (paper Alg. 1, phase 1): a rollout sampled from the templated input,
+    Context distillation (paper Alg. 1, phase 1): a call sampled from the templated input,
     y ~ pi_old(. | T(x, z)), is trained on the original input, grad log pi_theta(y | x), so the
     policy learns to answer without the template. distill=False (the paper's ablation) trains on
-    the sampled T(x, z). A plain rollout was sampled from x: both are x.
+    the sampled T(x, z). A plain call was sampled from x: both are x. In a compound program x is
+    the call's render under its predictor's ORIGINAL instruction and z that predictor's part of
+    the template (per call).
     """
-    return rollout.prompt_ids if distilled(rollout, distill) else rollout.sampled_prompt_ids
+    return call.prompt_ids if distilled(call, distill) else call.sampled_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class _Sequences:
     """This process's trained rows of one batch as the loss takes them (losses.py's J): built once
     before the update by `GRPOTrainer._prepare`, never changed."""
 
-    prompts: tuple[list[int], ...]  # p_i = gradient_prompt(rollout, distill)
+    prompts: tuple[list[int], ...]  # p_i = gradient_prompt(call, distill)
     completions: tuple[list[int], ...]  # y_i
     advantages: torch.Tensor  # A_i
     old: tuple[torch.Tensor, ...] | None  # log pi_old(y_it | p_i); None: on-policy, the gradient pass's own
@@ -146,6 +149,19 @@ class GRPOTrainer:
         denominators count the rows and tokens of all processes, each process backpropagates
         its rows' share, and DDP's gradient average (times N) sums the shares.
 
+        Compound programs (several predictor calls per rollout): the K rollouts of a question are
+        the GRPO group and the advantage is computed once per rollout, from the program-level
+        rewards; every call of the rollout is one trained sequence with that advantage, whatever
+        its predictor. Calls are not truncated to a common count per predictor: mmGRPO (DSPy's
+        GRPO, arXiv 2508.04660) groups the j-th call of each predictor across the K rollouts and
+        by default truncates to the fewest calls, which drops an optional predictor's calls
+        whenever one rollout skips it; here every call is kept (mmGRPO's "ragged" mode) and its
+        advantage compares its rollout with all K. In the loss each call counts as one sequence
+        (`loss_agg`: "dapo" weighs every completion token of every call alike, "grpo" every call's
+        token mean, "dr_grpo" a constant), so a rollout with more calls contributes more
+        sequences, as in mmGRPO's ragged mode. A one-predictor program has one call per rollout:
+        exactly GRPO.
+
         Returns the batch's metrics (the log-prob mismatch and template-ratio ones from this
         process's rows only).
         """
@@ -154,21 +170,29 @@ class GRPOTrainer:
         start = time.perf_counter()
         cfg, acc = self.config, self.accelerator
         _validate(rollouts, allow_empty=acc.num_processes > 1)
-        rows = gather_object([_Row.of(r, acc.process_index, cfg.distill) for r in rollouts])
-        if not rows:
+        # the global batch: every rollout (its group and reward), then every call (a trained sequence)
+        outcomes = gather_object([_Outcome(r.example_id, float(r.reward), r.templated, acc.process_index)
+                                  for r in rollouts])
+        if not outcomes:
             raise ValueError("train_on() got no rollouts")
+        first = next((g for g, o in enumerate(outcomes) if o.rank == acc.process_index), len(outcomes))
+        calls = [(first + i, c) for i, r in enumerate(rollouts) for c in r.calls]  # (global rollout, call)
+        rows = gather_object([_Row.of(c, g, rollouts[g - first].example_id, acc.process_index, cfg.distill)
+                              for g, c in calls])
         offset = next((i for i, row in enumerate(rows) if row.rank == acc.process_index), len(rows))
-        adv = group_advantages([r.reward for r in rows], [r.example_id for r in rows], scale=cfg.scale_rewards)
-        metrics = _batch_metrics(rows, adv)
-        trained = [i for i in range(len(rows)) if adv.informative[i]]
+        adv = group_advantages([o.reward for o in outcomes], [o.example_id for o in outcomes],
+                               scale=cfg.scale_rewards)
+        metrics = _batch_metrics(outcomes, rows, adv)
+        trained = [i for i, row in enumerate(rows) if adv.informative[row.rollout]]
         if not trained:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
             return metrics
         steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])]
         steps *= cfg.updates_per_batch
-        mine = [i for i in trained if offset <= i < offset + len(rollouts)]
-        chosen = [rollouts[i - offset] for i in mine]
-        seqs, tilde = self._prepare(chosen, adv.values[mine], n_steps=len(steps))
+        mine = [i for i in trained if offset <= i < offset + len(calls)]
+        chosen = [calls[i - offset][1] for i in mine]
+        advantages = adv.values[[rows[i].rollout for i in mine]]  # every call takes its rollout's advantage
+        seqs, tilde = self._prepare(chosen, advantages, n_steps=len(steps))
         position = {g: j for j, g in enumerate(mine)}  # global row -> row of seqs
         kept = dict(zip(trained, gather_object([int(k.sum()) for k in seqs.kept])))
         norm_length = cfg.dr_grpo_length or max(rows[i].completion_len for i in trained)
@@ -212,7 +236,7 @@ class GRPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------ before the update (named steps)
-    def _prepare(self, chosen: list[Rollout], advantages: torch.Tensor, *,
+    def _prepare(self, chosen: list[Call], advantages: torch.Tensor, *,
                  n_steps: int) -> tuple[_Sequences, dict[int, torch.Tensor]]:
         """This process's trained rows, scored before the update; returns them and log pi(y | x~)
         of the distilled rows (by row). `n_steps`: the optimiser steps of the whole batch."""
@@ -229,7 +253,7 @@ class GRPOTrainer:
                           ref=_frozen(ref))
         return seqs, tilde
 
-    def _old_is_current(self, chosen: list[Rollout], n_steps: int) -> bool:
+    def _old_is_current(self, chosen: list[Call], n_steps: int) -> bool:
         """On-policy, pi_old = pi_theta: with one optimiser step and nothing that needs pi_old before
         it (no truncated IS, no template ratio of a distilled row), the gradient pass's own detached
         log-probs are the old ones -- a forward pass saved (as TRL does)."""
@@ -241,7 +265,7 @@ class GRPOTrainer:
         rho_t = pi_theta / pi_old, held over all the batch's optimiser steps."""
         return self._logprobs(self._scoring_model, prompts, completions)
 
-    def _templated_logprobs(self, chosen: list[Rollout]) -> dict[int, torch.Tensor]:
+    def _templated_logprobs(self, chosen: list[Call]) -> dict[int, torch.Tensor]:
         """log pi(y_t | x~, y_<t) of each distilled row (by row), x~ = T(x, z) the prompt it was
         sampled from: the denominator of the template ratio r_t = pi(y_t | x) / pi(y_t | x~), and
         the trainer's side of the comparison with the engine's log-probs."""
@@ -252,7 +276,7 @@ class GRPOTrainer:
                                   [chosen[j].completion_ids for j in rows])
         return dict(zip(rows, logprobs))
 
-    def _token_weights(self, chosen: list[Rollout], old: list[torch.Tensor] | None,
+    def _token_weights(self, chosen: list[Call], old: list[torch.Tensor] | None,
                        tilde: dict[int, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(w_t, m_t) per row: w_t = w(r_t) * min(C, pi_theta(y_t | s) / pi_engine(y_t | s)).
 
@@ -269,7 +293,7 @@ class GRPOTrainer:
                        for w, t, r in zip(weights, _on_sampled_prompt(old, tilde), chosen)]
         return weights, kept
 
-    def _clip_ceiling(self, chosen: list[Rollout], old: list[torch.Tensor] | None,
+    def _clip_ceiling(self, chosen: list[Call], old: list[torch.Tensor] | None,
                       tilde: dict[int, torch.Tensor]) -> list[torch.Tensor] | None:
         """The upper clip c_t per row: max(1 + eps_high, pi(y_t | x~) / pi_old(y_t | x)) for a
         distilled token under `template_clip` (`TemplateRatio.ceiling`), 1 + eps_high elsewhere;
@@ -510,36 +534,47 @@ def _validate(rollouts: Sequence[Rollout], allow_empty: bool = False) -> None:
     if not rollouts and not allow_empty:
         raise ValueError("train_on() got no rollouts")
     for n, r in enumerate(rollouts):
-        where = f"rollout {n} (example {r.example_id!r})"
-        if not r.completion_ids:
-            raise ValueError(f"{where} has an empty completion")
-        if len(r.behaviour_logprobs) != len(r.completion_ids):
-            raise ValueError(f"{where} has {len(r.behaviour_logprobs)} behaviour log-probs for "
-                             f"{len(r.completion_ids)} completion tokens")
-        if not r.prompt_ids or not r.sampled_prompt_ids:
-            raise ValueError(f"{where} has an empty prompt")
-        if not r.templated and list(r.prompt_ids) != list(r.sampled_prompt_ids):
-            raise ValueError(f"{where} is plain (template=None) but its sampled prompt differs from its prompt")
         if not math.isfinite(r.reward):
-            raise ValueError(f"{where} has a non-finite reward {r.reward}")
+            raise ValueError(f"rollout {n} (example {r.example_id!r}) has a non-finite reward {r.reward}")
+        for m, c in enumerate(r.calls):
+            where = f"rollout {n} (example {r.example_id!r})" + (f", call {m} ({c.predictor})" if len(r.calls) > 1 else "")
+            if not c.completion_ids:
+                raise ValueError(f"{where} has an empty completion")
+            if len(c.behaviour_logprobs) != len(c.completion_ids):
+                raise ValueError(f"{where} has {len(c.behaviour_logprobs)} behaviour log-probs for "
+                                 f"{len(c.completion_ids)} completion tokens")
+            if not c.prompt_ids or not c.sampled_prompt_ids:
+                raise ValueError(f"{where} has an empty prompt")
+            if not c.templated and list(c.prompt_ids) != list(c.sampled_prompt_ids):
+                raise ValueError(f"{where} is plain (template=None) but its sampled prompt differs from its prompt")
+
+
+@dataclass
+class _Outcome:
+    """What every process knows of every rollout of the global batch (gathered)."""
+
+    example_id: str  # the GRPO group
+    reward: float
+    templated: bool
+    rank: int  # the process that holds the rollout
 
 
 @dataclass
 class _Row:
-    """What every process knows of every rollout of the global batch (gathered: no token ids)."""
+    """What every process knows of every call (trained sequence) of the global batch (gathered: no token ids)."""
 
+    rollout: int  # its rollout's index in the global batch: the call takes that rollout's advantage
     example_id: str
-    reward: float
     prompt_len: int  # the gradient prompt: x, or T(x, z) when distill=False
     completion_len: int
     templated: bool
     truncated: bool
-    rank: int  # the process that holds the rollout
+    rank: int  # the process that holds the call
 
     @classmethod
-    def of(cls, r: Rollout, rank: int, distill: bool) -> "_Row":
-        return cls(r.example_id, float(r.reward), len(gradient_prompt(r, distill)), len(r.completion_ids), r.templated,
-                   r.finish_reason == "length", rank)
+    def of(cls, c: Call, rollout: int, example_id: str, rank: int, distill: bool) -> "_Row":
+        return cls(rollout, example_id, len(gradient_prompt(c, distill)), len(c.completion_ids), c.templated,
+                   c.finish_reason == "length", rank)
 
 
 def _sum_over_processes(step_sums: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -550,19 +585,22 @@ def _sum_over_processes(step_sums: list[dict[str, float]]) -> list[dict[str, flo
     return [{k: sum(p[s][k] for p in per_process) for k in step_sums[s]} for s in range(len(step_sums))]
 
 
-def _batch_metrics(rows: Sequence[_Row], adv) -> dict[str, float]:
-    rewards = torch.tensor([r.reward for r in rows], dtype=torch.float64)
-    lengths = torch.tensor([r.completion_len for r in rows], dtype=torch.float64)
-    templated = [r.reward for r in rows if r.templated]
+def _batch_metrics(outcomes: Sequence[_Outcome], rows: Sequence[_Row], adv) -> dict[str, float]:
+    """Rewards per rollout; lengths and truncation per call (a trained sequence)."""
+    rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float64)
+    lengths = torch.tensor([r.completion_len for r in rows] or [0], dtype=torch.float64)
+    templated = [o.reward for o in outcomes if o.templated]
     out = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
            "zero_std_group_frac": adv.zero_std_fraction, "groups": float(adv.num_groups),
-           "rollouts": float(len(rows)), "completion_len_mean": lengths.mean().item(),
+           "rollouts": float(len(outcomes)), "completion_len_mean": lengths.mean().item(),
            "completion_len_max": lengths.max().item(),
-           "truncated_frac": sum(r.truncated for r in rows) / len(rows),
-           "templated_frac": len(templated) / len(rows)}
+           "truncated_frac": sum(r.truncated for r in rows) / max(1, len(rows)),
+           "templated_frac": len(templated) / len(outcomes)}
+    if len(rows) != len(outcomes):  # a compound program: calls per rollout vary
+        out["calls_per_rollout"] = len(rows) / len(outcomes)
     if templated:
         out["reward_mean_templated"] = statistics.fmean(templated)
-    plain = [r.reward for r in rows if not r.templated]
+    plain = [o.reward for o in outcomes if not o.templated]
     if plain and templated:
         out["reward_mean_plain"] = statistics.fmean(plain)
     return out
@@ -572,9 +610,9 @@ def _frozen(values: list[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | Non
     return tuple(values) if values is not None else None
 
 
-def _behaviour(rollout: Rollout) -> torch.Tensor:
+def _behaviour(call: Call) -> torch.Tensor:
     """log pi_engine(y_t | s): the engine's log-probs of the completion on the prompt s it sampled from."""
-    return torch.tensor(rollout.behaviour_logprobs, dtype=torch.float32)
+    return torch.tensor(call.behaviour_logprobs, dtype=torch.float32)
 
 
 def _on_sampled_prompt(old: Sequence[torch.Tensor], tilde: dict[int, torch.Tensor]) -> list[torch.Tensor]:
