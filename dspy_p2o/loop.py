@@ -49,7 +49,8 @@ from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
 from dspy_p2o.renderer import Renderer, make_adapter, program_input_fields, servable_predictors
 from dspy_p2o.rewards import MetricError
-from dspy_p2o.rollouts import Rollout, collect_program_rollouts, collect_rollouts, make_reward_fn
+from dspy_p2o.program_rollouts import collect_program_rollouts
+from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer, make_accelerator
 

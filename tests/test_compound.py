@@ -14,7 +14,8 @@ import compound_fixtures as world
 import dspy_p2o
 from dspy_p2o.config import ConfigError
 from dspy_p2o.renderer import Renderer
-from dspy_p2o.rollouts import collect_program_rollouts, make_reward_fn
+from dspy_p2o.program_rollouts import collect_program_rollouts
+from dspy_p2o.rollouts import make_reward_fn
 from dspy_p2o.trainer import GRPOTrainer
 from dspy_p2o.trainer.grpo import gradient_prompt
 from loop_fixtures import tiny_overrides
