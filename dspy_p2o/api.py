@@ -19,7 +19,9 @@ def compile(program: dspy.Module, trainset: list[dspy.Example], *, metric: Calla
     """Co-optimise `program`'s prompt and its policy's weights with P^2O.
 
     Args:
-        program: a DSPy program with one predictor (e.g. `dspy.ChainOfThought("question -> answer")`).
+        program: a DSPy program (e.g. `dspy.ChainOfThought("question -> answer")`), one predictor or
+            several served by the one policy (compound programs: every call is trained and every
+            instruction evolved; README "Compound programs").
         trainset: `dspy.Example`s with the program's input fields and whatever the metric reads.
         metric: `metric(gold, pred, trace=None, pred_name=None, pred_trace=None)` -> float or
             `dspy.Prediction(score=..., feedback=...)` (e.g. `dspy_p2o.rewards.math_metric`).

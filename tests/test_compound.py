@@ -6,6 +6,7 @@ question is hard until the right plan instruction is found and distilled.
 """
 
 import json
+from types import SimpleNamespace
 
 import dspy
 import pytest
@@ -157,16 +158,23 @@ def test_predictors_the_policy_cannot_serve_are_refused_naming_them(tmp_path):
 
 @pytest.fixture
 def trained_batches(monkeypatch):
-    """Every batch the trainer is given (the rollouts, by reference)."""
-    batches = []
-    original = GRPOTrainer.train_on
+    """`batches`: every batch the trainer is given (the rollouts); `sequences`: per batch, the (call,
+    prompt ids the loss is computed on) pairs of its trained sequences (`_prepare`'s output)."""
+    batches, sequences = [], []
+    train_on, prepare = GRPOTrainer.train_on, GRPOTrainer._prepare
 
-    def spy(self, rollouts):
+    def spy_train_on(self, rollouts):
         batches.append(list(rollouts))
-        return original(self, rollouts)
+        return train_on(self, rollouts)
 
-    monkeypatch.setattr(GRPOTrainer, "train_on", spy)
-    return batches
+    def spy_prepare(self, chosen, advantages, **kwargs):
+        seqs, tilde = prepare(self, chosen, advantages, **kwargs)
+        sequences.append(list(zip(chosen, seqs.prompts)))
+        return seqs, tilde
+
+    monkeypatch.setattr(GRPOTrainer, "train_on", spy_train_on)
+    monkeypatch.setattr(GRPOTrainer, "_prepare", spy_prepare)
+    return SimpleNamespace(batches=batches, sequences=sequences)
 
 
 def test_a_two_predictor_program_compiles_end_to_end_distilling_each_call(tmp_path, policy, engine, trained_batches):
@@ -190,10 +198,15 @@ def test_a_two_predictor_program_compiles_end_to_end_distilling_each_call(tmp_pa
     # epoch 2's batches: both predictors' calls, the templated plan calls trained on plan's ORIGINAL render
     renderers = renderers_of(world.PlanSolve(), engine.tokenizer)
     by_id = {ex.id: ex for ex in trainset}
-    epoch2 = [r for batch in trained_batches[2:] for r in batch]
+    epoch2 = [r for batch in trained_batches.batches[2:] for r in batch]
     assert {c.predictor for r in epoch2 for c in r.calls} == {"plan", "solve"}
     assert any(c.templated and c.predictor == "plan" for r in epoch2 for c in r.calls)
     check_call_prompts(epoch2, renderers, by_id)
+    # the ids the loss is computed on: a distilled call's ORIGINAL render, for both predictors' calls
+    trained = [pair for batch in trained_batches.sequences for pair in batch]
+    assert {c.predictor for c, _ in trained} == {"plan", "solve"}
+    assert any(c.templated for c, _ in trained)
+    assert all(prompt == c.prompt_ids for c, prompt in trained)
     assert result.history[1]["templated/pass@1"] > result.history[1].get("plain/pass@1", 0.0)
     # the returned program keeps every ORIGINAL instruction and answers with the trained weights
     assert {name: p.signature.instructions for name, p in result.program.named_predictors()} == originals
@@ -208,7 +221,7 @@ def test_a_three_predictor_program_with_an_optional_call_compiles(tmp_path, poli
     dspy_p2o.compile(world.PlanSolveCheck(), trainset, metric=world.metric, policy=policy, run_dir=run_dir,
                      valset=trainset[:4], **tiny_overrides(method="grpo", batch_size=6, temperature=1.0,
                                                             max_tokens=12))
-    rollouts = [r for batch in trained_batches for r in batch]
+    rollouts = [r for batch in trained_batches.batches for r in batch]
     assert {len(r.calls) for r in rollouts} == {2, 3}  # check runs for even numbers only
     renderers = renderers_of(world.PlanSolveCheck(), engine.tokenizer)
     check_call_prompts(rollouts, renderers, {ex.id: ex for ex in trainset})
