@@ -46,7 +46,8 @@ def summarise(docs: list[dict], arms: list[str]) -> str:
     for d in docs:
         parts = [f"{ARM_TITLES.get(a, a)} hard set {d['arms'][a]['hard_per_epoch']}, GEPA rollouts "
                  f"{d['arms'][a]['gepa_rollouts']}, {d['arms'][a]['seconds']:.0f} s" for a in arms]
-        lines.append(f"- seed {d['seed']} (pretraining {d['policy_seconds']:.0f} s): " + "; ".join(parts))
+        lines.append(f"- seed {d['seed']} (base policy ready in {d['policy_seconds']:.0f} s, pretrained or cached): "
+                     + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 
