@@ -41,9 +41,6 @@ from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, RULES, TAGS, World, apply_
 
 TWO_STEP_VERSION = 1  # bump whenever the two-step pretraining data or format changes
 
-NAME_INSTRUCTION = "Name the rule for the tag."
-APPLY_INSTRUCTION = "Apply the rule to the letter."
-
 
 class NameRule(dspy.Signature):
     """Name the rule for the tag."""
@@ -58,6 +55,10 @@ class ApplyRule(dspy.Signature):
     question: str = dspy.InputField()
     rule: str = dspy.InputField()
     answer: str = dspy.OutputField()
+
+
+NAME_INSTRUCTION = NameRule.instructions  # "Name the rule for the tag."
+APPLY_INSTRUCTION = ApplyRule.instructions  # "Apply the rule to the letter."
 
 
 class TwoStepProgram(dspy.Module):
