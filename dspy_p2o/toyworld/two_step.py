@@ -218,7 +218,8 @@ def program_accuracy(engine, examples: Sequence[dspy.Example], *, max_tokens: in
     """Mean reward of ONE greedy execution of the whole two-step program per example (pass@1), as
     `P2OLoop.evaluate` measures it; `name_instruction(example)` renders step 1 under that instruction
     (a template {name: ..., apply: its own}), None: no template."""
-    from dspy_p2o.rollouts import collect_program_rollouts, example_id, make_reward_fn
+    from dspy_p2o.program_rollouts import collect_program_rollouts
+    from dspy_p2o.rollouts import example_id, make_reward_fn
 
     if not examples:
         return float("nan")
