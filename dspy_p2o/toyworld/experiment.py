@@ -54,8 +54,10 @@ class ArmResult:
 
 
 def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2OConfig, *,
-            progress: bool = True) -> ArmResult:
-    """One arm through the P^2O loop; accuracy measured afterwards without templates."""
+            progress: bool = True, program: Any = None,
+            accuracy: Callable[[Any, list], float] | None = None) -> ArmResult:
+    """One arm through the P^2O loop; accuracy measured afterwards without templates.
+    `program` (default ToyProgram) and `accuracy(engine, examples)` serve other programs (two_step.py)."""
     from dspy_p2o.loop import P2OLoop
     from dspy_p2o.renderer import Renderer
 
@@ -64,15 +66,18 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
     start = time.time()
     cfg = P2OConfig.load(config, {"policy": str(policy_dir), "seed": world.seed, "progress": progress,
                                   "reflection": "custom", **ARMS[arm]})
-    program = ToyProgram()
+    program = ToyProgram() if program is None else program
     # The toy world's own teacher, passed as an LM object (what compile(..., reflection=lm) does).
     loop = P2OLoop(program, world.train, metric=metric, policy=str(policy_dir), config=cfg, run_dir=run_dir / arm,
                    valset=world.split("test", "hard"),
                    reflection_lm=reflection_lm(seed=world.seed, noise=ReflectionNoise()))
     result = loop.run_loop()
-    renderer = Renderer(program.predictor, result.engine.tokenizer)
-    hard = greedy_accuracy(result.engine, renderer, world.split("test", "hard"), max_tokens=config.max_tokens)
-    easy = greedy_accuracy(result.engine, renderer, world.split("test", "easy"), max_tokens=config.max_tokens)
+    if accuracy is None:
+        def accuracy(engine, examples):
+            return greedy_accuracy(engine, Renderer(program.predictor, engine.tokenizer), examples,
+                                   max_tokens=config.max_tokens)
+    hard = accuracy(result.engine, world.split("test", "hard"))
+    easy = accuracy(result.engine, world.split("test", "easy"))
     gepa = 0
     for epoch in range(config.epochs):
         path = loop.run.templates_file(epoch)
