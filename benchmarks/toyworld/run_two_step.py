@@ -67,11 +67,13 @@ def main() -> None:
     except ConfigError as exc:
         raise SystemExit(f"--set: {exc}") from None
     args.out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(config.redacted()))  # as a results file holds them
     docs = []
     for seed in args.seeds:
         path = args.out / f"two_step-seed{seed}.json"
-        if path.exists() and all(a in json.loads(path.read_text())["arms"] for a in args.arms):
-            docs.append(json.loads(path.read_text()))
+        done = json.loads(path.read_text()) if path.exists() else {}
+        if all(a in done.get("arms", {}) for a in args.arms) and done.get("config") == settings:
+            docs.append(done)  # finished under the same settings: reused (another config runs again)
             continue
         doc = run_two_step(seed, args.arms, out_dir=args.runs, config=config, cache_dir=args.cache_dir,
                            progress=not args.quiet)

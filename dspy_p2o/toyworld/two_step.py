@@ -255,6 +255,7 @@ class TwoStepRun:
     world: dict[str, dict[str, str]]
     policy_seconds: float
     seconds: float
+    config: dict[str, Any]  # the loop's settings it ran with (a finished seed is reused only under the same)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,4 +295,4 @@ def run_two_step(seed: int, arms: Sequence[str] = ("grpo", "p2o"), *, out_dir: s
             f"{r.hard_per_epoch} ({r.seconds:.0f}s)")
     return TwoStepRun(seed, base, results, {"easy": world.easy_rules, "hard": world.hard_rules,
                                             "beliefs": world.beliefs}, policy_seconds,
-                      round(time.time() - t0, 1)).to_json()
+                      round(time.time() - t0, 1), config.redacted()).to_json()
