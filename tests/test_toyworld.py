@@ -275,3 +275,39 @@ def test_demo_display_is_one_live_line_per_phase_and_the_epoch_lines(tiny_policy
     live = {line.split(":")[0] for line in err.replace("\r", "\n").splitlines() if line.strip() and not LOG_LINE.match(line)}
     assert live <= {"epoch 1/2", "epoch 2/2", "prompt phase 1", "pretrain"}, live
     assert "prompt phase 1" in live  # GEPA's progress is the prompt phase's live line
+
+
+def _run_seeds_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld" / "run_seeds.py"
+    spec = importlib.util.spec_from_file_location("run_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_seeds_parses_ranges_and_checks_the_targets_per_seed():
+    run_seeds = _run_seeds_module()
+    assert run_seeds.parse_seeds(["0-3"]) == [0, 1, 2, 3]
+    assert run_seeds.parse_seeds(["5", "0-2,1", "9"]) == [5, 0, 1, 2, 9]
+    with pytest.raises(SystemExit, match="not a seed"):
+        run_seeds.parse_seeds(["a-b"])
+
+    def doc(seed, grpo, p2o, no_distill):  # (hard, easy) per arm
+        arm = lambda h, e: {"hard_acc": h, "easy_acc": e, "hard_per_epoch": [3, 1], "policy_rollouts": 8,
+                            "gepa_rollouts": 0, "seconds": 1.0}
+        return {"seed": seed, "base": {"hard_acc": 0.0, "easy_acc": 1.0},
+                "arms": {"grpo": arm(*grpo), "p2o": arm(*p2o), "p2o_no_distill": arm(*no_distill)}}
+
+    good = doc(0, (0.1, 1.0), (1.0, 0.98), (0.1, 1.0))
+    easy_lost = doc(7, (0.0, 1.0), (1.0, 0.90), (0.0, 1.0))
+    weak = doc(3, (0.5, 1.0), (0.7, 1.0), (0.6, 1.0))
+    text = run_seeds.summarise([good, easy_lost, weak])
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["0"].endswith("all hold |")
+    assert "MISSED: easy" in rows["7"] and "hard" not in rows["7"].split("MISSED")[1]
+    assert "MISSED: hard, ablation" in rows["3"]
+    assert "MISSED: easy mean" in rows["mean"]  # (-2 - 10 + 0) / 3 = -4 points
+    assert "seed 7: 90.0" in rows["P^2O"]  # the worst seed of P^2O's easy column
