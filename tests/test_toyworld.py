@@ -304,10 +304,16 @@ def test_run_seeds_parses_ranges_and_checks_the_targets_per_seed():
     good = doc(0, (0.1, 1.0), (1.0, 0.98), (0.1, 1.0))
     easy_lost = doc(7, (0.0, 1.0), (1.0, 0.90), (0.0, 1.0))
     weak = doc(3, (0.5, 1.0), (0.7, 1.0), (0.6, 1.0))
-    text = run_seeds.summarise([good, easy_lost, weak])
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert rows["0"].endswith("all hold |")
-    assert "MISSED: easy" in rows["7"] and "hard" not in rows["7"].split("MISSED")[1]
-    assert "MISSED: hard, ablation" in rows["3"]
-    assert "MISSED: easy mean" in rows["mean"]  # (-2 - 10 + 0) / 3 = -4 points
-    assert "seed 7: 90.0" in rows["P^2O"]  # the worst seed of P^2O's easy column
+    no_ablation = doc(4, (0.0, 1.0), (1.0, 0.99), (0.0, 1.0))
+    del no_ablation["arms"]["p2o_no_distill"]
+    text = run_seeds.summarise([good, easy_lost, weak, no_ablation])
+    table, check = text.split("Targets")
+    rows = lambda part: {line.split("|")[1].strip(): line for line in part.splitlines() if line.startswith("| ")}
+    assert rows(table)["4"].endswith("| (not run) |")  # the arm it did not run
+    assert "7: 90.0" in rows(table)["worst seed (hard; easy)"]  # the worst seed of P^2O's easy column
+    assert "(3 seeds)" in rows(table)["mean"]  # the ablation's mean is over the seeds that ran it
+    assert rows(check)["0"].endswith("all hold |")
+    assert "MISSED: easy" in rows(check)["7"] and "hard" not in rows(check)["7"].split("MISSED")[1]
+    assert "MISSED: hard, ablation" in rows(check)["3"]
+    assert "all hold (ablation not run)" in rows(check)["4"]
+    assert "MISSED: easy mean" in rows(check)["mean"]  # (-2 - 10 + 0 - 1) / 4 = -3.25 points
