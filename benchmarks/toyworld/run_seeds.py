@@ -71,7 +71,7 @@ def summarise(docs: list[dict[str, Any]]) -> str:
     for j in range(len(columns)):
         ran = [(d["seed"], row[j]) for d, row in zip(docs, cells) if row[j] is not None]
         hard, easy = [c[0] for _, c in ran], [c[1] for _, c in ran]
-        n = f" ({len(ran)} seeds)" if len(ran) < len(docs) else ""
+        n = f" ({len(ran)} seed{'s' * (len(ran) != 1)})" if len(ran) < len(docs) else ""
         std = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         worst = lambda v: min(range(len(v)), key=lambda i: v[i])
         stats["mean"].append(f"{statistics.fmean(hard):.1f} / {statistics.fmean(easy):.1f}{n}")
