@@ -218,6 +218,37 @@ def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path, capfd, dis
     assert "P^2O" in markdown_table(doc)
 
 
+def _run_record(arm_dir) -> dict:
+    """What a run decided: its metrics without the clock (wall times, throughput) and its template files."""
+    metrics = [{k: v for k, v in json.loads(line).items() if "time" not in k and "per_s" not in k}
+               for line in (arm_dir / "metrics.jsonl").read_text().splitlines()]
+    templates = {p.name: json.loads(p.read_text()) for p in sorted((arm_dir / "templates").glob("*.json"))}
+    for record in templates.values():
+        record.get("cost", {}).pop("wall_time_s", None)
+    return {"metrics": metrics, "templates": templates}
+
+
+def test_a_toy_world_arm_is_bit_reproducible(tiny_policy, tmp_path):
+    """The same seed and config give the same run, GEPA included: its evaluations run on one thread
+    (config.yaml's prompt.num_threads), so the student's samples draw the seeded generator in a fixed
+    order and every batch holds the same prompts."""
+    from dspy_p2o.toyworld.experiment import run_experiment, toy_config
+
+    world, policy_config, cache, _ = tiny_policy
+    config = toy_config(TINY_RUN)
+    assert config.prompt.num_threads == toy_config().prompt.num_threads == 1
+    docs, records = [], []
+    for name in ("a", "b"):
+        doc = run_experiment(0, ("p2o",), out_dir=tmp_path / name, config=config,
+                             world_config=WorldConfig(train_per_tag=3, test_per_tag=2), policy_config=policy_config,
+                             cache_dir=cache, progress=False, log=lambda s: None)
+        docs.append({k: v for k, v in doc["arms"]["p2o"].items() if k != "seconds"})
+        records.append(_run_record(tmp_path / name / "seed0" / "p2o"))
+    assert docs[0]["gepa_rollouts"] > 0 and records[0]["templates"]  # GEPA ran and proposed templates
+    assert docs[0] == docs[1]
+    assert records[0] == records[1]
+
+
 def test_run_config_is_the_packaged_yaml_on_the_train_schema():
     """The toy world's loop settings are a `dspy-p2o train` config shipped with the package."""
     from dspy_p2o.toyworld.experiment import toy_config
@@ -244,3 +275,45 @@ def test_demo_display_is_one_live_line_per_phase_and_the_epoch_lines(tiny_policy
     live = {line.split(":")[0] for line in err.replace("\r", "\n").splitlines() if line.strip() and not LOG_LINE.match(line)}
     assert live <= {"epoch 1/2", "epoch 2/2", "prompt phase 1", "pretrain"}, live
     assert "prompt phase 1" in live  # GEPA's progress is the prompt phase's live line
+
+
+def _run_seeds_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toyworld" / "run_seeds.py"
+    spec = importlib.util.spec_from_file_location("run_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_seeds_parses_ranges_and_checks_the_targets_per_seed():
+    run_seeds = _run_seeds_module()
+    assert run_seeds.parse_seeds(["0-3"]) == [0, 1, 2, 3]
+    assert run_seeds.parse_seeds(["5", "0-2,1", "9"]) == [5, 0, 1, 2, 9]
+    with pytest.raises(SystemExit, match="not a seed"):
+        run_seeds.parse_seeds(["a-b"])
+
+    def doc(seed, grpo, p2o, no_distill):  # (hard, easy) per arm
+        arm = lambda h, e: {"hard_acc": h, "easy_acc": e, "hard_per_epoch": [3, 1], "policy_rollouts": 8,
+                            "gepa_rollouts": 0, "seconds": 1.0}
+        return {"seed": seed, "base": {"hard_acc": 0.0, "easy_acc": 1.0},
+                "arms": {"grpo": arm(*grpo), "p2o": arm(*p2o), "p2o_no_distill": arm(*no_distill)}}
+
+    good = doc(0, (0.1, 1.0), (1.0, 0.98), (0.1, 1.0))
+    easy_lost = doc(7, (0.0, 1.0), (1.0, 0.90), (0.0, 1.0))
+    weak = doc(3, (0.5, 1.0), (0.7, 1.0), (0.6, 1.0))
+    no_ablation = doc(4, (0.0, 1.0), (1.0, 0.99), (0.0, 1.0))
+    del no_ablation["arms"]["p2o_no_distill"]
+    text = run_seeds.summarise([good, easy_lost, weak, no_ablation])
+    table, check = text.split("Targets")
+    rows = lambda part: {line.split("|")[1].strip(): line for line in part.splitlines() if line.startswith("| ")}
+    assert rows(table)["4"].endswith("| (not run) |")  # the arm it did not run
+    assert "7: 90.0" in rows(table)["worst seed (hard; easy)"]  # the worst seed of P^2O's easy column
+    assert "(3 seeds)" in rows(table)["mean"]  # the ablation's mean is over the seeds that ran it
+    assert rows(check)["0"].endswith("all hold |")
+    assert "MISSED: easy" in rows(check)["7"] and "hard" not in rows(check)["7"].split("MISSED")[1]
+    assert "MISSED: hard, ablation" in rows(check)["3"]
+    assert "all hold (ablation not run)" in rows(check)["4"]
+    assert "MISSED: easy mean" in rows(check)["mean"]  # (-2 - 10 + 0 - 1) / 4 = -3.25 points

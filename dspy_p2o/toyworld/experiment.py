@@ -45,6 +45,7 @@ class ArmResult:
     easy_acc: float
     hard_per_epoch: list[int]
     hard_acc_per_epoch: list[float]
+    easy_acc_per_epoch: list[float]
     policy_rollouts: int
     gepa_rollouts: int
     seconds: float
@@ -53,12 +54,32 @@ class ArmResult:
         return asdict(self)
 
 
+def toy_loop(program: Any, world: World, policy_dir: Path, run_dir: Path, config: P2OConfig, seed: int):
+    """The P^2O loop of one arm, validating every epoch on the held-out hard questions (`val/pass@1`, as
+    `compile(valset=...)` does) and on the held-out easy ones (`val/easy_pass@1`): when easy skills are
+    lost shows in the run's metrics. Validation is greedy and draws no random numbers, so it does not
+    change the run."""
+    from dspy_p2o.loop import P2OLoop, with_ids
+
+    class ToyLoop(P2OLoop):
+        easyset = with_ids(world.split("test", "easy"), "val_easy")
+
+        def evaluate(self, examples):
+            out = super().evaluate(examples)
+            if examples is self.valset:
+                out["val/easy_pass@1"] = super().evaluate(self.easyset)["val/pass@1"]
+            return out
+
+    # The toy world's own teacher, passed as an LM object (what compile(..., reflection=lm) does).
+    return ToyLoop(program, world.train, metric=metric, policy=str(policy_dir), config=config, run_dir=run_dir,
+                   valset=world.split("test", "hard"), reflection_lm=reflection_lm(seed=seed, noise=ReflectionNoise()))
+
+
 def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2OConfig, *,
             progress: bool = True, program: Any = None,
             accuracy: Callable[[Any, list], float] | None = None) -> ArmResult:
     """One arm through the P^2O loop; accuracy measured afterwards without templates.
     `program` (default ToyProgram) and `accuracy(engine, examples)` serve other programs (two_step.py)."""
-    from dspy_p2o.loop import P2OLoop
     from dspy_p2o.renderer import Renderer
 
     if arm not in ARMS:
@@ -67,10 +88,7 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
     cfg = P2OConfig.load(config, {"policy": str(policy_dir), "seed": world.seed, "progress": progress,
                                   "reflection": "custom", **ARMS[arm]})
     program = ToyProgram() if program is None else program
-    # The toy world's own teacher, passed as an LM object (what compile(..., reflection=lm) does).
-    loop = P2OLoop(program, world.train, metric=metric, policy=str(policy_dir), config=cfg, run_dir=run_dir / arm,
-                   valset=world.split("test", "hard"),
-                   reflection_lm=reflection_lm(seed=world.seed, noise=ReflectionNoise()))
+    loop = toy_loop(program, world, policy_dir, run_dir / arm, cfg, world.seed)
     result = loop.run_loop()
     if accuracy is None:
         def accuracy(engine, examples):
@@ -88,6 +106,7 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
     return ArmResult(
         hard_acc=hard, easy_acc=easy, hard_per_epoch=[int(h["hard"]) for h in history],
         hard_acc_per_epoch=[float(h.get("val/pass@1", float("nan"))) for h in history],
+        easy_acc_per_epoch=[float(h.get("val/easy_pass@1", float("nan"))) for h in history],
         policy_rollouts=config.epochs * len(world.train) * config.k, gepa_rollouts=gepa,
         seconds=round(time.time() - start, 1))
 
@@ -95,11 +114,19 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
 def run_experiment(seed: int = 0, arms: tuple[str, ...] = DEMO_ARMS, *, out_dir: str | Path = "runs/toyworld",
                    config: P2OConfig | None = None, world_config: WorldConfig | None = None,
                    policy_config: PolicyConfig | None = None, cache_dir: str | Path | None = None,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Pretrain (or load) the base policy and run each arm; returns the `--json` document."""
+                   progress: bool = True, log: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
+    """Pretrain (or load) the base policy and run each arm; returns the `--json` document.
+
+    `resume`: arms already in this seed's results.json under the same config are kept, not rerun
+    (each arm is its own seeded run, so which arms ran before does not change another's numbers)."""
     config = config or toy_config()
     world = build_world(seed, world_config)
     out_dir = Path(out_dir) / f"seed{seed}"
+    done: dict[str, Any] = {}
+    if resume and (out_dir / "results.json").exists():
+        previous = json.loads((out_dir / "results.json").read_text())
+        if previous.get("config") == json.loads(json.dumps(config.redacted())):
+            done = previous["arms"]
     t0 = time.time()
     log(f"[toyworld] seed {seed}: easy rules {world.easy_rules}, hard rules {world.hard_rules}")
     policy_dir = pretrain_policy(world, policy_config, cache_dir=cache_dir, progress=progress)
@@ -107,14 +134,18 @@ def run_experiment(seed: int = 0, arms: tuple[str, ...] = DEMO_ARMS, *, out_dir:
     base = base_accuracy(world, policy_dir, config.max_tokens)
     log(f"[toyworld] base policy without templates: hard {base['hard_acc']:.2f}, easy {base['easy_acc']:.2f}; "
         f"hard with the oracle instruction: {base['hard_acc_oracle']:.2f}")
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = dict(done)
     for arm in arms:
+        if arm in done:
+            log(f"[toyworld] arm {arm}: kept from {out_dir / 'results.json'}")
+            continue
         log(f"[toyworld] arm {arm} ...")
         with torch_threads(1):
             arm_result = run_arm(arm, world, policy_dir, out_dir, config, progress=progress)
         results[arm] = arm_result.to_json()
         log(f"[toyworld] arm {arm}: hard {arm_result.hard_acc:.2f}, easy {arm_result.easy_acc:.2f}, "
             f"hard per epoch {arm_result.hard_per_epoch} ({arm_result.seconds:.0f}s)")
+    results = {arm: results[arm] for arm in ARMS if arm in results}  # one order in every table
     doc = {"seed": seed, "arms": results, "base": base, "world": {"easy": world.easy_rules, "hard": world.hard_rules},
            "config": config.redacted(), "seconds": round(time.time() - t0, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
