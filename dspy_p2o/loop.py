@@ -44,12 +44,12 @@ from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
 from dspy_p2o.metrics import MetricsLogger, read_metrics
 from dspy_p2o.passk import mean_pass_at_k
+from dspy_p2o.program_rollouts import collect_program_rollouts
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
 from dspy_p2o.renderer import Renderer, make_adapter, program_input_fields, servable_predictors
 from dspy_p2o.rewards import MetricError
-from dspy_p2o.program_rollouts import collect_program_rollouts
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer, make_accelerator
@@ -190,7 +190,7 @@ class P2OLoop:
         self.adapter = make_adapter(cfg.adapter)
         self.renderers = {name: Renderer(pred, self.engine.tokenizer, adapter=self.adapter, name=name)
                           for name, pred in self.predictors}
-        # one predictor: its render is the program's prompt (no execution needed, see rollouts.py)
+        # one predictor: its render is the program's prompt (no execution needed: rollouts.py)
         self.renderer = next(iter(self.renderers.values())) if len(self.renderers) == 1 else None
         self.reward_fn = make_reward_fn(self.renderer, self.metric)
 
@@ -362,8 +362,8 @@ class P2OLoop:
     def _collect(self, examples: list[dspy.Example], *, k: int, temperature: float, seed: int,
                  assignments: dict[str, list[Any]] | None = None, plain_per_group: int = 0,
                  progress: bool = False) -> list[Rollout]:
-        """k scored rollouts per example: the one predictor's prompts sampled directly, or the whole
-        compound program executed (rollouts.py)."""
+        """k scored rollouts per example: the one predictor's prompts sampled directly (rollouts.py), or
+        the whole compound program executed (program_rollouts.py)."""
         cfg = self.config
         sampling = dict(k=k, temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens,
                         seed=seed, assignments=assignments, plain_per_group=plain_per_group, progress=progress)

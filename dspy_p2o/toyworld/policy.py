@@ -196,50 +196,74 @@ def load_policy(path: str | Path):
 def pretrain_policy(world: World, config: PolicyConfig | None = None, *, cache_dir: str | Path | None = None,
                     progress: bool = True, force: bool = False) -> Path:
     """The directory of the base policy for `world`: loaded from the cache or pretrained now (~3 min on one core)."""
-    from transformers import AutoModelForCausalLM
-
-    from dspy_p2o.tiny import supervised_finetune, tiny_config
-
     config = config or PolicyConfig()
     out = Path(cache_dir or default_cache_dir()) / policy_key(world, config)
     if (out / "toyworld_policy.json").exists() and not force:
         return out
     start = time.time()
     tokenizer = build_tokenizer(world, config)
-    torch.manual_seed(world.seed)
-    model_config = tiny_config(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
-                               num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, max_positions=512)
-    model = AutoModelForCausalLM.from_config(model_config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = fresh_model(tokenizer, config, world.seed)
     renderer = renderer_for(tokenizer)
     pairs = encode_pairs(renderer, pretraining_samples(world, config.num_samples, config, world.seed))
     pairs += encode_pairs(renderer, execution_samples(world, config.execution_samples, config, world.seed),
                           answer_only=True)
-    # Curriculum: first without the adapter's constant preamble (the same ~26 tokens in every prompt).
-    # Measured (two-digit world): on full prompts the digits stayed at chance for 450 steps (attention diluted over the
-    # preamble); on the shortened prompts they are learned, and RoPE's relative positions carry over.
-    preamble = len(os.path.commonprefix([p for p, _ in pairs[:200]]))
-    short = [(p[max(0, preamble - 1):], c) for p, c in pairs]
+    losses = curriculum(model, [pairs], config, world.seed, tokenizer.pad_token_id, progress)
+    save_policy(out, model, tokenizer, {"seed": world.seed, "config": asdict(config), "easy_rules": world.easy_rules,
+                                        "final_loss": losses[-1], "seconds": round(time.time() - start, 1)})
+    return out
+
+
+def fresh_model(tokenizer: Any, config: PolicyConfig, seed: int):
+    """A randomly initialised tiny Qwen3 of `config`'s size for `tokenizer` (torch seeded with `seed`)."""
+    from transformers import AutoModelForCausalLM
+
+    from dspy_p2o.tiny import tiny_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(
+        tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads, max_positions=512))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def curriculum(model, groups: Sequence[list[tuple[list[int], list[int]]]], config: PolicyConfig, seed: int,
+               pad_id: int, progress: bool) -> list[float]:
+    """The pretraining curriculum on one torch thread; returns the losses. `groups` are lists of
+    (prompt, completion) pairs that share a constant preamble (one per predictor).
+
+    First without each group's constant preamble (the adapter's ~26 tokens every prompt of a
+    predictor starts with), then on the full prompts. Measured (two-digit world): on full prompts
+    the digits stayed at chance for 450 steps (attention diluted over the preamble); on the
+    shortened prompts they are learned, and RoPE's relative positions carry over."""
+    from dspy_p2o.tiny import supervised_finetune
+
+    pairs, short = [], []
+    for group in groups:
+        preamble = len(os.path.commonprefix([p for p, _ in group[:200]]))
+        pairs += group
+        short += [(p[max(0, preamble - 1):], c) for p, c in group]
     with torch_threads(1):
         losses = supervised_finetune(model, short, steps=config.short_steps, lr=config.lr,
-                                     batch_size=config.batch_size, seed=world.seed, pad_id=tokenizer.pad_token_id,
-                                     progress=progress)
+                                     batch_size=config.batch_size, seed=seed, pad_id=pad_id, progress=progress)
         losses += supervised_finetune(model, pairs, steps=config.steps, lr=config.lr / 2, batch_size=config.batch_size,
-                                      seed=world.seed + 1, pad_id=tokenizer.pad_token_id, progress=progress)
-    # Write to a temporary dir and rename: an interrupted run never leaves a half-written cache entry.
+                                      seed=seed + 1, pad_id=pad_id, progress=progress)
+    return losses
+
+
+def save_policy(out: Path, model, tokenizer, meta: dict[str, Any]) -> None:
+    """`save_pretrained` model and tokenizer plus toyworld_policy.json (`meta` and the parameter count)
+    into `out`, written to a temporary dir and renamed: an interrupted run never leaves half a cache entry."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"seed": world.seed, "config": asdict(config), "easy_rules": world.easy_rules,
-            "final_loss": losses[-1], "seconds": round(time.time() - start, 1),
-            "params": sum(p.numel() for p in model.parameters())}
+    meta = {**meta, "params": sum(p.numel() for p in model.parameters())}
     (tmp / "toyworld_policy.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return out
 
 
 def encode_pairs(renderer, samples: Sequence[tuple[str, str, str]], *,

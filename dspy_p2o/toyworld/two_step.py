@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import dspy
-import torch
 
-from dspy_p2o.toyworld.policy import (PolicyConfig, default_cache_dir, execution_samples, policy_key,
-                                      pretraining_samples, torch_threads)
+from dspy_p2o.toyworld.policy import (PolicyConfig, curriculum, default_cache_dir, execution_samples, fresh_model,
+                                      policy_key, pretraining_samples, save_policy, torch_threads)
 from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, RULES, TAGS, World, apply_rule, metric,
                                     parse_question)
 
@@ -166,49 +163,21 @@ def encode_calls(renderers, calls) -> dict[str, list[tuple[list[int], list[int]]
 
 def pretrain_two_step(world: World, config: PolicyConfig | None = None, *, cache_dir: str | Path | None = None,
                       progress: bool = True, force: bool = False) -> Path:
-    """The directory of the two-step base policy for `world`: loaded from the cache or pretrained now.
-
-    The one-step world's curriculum: first on prompts without their predictor's constant preamble
-    (cut per predictor: the two system messages differ early), then on the full renders."""
-    from transformers import AutoModelForCausalLM
-
-    from dspy_p2o.tiny import supervised_finetune, tiny_config
-
+    """The directory of the two-step base policy for `world`: loaded from the cache or pretrained now,
+    with the one-step world's model, curriculum (the preamble cut per predictor: the two system
+    messages differ early) and atomic cache write (policy.py)."""
     config = config or TWO_STEP_POLICY
     out = Path(cache_dir or default_cache_dir()) / two_step_key(world, config)
     if (out / "toyworld_policy.json").exists() and not force:
         return out
     start = time.time()
     tokenizer = build_tokenizer(world, config)
-    torch.manual_seed(world.seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(
-        tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads, max_positions=512))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = fresh_model(tokenizer, config, world.seed)
     by_predictor = encode_calls(renderers_for(tokenizer),
                                 _samples(world, config, world.seed, config.num_samples, config.execution_samples))
-    pairs, short = [], []
-    for calls in by_predictor.values():
-        preamble = len(os.path.commonprefix([p for p, _ in calls[:200]]))
-        pairs += calls
-        short += [(p[max(0, preamble - 1):], c) for p, c in calls]
-    with torch_threads(1):
-        losses = supervised_finetune(model, short, steps=config.short_steps, lr=config.lr,
-                                     batch_size=config.batch_size, seed=world.seed, pad_id=tokenizer.pad_token_id,
-                                     progress=progress)
-        losses += supervised_finetune(model, pairs, steps=config.steps, lr=config.lr / 2, batch_size=config.batch_size,
-                                      seed=world.seed + 1, pad_id=tokenizer.pad_token_id, progress=progress)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")  # an interrupted run never leaves half a cache entry
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    meta = {"seed": world.seed, "program": "two_step", "config": asdict(config), "final_loss": losses[-1],
-            "seconds": round(time.time() - start, 1), "params": sum(p.numel() for p in model.parameters())}
-    (tmp / "toyworld_policy.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    losses = curriculum(model, list(by_predictor.values()), config, world.seed, tokenizer.pad_token_id, progress)
+    save_policy(out, model, tokenizer, {"seed": world.seed, "program": "two_step", "config": asdict(config),
+                                        "final_loss": losses[-1], "seconds": round(time.time() - start, 1)})
     return out
 
 
