@@ -4,8 +4,10 @@ A leaf module: it imports only the standard library, yaml and pydantic, so readi
 config (and `dspy-p2o train --help`) loads no torch, DSPy or GEPA. The trainer and the
 prompt phase take their configs from here, as TRL keeps grpo_config.py apart from its trainer.
 
-`P2OConfig` nests `TrainerConfig` (`trainer`), `PromptPhaseConfig` (`prompt`) and
-`DataConfig` (`data`). Every knob has one home: the sampling temperature, the group size
+`P2OConfig` nests `TrainerConfig` (`trainer`), `PromptPhaseConfig` (`prompt`),
+`DataConfig` (`data`) and the engines' options: `LocalOptions` (`local`) and `VLLMOptions`
+(`vllm`, whose `VLLMServerOptions` part is how `VLLMServer` launches or attaches). The engines
+take these same types as arguments, so the YAML schema and the engines' defaults are one. Every knob has one home: the sampling temperature, the group size
 `k` and the seed are the run's (top level); the loop hands them to the trainer and the
 prompt phase as arguments. Overrides may use a dotted path (`trainer.lr=1e-5`) or a bare
 field name (`lr=1e-5`, `distill=false`, `min_hard=8`): the field is found wherever it
@@ -19,7 +21,8 @@ import dataclasses
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
@@ -44,6 +47,8 @@ MOVED = {
     "trainer.seed": "the top-level seed",
     "prompt.k": "the top-level k (a hard question gets k - plain_per_group templates)",
     "prompt.seed": "the top-level seed",
+    "engine_kwargs": "the engine's own section: `local:` (device, dtype, max_batch_size) or `vllm:` (url, api_key, "
+                     "gpu_memory_utilization, ...; the self-reflection server under vllm.reference)",
 }
 
 _STRICT = ConfigDict(strict=True, extra="forbid")  # every config dataclass: values of the field's type, no unknown keys
@@ -51,6 +56,13 @@ _STRICT = ConfigDict(strict=True, extra="forbid")  # every config dataclass: val
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
+
+
+def knob(default: Any = MISSING, *, factory: Any = MISSING, policy_only: bool = False) -> Any:
+    """A config field with its rules declared next to it (dataclass field metadata):
+    `policy_only`: a vLLM setting of the policy's server that the self-reflection
+    reference server never inherits (`VLLMOptions.reference_options`)."""
+    return field(default=default, default_factory=factory, metadata={"policy_only": policy_only})
 
 
 # Names whose values are secrets (api_key, reference_api_key, hf_token, password, Authorization, ...);
@@ -196,6 +208,109 @@ class DataConfig:
     answer_field: str | None = None
 
 
+# vLLM's --dtype choices
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+WEIGHT_SYNC_MODES = ("reload", "nccl")
+
+
+@dataclass
+class LocalOptions:
+    """The in-process engine (`engine: local`; `P2OConfig.local`, `LocalEngine`'s keywords).
+    With the trainer's module shared (training), device and dtype are the trainer's."""
+
+    __pydantic_config__ = _STRICT
+
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: cuda when present, else cpu
+    dtype: str | None = None  # None / "auto": bf16 on GPU, fp32 on CPU; or one of config.DTYPES
+    max_batch_size: int = 64  # sequences decoded together (prompts x n); larger inputs are chunked
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (None, "auto", *DTYPES):
+            raise ValueError(f"LocalOptions.dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"LocalOptions.max_batch_size must be >= 1, got {self.max_batch_size}")
+
+
+@dataclass
+class VLLMServerOptions:
+    """How a managed `vllm serve` is launched, or where an attached server is (`url`).
+    `VLLMServer` takes exactly this; `VLLMOptions` adds the engine's client and sync settings."""
+
+    __pydantic_config__ = _STRICT
+
+    url: str | None = knob(None, policy_only=True)  # attach to a running server (its root URL); None: launch one
+    api_key: str | None = knob(None, policy_only=True)  # attached: its key (default $VLLM_API_KEY); managed: random
+    port: int | None = knob(None, policy_only=True)  # managed: None = a free port
+    host: str = "127.0.0.1"  # managed: bind address (a dev-mode server stays on loopback)
+    allow_remote_dev_routes: bool = False  # bind a dev-mode server to a non-loopback host anyway
+    served_model_name: str | None = knob(None, policy_only=True)  # managed default "policy" ("reference")
+    gpu_memory_utilization: float = 0.45  # leaves room for a trainer / a reference server on the same GPU
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # None: the model's
+    device: str | None = None  # "cpu" (vLLM's CPU build) or "cuda"; None: cuda when torch sees a GPU
+    dtype: str = "auto"  # vLLM's --dtype; "auto" is float32 on CPU
+    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, vLLM's choice on GPU
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile (faster cold start)
+    extra_args: list[str] = field(default_factory=list)  # appended to `vllm serve` verbatim
+    startup_timeout_s: float = 600.0  # how long a managed server may take to answer /health
+    log_path: str | None = knob(None, policy_only=True)  # the managed server's stdout+stderr; None: a temp file
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. {CUDA_VISIBLE_DEVICES: "1"}
+    server_command: list[str] | None = None  # the launch prefix; None: vLLM's own CLI (any vLLM build)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{type(self).__name__}.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"{type(self).__name__}.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass
+class VLLMOptions(VLLMServerOptions):
+    """The vLLM engine (`engine: vllm`; `P2OConfig.vllm`, `VLLMEngine`'s options): its server
+    (managed or attached), the HTTP client and the weight sync.
+
+    `reference` is the frozen server of the initial weights that self-reflection
+    (reflection=self) asks; unset, it is these options minus the policy-only fields
+    (a managed server named "reference" beside the policy's). Set, it is used as written."""
+
+    request_timeout_s: float = 3600.0  # per-request read timeout (long generations take minutes)
+    max_concurrency: int = 64  # requests in flight at once (vLLM schedules them together)
+    max_retries: int = 5  # attempts per request after connection errors / HTTP 502-504
+    weight_sync: str = knob("reload", policy_only=True)  # "reload" (safetensors + reload_weights) or "nccl" (GPUs)
+    verify_sync: bool = knob(True, policy_only=True)  # compare served log-probs with the trainer's after a sync
+    sync_tolerance: float | None = knob(None, policy_only=True)  # None: 1e-3 float32 server, 0.15 otherwise
+    sync_dir: str | None = knob(None, policy_only=True)  # where weights are written for reload; None: /dev/shm
+    reload_kwargs: dict[str, Any] = knob(factory=dict, policy_only=True)  # extra kwargs of vLLM's reload_weights
+    reference: VLLMOptions | None = knob(None, policy_only=True)  # the self-reflection server (see above)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"VLLMOptions.weight_sync must be one of {', '.join(WEIGHT_SYNC_MODES)}, "
+                             f"got {self.weight_sync!r}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"VLLMOptions.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.reference is not None and self.reference.reference is not None:
+            raise ValueError("VLLMOptions.reference has a reference of its own; a reference server needs none")
+
+    def reference_options(self) -> VLLMOptions:
+        """The options of the self-reflection server: `reference` as written, else these minus
+        every policy-only field (a copy of the policy's `url` would attach to the policy server)."""
+        if self.reference is not None:
+            options = self.reference
+        else:
+            policy_only = {f.name: (f.default_factory() if f.default is MISSING else f.default)
+                           for f in dataclasses.fields(self) if f.metadata.get("policy_only")}
+            options = dataclasses.replace(self, **policy_only)
+        if options.url is None and options.served_model_name is None:  # an attached one keeps its own name
+            options = dataclasses.replace(options, served_model_name="reference")
+        return options
+
+
+ENGINE_OPTIONS = {"local": LocalOptions, "vllm": VLLMOptions}  # engine kind -> its options (its config section)
+
+
 @dataclass
 class P2OConfig:
     """Every knob of a P^2O run. Defaults are the paper's GPU setting (DESIGN.md §3)."""
@@ -204,8 +319,7 @@ class P2OConfig:
 
     # -- models and engines
     policy: str | None = None  # local model dir or hub id (CLI); compile() takes it as an argument
-    engine: str = "local"  # "local" (in-process transformers) or "vllm"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"url": ..., "gpu_memory_utilization": 0.4}
+    engine: str = "local"  # "local" (in-process transformers, options in `local`) or "vllm" (options in `vllm`)
     reflection: str = "self"  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
     reflection_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
     reflection_max_tokens: int = 4096
@@ -240,6 +354,13 @@ class P2OConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     prompt: PromptPhaseConfig = field(default_factory=PromptPhaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    local: LocalOptions = field(default_factory=LocalOptions)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+
+    @property
+    def engine_options(self) -> LocalOptions | VLLMOptions:
+        """The options of the chosen engine (`local` or `vllm`)."""
+        return self.vllm if self.engine == "vllm" else self.local
 
     def __post_init__(self) -> None:
         self.validate()
@@ -247,7 +368,7 @@ class P2OConfig:
     def validate(self) -> None:
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
-            (self.engine in ("local", "vllm"), f"engine must be 'local' or 'vllm', got {self.engine!r}"),
+            (self.engine in ENGINE_OPTIONS, f"engine must be 'local' or 'vllm', got {self.engine!r}"),
             (self.reflection in ("self", "custom") or self.reflection.startswith("teacher:"),
              f"reflection must be 'self', 'teacher:<litellm model>' or 'custom', got {self.reflection!r}"),
             (not self.reflection.startswith("teacher:") or self.reflection[len("teacher:"):].strip(),
@@ -372,7 +493,7 @@ def parse_scalar(raw: str) -> Any:
 
 def resolve_key(key: str) -> list[str]:
     """The dotted path of an override key; a bare name must match exactly one field."""
-    if "." in key or key in MOVED:
+    if "." in key or key in MOVED or key in {f.name for f in dataclasses.fields(P2OConfig)}:
         return key.split(".")
     matches = [path for path in _field_paths(P2OConfig) if path[-1] == key]
     if not matches:
@@ -413,9 +534,20 @@ def _check_moved(data: Any) -> None:
             raise ConfigError(f"config key {key!r} has moved; use {home}")
 
 
+def engine_options_from(kind: str, values: Mapping[str, Any]) -> LocalOptions | VLLMOptions:
+    """The typed options of engine `kind` ("local" or "vllm") from plain data, e.g. the eval
+    command's `--engine-arg`s; a wrong key or value is a ConfigError naming it."""
+    if kind not in ENGINE_OPTIONS:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINE_OPTIONS)}, got {kind!r}")
+    try:
+        return _adapter(ENGINE_OPTIONS[kind]).validate_json(json.dumps(dict(values), default=_jsonable))
+    except ValidationError as exc:
+        raise _config_error(exc, ENGINE_OPTIONS[kind]) from None
+
+
 @functools.cache
-def _adapter() -> TypeAdapter:
-    return TypeAdapter(P2OConfig)
+def _adapter(cls: type = P2OConfig) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 # pydantic's error types -> the form a value must take, for error messages
@@ -423,14 +555,14 @@ _EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "t
              "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping"}
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
+def _config_error(exc: ValidationError, root: type = P2OConfig) -> ConfigError:
     """pydantic's first error as one line naming the key (all unknown keys at once)."""
     errors = exc.errors()
-    unknown = [_key(e["loc"]) for e in errors if e["type"] == "unexpected_keyword_argument"]
+    unknown = [_key(e["loc"], root) for e in errors if e["type"] == "unexpected_keyword_argument"]
     if unknown:
         return ConfigError(f"unknown config key(s) {', '.join(unknown)}")
     first = errors[0]
-    key, value = _key(first["loc"]), first["input"]
+    key, value = _key(first["loc"], root), first["input"]
     if first["type"] == "value_error":  # a dataclass's own check (__post_init__)
         error = first["ctx"]["error"]
         return error if isinstance(error, ConfigError) else ConfigError(
@@ -438,7 +570,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
     if first["type"] == "dataclass_type":
         return ConfigError(f"config section {key or 'top level'!r} must be a mapping, got {type(value).__name__}")
     expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in errors
-                                         if _key(e["loc"]) == key and e["type"] in _EXPECTED))
+                                         if _key(e["loc"], root) == key and e["type"] in _EXPECTED))
     if not expected:
         return ConfigError(f"config key {key!r}: {first['msg']}, got {value!r}")
     if value is None:
@@ -446,15 +578,23 @@ def _config_error(exc: ValidationError) -> ConfigError:
     return ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
 
 
-def _key(loc: tuple) -> str:
+def _key(loc: tuple, root: type = P2OConfig) -> str:
     """The dotted config key of a pydantic error location (positions inside a value dropped)."""
-    parts, cls = [], P2OConfig
+    parts, cls = [], root
     for part in loc:
         parts.append(str(part))
-        cls = get_type_hints(cls).get(part) if isinstance(part, str) else None
-        if not dataclasses.is_dataclass(cls):
+        cls = _section_type(get_type_hints(cls).get(part)) if isinstance(part, str) else None
+        if cls is None:
             break
     return ".".join(parts)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The config dataclass a field holds (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    sections = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+    return sections[0] if len(sections) == 1 else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -36,7 +36,7 @@ def test_dotted_overrides_of_nested_knobs_are_honoured():
 @pytest.mark.parametrize("key", sorted(MOVED))
 def test_a_moved_key_names_its_new_home(key):
     section, _, name = key.rpartition(".")
-    home = "method" if key == "prompt_phase" else f"top-level {name}"
+    home = {"prompt_phase": "method", "engine_kwargs": "`local:`.*`vllm:`"}.get(key, f"top-level {name}")
     for source, overrides in ((None, {key: 1}), ({section: {name: 1}} if section else {name: 1}, None)):
         with pytest.raises(ConfigError, match=f"config key '{key}' has moved; use .*{home}"):
             P2OConfig.load(source, overrides)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from dspy_p2o.config import LocalOptions
 from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams
 from dspy_p2o.engines.hf import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from dspy_p2o.renderer import check_chat_template
@@ -50,8 +51,7 @@ class LocalEngine(Engine):
         model: a local model dir / hub id, or an already loaded `PreTrainedModel`
             (e.g. the trainer's module, shared so that weight sync is free).
         tokenizer: required when `model` is a module.
-        device, dtype: default to cuda+bf16 when present, else cpu+fp32.
-        max_batch_size: sequences decoded together (prompts x n); larger inputs are chunked.
+        device, dtype, max_batch_size: `config.LocalOptions` (a run's `local` section).
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class LocalEngine(Engine):
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int = LocalOptions.max_batch_size,
         name: str | None = None,
     ) -> None:
         if isinstance(model, torch.nn.Module):

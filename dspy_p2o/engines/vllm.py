@@ -40,18 +40,18 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import httpx
 from tqdm.auto import tqdm
 
+from dspy_p2o.config import VLLMOptions
 from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams
 from dspy_p2o.engines.hf import eos_token_ids, load_tokenizer, saved_generation_config
-from dspy_p2o.engines.vllm_server import DEFAULT_SERVER_COMMAND, VLLMServer, VLLMServerError
+from dspy_p2o.engines.vllm_server import VLLMServer, VLLMServerError
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SYNC_MODES = ("reload", "nccl")
 # Transient failures worth retrying: the connection broke, or a proxy/server said "try again".
 _RETRY_STATUS = {502, 503, 504}
 _PROBE_MESSAGES = [{"role": "user", "content": "Probe: say something."}]
@@ -86,86 +86,29 @@ class VLLMEngine(Engine):
 
     Args:
         model: the model dir or hub id the server loads (its tokenizer is loaded here too).
-        url: attach to a running server (e.g. "http://127.0.0.1:8000") instead of starting one.
-        api_key: the server's key; generated for a managed server, else `$VLLM_API_KEY`.
-        port, gpu_memory_utilization, tensor_parallel_size, max_model_len, dtype, extra_args:
-            flags of the managed `vllm serve` (extra_args are appended verbatim).
-        startup_timeout_s: how long a managed server may take to become healthy.
-        request_timeout_s: per-request read timeout (long generations take minutes).
-        max_concurrency: requests in flight at once (vLLM schedules them together).
-        max_retries: attempts per request after connection errors / 502-504.
-        log_path: the managed server's log file (default: a temp file).
-        host, allow_remote_dev_routes, device, kv_cache_memory_bytes, enforce_eager: managed
-            server settings (see `vllm_server.VLLMServer`: loopback only, CPU defaults).
-        weight_sync: "reload" (save + `/collective_rpc reload_weights`) or "nccl" (GPU only).
-        verify_sync: after a sync from a module, compare served log-probs of a probe with the
-            module's own (see the module docstring).
-        sync_tolerance: the largest log-prob difference a verified sync may leave; default
-            1e-3 for a float32 server, 0.15 otherwise (bf16 serving differs by ~1e-2 legitimately).
-        server_command: the launch prefix (default vLLM's CLI); tests use the fake server module.
-        served_model_name: the model id requests carry (managed default "policy"; attach: the server's first).
-        sync_dir: where modules / state dicts are saved for reload (default: a temp dir;
-            /dev/shm makes saving a 4B model take ~seconds).
-        env: extra environment for the managed server (e.g. {"CUDA_VISIBLE_DEVICES": "0"}).
-        reload_kwargs: extra kwargs for the worker's `reload_weights` (version-dependent).
+        options: `config.VLLMOptions` -- attach to `url` or launch a managed server (its
+            `VLLMServerOptions` part), the HTTP client's timeouts, concurrency and retries, and
+            the weight sync (`weight_sync`, `verify_sync`, `sync_tolerance`, `sync_dir`,
+            `reload_kwargs`). Its `reference` is read by `engines.make_reference_engine`, not here.
         frozen: a reference server (e.g. the initial model for self-reflection): sync_weights refuses.
-        reference_*: settings of the self-reflection reference server, kept in the same
-            engine_kwargs and ignored here (see `reference_engine_kwargs`).
+        tokenizer: the model's tokenizer when already loaded.
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike,
-        *,
-        url: str | None = None,
-        api_key: str | None = None,
-        port: int | None = None,
-        host: str = "127.0.0.1",
-        allow_remote_dev_routes: bool = False,
-        gpu_memory_utilization: float = 0.45,
-        tensor_parallel_size: int = 1,
-        max_model_len: int | None = None,
-        device: str | None = None,
-        dtype: str = "auto",
-        kv_cache_memory_bytes: int | None = None,
-        enforce_eager: bool = False,
-        extra_args: Sequence[str] = (),
-        startup_timeout_s: float = 600.0,
-        request_timeout_s: float = 3600.0,
-        max_concurrency: int = 64,
-        max_retries: int = 5,
-        log_path: str | os.PathLike | None = None,
-        weight_sync: str = "reload",
-        verify_sync: bool = True,
-        sync_tolerance: float | None = None,
-        server_command: Sequence[str] = DEFAULT_SERVER_COMMAND,
-        served_model_name: str | None = None,
-        sync_dir: str | os.PathLike | None = None,
-        env: Mapping[str, str] | None = None,
-        reload_kwargs: Mapping[str, Any] | None = None,
-        frozen: bool = False,
-        tokenizer: Any = None,
-        name: str | None = None,
-        **reference_options: Any,
-    ) -> None:
-        unknown = [k for k in reference_options if not k.startswith("reference_")]
-        if unknown:
-            raise TypeError(f"VLLMEngine got unexpected keyword arguments {unknown}")
+    def __init__(self, model: str | os.PathLike, options: VLLMOptions | None = None, *, frozen: bool = False,
+                 tokenizer: Any = None, name: str | None = None) -> None:
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(
                 f"VLLMEngine needs the model dir or hub id the server loads, got {type(model).__name__}; "
                 "save the module with save_pretrained and pass the directory")
-        if weight_sync not in WEIGHT_SYNC_MODES:
-            raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC_MODES}, got {weight_sync!r}")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        options = options if options is not None else VLLMOptions()
+        self.options = options
         self.model = str(model)
-        self.weight_sync = weight_sync
-        self.verify_sync = verify_sync
-        self.sync_tolerance = sync_tolerance
-        self.max_concurrency = int(max_concurrency)
-        self.max_retries = int(max_retries)
-        self.reload_kwargs = dict(reload_kwargs or {})
+        self.weight_sync = options.weight_sync
+        self.verify_sync = options.verify_sync
+        self.sync_tolerance = options.sync_tolerance
+        self.max_concurrency = int(options.max_concurrency)
+        self.max_retries = int(options.max_retries)
+        self.reload_kwargs = dict(options.reload_kwargs)
         self.frozen = bool(frozen)
         self.name = name or Path(self.model.rstrip("/")).name or "policy"
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model)
@@ -175,32 +118,26 @@ class VLLMEngine(Engine):
             raise ValueError(f"{self.model!r}: {exc}") from None
         self.server: VLLMServer | None = None
         self._closed = False
-        self._sync_dir = Path(sync_dir) if sync_dir is not None else None
-        self._owns_sync_dir = sync_dir is None
+        self._sync_dir = Path(options.sync_dir) if options.sync_dir is not None else None
+        self._owns_sync_dir = options.sync_dir is None
         self._nccl: NCCLWeightSync | None = None
         self.last_sync: SyncReport | None = None
 
-        self.served_dtype = dtype
-        if url is None:
-            self.server = VLLMServer(
-                self.model, server_command=server_command, port=port, api_key=api_key, host=host,
-                allow_remote_dev_routes=allow_remote_dev_routes, served_model_name=served_model_name or "policy",
-                gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                max_model_len=max_model_len, device=device, dtype=dtype, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                enforce_eager=enforce_eager, weight_transfer_backend="nccl" if weight_sync == "nccl" else None,
-                extra_args=extra_args, startup_timeout_s=startup_timeout_s, log_path=log_path, env=env,
-            )
+        self.served_dtype = options.dtype
+        if options.url is None:
+            self.server = VLLMServer(self.model, options,
+                                     weight_transfer_backend="nccl" if options.weight_sync == "nccl" else None)
             self.served_dtype = self.server.dtype
             self.server.start()
             self.url, self.api_key = self.server.url, self.server.api_key
         else:
-            self.url, self.api_key = url.rstrip("/"), api_key or os.environ.get("VLLM_API_KEY")
+            self.url, self.api_key = options.url.rstrip("/"), options.api_key or os.environ.get("VLLM_API_KEY")
             if self.url.endswith("/v1"):
                 self.url = self.url[:-3]
         self.client = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {},
-            timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+            timeout=httpx.Timeout(options.request_timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
         )
         try:
@@ -529,30 +466,6 @@ class VLLMEngine(Engine):
     def __repr__(self) -> str:
         mode = "managed" if self.server is not None else "attached"
         return f"VLLMEngine({self.model!r}, url={self.url!r}, {mode}, weight_sync={self.weight_sync!r})"
-
-
-# Policy-server settings that must not carry over to the reference server.
-_POLICY_ONLY = ("url", "api_key", "port", "log_path", "served_model_name", "sync_dir", "weight_sync", "verify_sync",
-                "sync_tolerance", "reload_kwargs", "frozen")
-
-
-def reference_engine_kwargs(policy_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """VLLMEngine kwargs for a frozen server of the INITIAL weights next to the policy server.
-
-    Self-reflection (reflection="self") must see pi_init, never the policy being trained,
-    so the policy's `url` / `port` / sync settings are dropped (a copy of the policy
-    kwargs would attach to the policy server). Keys prefixed `reference_` override the
-    rest, e.g. {"reference_url": ...} to attach to a separately launched reference
-    server, {"reference_gpu_memory_utilization": 0.25} for the memory split, or
-    {"reference_env": {"CUDA_VISIBLE_DEVICES": "1"}} to put it on another GPU.
-    """
-    kwargs = {k: v for k, v in policy_kwargs.items() if k not in _POLICY_ONLY and not k.startswith("reference_")}
-    kwargs.update({k[len("reference_"):]: v for k, v in policy_kwargs.items() if k.startswith("reference_")})
-    kwargs["frozen"] = True
-    kwargs["verify_sync"] = False
-    if "url" not in kwargs:  # a managed reference server; an attached one keeps its own name
-        kwargs.setdefault("served_model_name", "reference")
-    return kwargs
 
 
 class NCCLWeightSync:

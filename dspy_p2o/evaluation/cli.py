@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dspy_p2o.config import ConfigError, engine_options_from
 from dspy_p2o.evaluation.prompting import DEFAULT_PROGRAM, PROMPT_MODES
 from dspy_p2o.evaluation.protocol import SMALL_BENCHMARK_SIZE
 from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="local", choices=("local", "vllm"),
                         help="local: in-process transformers; vllm: a managed vLLM server (GPU)")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra make_engine keyword (VALUE parsed as JSON when it can be), repeatable; "
+                        help="an engine option (config.LocalOptions / config.VLLMOptions; VALUE parsed as JSON "
+                             "when it can be), repeatable; "
                              "e.g. dtype=bfloat16, max_batch_size=128 (local); tensor_parallel_size=2, "
                              "max_model_len=16384, url=http://host:8000 (vllm)")
     parser.add_argument("--prompt", default="program", choices=PROMPT_MODES,
@@ -109,7 +111,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     benchmarks = parse_benchmarks(args.benchmarks)
-    engine_kwargs = {**ENGINE_DEFAULTS.get(args.engine, {}), **parse_engine_args(args.engine_arg)}
+    try:
+        options = engine_options_from(args.engine, {**ENGINE_DEFAULTS.get(args.engine, {}),
+                                                    **parse_engine_args(args.engine_arg)})
+    except ConfigError as exc:
+        raise ConfigError(f"--engine-arg: {exc}") from None
     out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
     from dspy_p2o.jsonio import check_writable
 
@@ -118,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
                  "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed,
                  "sampled_below": args.sampled_below}
 
-    from dspy_p2o.engines import make_engine
+    from dspy_p2o.engines import open_engine
     from dspy_p2o.evaluation.prompting import load_program, make_prompting
     from dspy_p2o.evaluation.protocol import protocol_for
     from dspy_p2o.evaluation.runner import evaluate
@@ -129,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # A local model is recorded by its absolute path, so a resume from another directory matches.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    with make_engine(args.engine, args.model, **engine_kwargs) as engine:
+    with open_engine(args.engine, args.model, options) as engine:
         prompting = make_prompting(args.prompt, engine.tokenizer, program=program or args.program,
                                    chat_template_kwargs=args.chat_template_kwargs, adapter=args.adapter)
         results = evaluate(engine, benchmarks, prompting, out, model=model,
