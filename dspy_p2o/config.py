@@ -58,11 +58,18 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
-def knob(default: Any = MISSING, *, factory: Any = MISSING, policy_only: bool = False) -> Any:
+# What a change of a field means when a run resumes (its `resume` rule; run_dir.py reads it):
+IDENTITY = "identity"  # what the run is: recorded in identity.json; a change makes the run directory another run's
+RESUMABLE = "resumable"  # may change on resume: how long it runs, where its servers are, how it reports, its memory
+FIXED = "fixed"  # every other field (what the run optimises): a change is refused
+
+
+def knob(default: Any = MISSING, *, factory: Any = MISSING, resume: str = FIXED, policy_only: bool = False) -> Any:
     """A config field with its rules declared next to it (dataclass field metadata):
+    `resume`: IDENTITY, RESUMABLE or FIXED (a section's rule covers every key inside it);
     `policy_only`: a vLLM setting of the policy's server that the self-reflection
     reference server never inherits (`VLLMOptions.reference_options`)."""
-    return field(default=default, default_factory=factory, metadata={"policy_only": policy_only})
+    return field(default=default, default_factory=factory, metadata={"resume": resume, "policy_only": policy_only})
 
 
 # Names whose values are secrets (api_key, reference_api_key, hf_token, password, Authorization, ...);
@@ -102,7 +109,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0  # global grad-norm clipping; <= 0 disables it
     mini_batch_size: int | None = None  # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
     updates_per_batch: int = 1  # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (length-bucketed micro-batches)
+    micro_batch_tokens: int = knob(4096, resume=RESUMABLE)  # padded tokens per forward/backward (length-bucketed micro-batches)
     epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
     epsilon_high: float = 0.28  # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
     loss_agg: str = "dapo"  # "grpo" (sequence mean, then batch mean) | "dapo" (token mean) | "dr_grpo" (sum / constant)
@@ -114,10 +121,10 @@ class TrainerConfig:
     template_ratio: str = "mask"  # distilled tokens with pi(y_t|x)/pi(y_t|x~) outside the bounds: "mask" | "soft" | "off"
     template_ratio_bounds: tuple[float, float] = (0.01, 10.0)  # the authors' bounds
     template_clip: bool = False  # distilled tokens may climb to pi(y_t|x~) in one batch (upper clip, losses.py)
-    gradient_checkpointing: bool = False  # recompute activations in backward (long completions on GPU)
+    gradient_checkpointing: bool = knob(False, resume=RESUMABLE)  # recompute activations in backward (long completions on GPU)
     dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
     sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
-    keep_last_checkpoints: int = 2  # older checkpoints are deleted
+    keep_last_checkpoints: int = knob(2, resume=RESUMABLE)  # older checkpoints are deleted
     process_timeout_s: float = 6 * 3600.0  # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
 
     def __post_init__(self) -> None:
@@ -166,7 +173,7 @@ class PromptPhaseConfig:
     budget: str | int = "heavy_4"  # light / medium / heavy (GEPA's auto), heavy_4 = 4 x heavy, or metric calls
     beam_width: int = 16  # W: parents explored per GEPA iteration, from the Pareto front
     same_template_in_group: bool = False  # ablation: one template for all K rollouts
-    num_threads: int = 8
+    num_threads: int = knob(8, resume=RESUMABLE)
     stop_at_score: float = 1.0  # stop GEPA once a template's mean dev score reaches this
     solved_threshold: float = 1.0  # a score at or above this counts as "solved"
     reflection_minibatch_size: int = 3
@@ -200,12 +207,12 @@ class DataConfig:
 
     program: str = "math_cot"  # built-in name, "module:attr" or "file.py:attr"
     metric: str = "math"  # "math" (dspy_p2o.rewards.math_metric) or "module:attr"
-    train: str = "math_train"  # "math_train", "aime", a local .jsonl/.parquet path or a hub dataset id
-    train_limit: int | None = None
-    val: str | None = None  # same forms as train; None = no validation set
-    val_limit: int | None = None
-    question_field: str | None = None  # auto-detected when None
-    answer_field: str | None = None
+    train: str = knob("math_train", resume=RESUMABLE)  # "math_train", "aime", a local .jsonl/.parquet path or a hub dataset id
+    train_limit: int | None = knob(None, resume=RESUMABLE)
+    val: str | None = knob(None, resume=RESUMABLE)  # same forms as train; None = no validation set
+    val_limit: int | None = knob(None, resume=RESUMABLE)
+    question_field: str | None = knob(None, resume=RESUMABLE)  # auto-detected when None
+    answer_field: str | None = knob(None, resume=RESUMABLE)
 
 
 # vLLM's --dtype choices
@@ -318,44 +325,44 @@ class P2OConfig:
     __pydantic_config__ = _STRICT
 
     # -- models and engines
-    policy: str | None = None  # local model dir or hub id (CLI); compile() takes it as an argument
-    engine: str = "local"  # "local" (in-process transformers, options in `local`) or "vllm" (options in `vllm`)
-    reflection: str = "self"  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
-    reflection_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
-    reflection_max_tokens: int = 4096
+    policy: str | None = knob(None, resume=IDENTITY)  # local model dir or hub id (CLI); compile() takes it as an argument
+    engine: str = knob("local", resume=RESUMABLE)  # "local" (in-process transformers, options in `local`) or "vllm" (options in `vllm`)
+    reflection: str = knob("self", resume=RESUMABLE)  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
+    reflection_kwargs: dict[str, Any] = knob(factory=dict, resume=RESUMABLE)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
+    reflection_max_tokens: int = knob(4096, resume=RESUMABLE)
     reflection_retries: int = 3  # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
     reflection_timeout_s: float = 120.0  # a teacher's seconds per attempt; reflection_kwargs.timeout wins
     reflection_preflight: bool = True  # one 1-token teacher call at start: a wrong endpoint or key fails before training
     adapter: str = "chat"  # DSPy adapter that renders, parses and serves the program: "chat", "json" or "xml"
 
     # -- Alg. 1
-    method: str = "p2o"  # "p2o", or "grpo": the baseline (same trainer, same rollout budget, no prompt phase)
-    epochs: int = 5
-    batch_size: int = 128  # questions per phase-1 batch
-    k: int = 6  # rollouts per question (GRPO group size); k - plain_per_group templates per hard question
-    temperature: float = 0.6  # sampling, and the trainer's log-probs
+    method: str = knob("p2o", resume=IDENTITY)  # "p2o", or "grpo": the baseline (same trainer, same rollout budget, no prompt phase)
+    epochs: int = knob(5, resume=RESUMABLE)
+    batch_size: int = knob(128, resume=IDENTITY)  # questions per phase-1 batch
+    k: int = knob(6, resume=IDENTITY)  # rollouts per question (GRPO group size); k - plain_per_group templates per hard question
+    temperature: float = knob(0.6, resume=IDENTITY)  # sampling, and the trainer's log-probs
     top_p: float = 1.0
     top_k: int = 0
-    max_tokens: int = 12288  # completion budget per rollout
-    plain_per_group: int = 0  # plain (un-templated) rollouts kept in each templated group
-    tau: float = 1e-9  # a question is hard when its mean reward is below tau (default: no success)
-    near_hard: bool = False  # the authors' code: exactly one success out of K is hard too
-    hardness_on: str = "all"  # "all" rollouts of a group, or only its "plain" ones (falls back to all)
+    max_tokens: int = knob(12288, resume=IDENTITY)  # completion budget per rollout
+    plain_per_group: int = knob(0, resume=IDENTITY)  # plain (un-templated) rollouts kept in each templated group
+    tau: float = knob(1e-9, resume=IDENTITY)  # a question is hard when its mean reward is below tau (default: no success)
+    near_hard: bool = knob(False, resume=IDENTITY)  # the authors' code: exactly one success out of K is hard too
+    hardness_on: str = knob("all", resume=IDENTITY)  # "all" rollouts of a group, or only its "plain" ones (falls back to all)
     shuffle: bool = True
-    seed: int = 0  # data order, sampling, the trainer's python / numpy / torch seeds, GEPA (+ epoch)
+    seed: int = knob(0, resume=IDENTITY)  # data order, sampling, the trainer's python / numpy / torch seeds, GEPA (+ epoch)
 
     # -- bookkeeping
-    checkpoint_every: int = 1  # phase-1 batches between checkpoints (mid-epoch resume granularity)
-    eval_every_epoch: bool = True  # validation accuracy (no templates) after every epoch
-    eval_k: int = 1  # samples per validation question (pass@1 is their mean)
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers: "tensorboard", "wandb"
-    progress: bool = True
+    checkpoint_every: int = knob(1, resume=RESUMABLE)  # phase-1 batches between checkpoints (mid-epoch resume granularity)
+    eval_every_epoch: bool = knob(True, resume=RESUMABLE)  # validation accuracy (no templates) after every epoch
+    eval_k: int = knob(1, resume=RESUMABLE)  # samples per validation question (pass@1 is their mean)
+    trackers: list[str] = knob(factory=list, resume=RESUMABLE)  # accelerate trackers: "tensorboard", "wandb"
+    progress: bool = knob(True, resume=RESUMABLE)
 
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     prompt: PromptPhaseConfig = field(default_factory=PromptPhaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    local: LocalOptions = field(default_factory=LocalOptions)
-    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    local: LocalOptions = knob(factory=LocalOptions, resume=RESUMABLE)
+    vllm: VLLMOptions = knob(factory=VLLMOptions, resume=RESUMABLE)
 
     @property
     def engine_options(self) -> LocalOptions | VLLMOptions:
@@ -489,6 +496,32 @@ def parse_scalar(raw: str) -> Any:
     if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(text):
         return float(text)
     return value
+
+
+def resume_rule(key: str) -> str:
+    """The resume rule of a dotted config key: the first rule other than FIXED on its path
+    (a RESUMABLE section's keys are all resumable); FIXED for a key the schema does not have."""
+    cls: type | None = P2OConfig
+    for part in key.split("."):
+        declared = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+        if part not in declared:
+            return FIXED
+        rule = declared[part].metadata.get("resume", FIXED)
+        if rule != FIXED:
+            return rule
+        cls = _section_type(get_type_hints(cls)[part])
+    return FIXED
+
+
+def identity_keys() -> list[str]:
+    """The top-level fields that make a run what it is (IDENTITY), in declaration order."""
+    return [f.name for f in dataclasses.fields(P2OConfig) if f.metadata.get("resume") == IDENTITY]
+
+
+def sections() -> list[str]:
+    """The top-level fields that are sections (trainer, prompt, data, local, vllm)."""
+    hints = get_type_hints(P2OConfig)
+    return [f.name for f in dataclasses.fields(P2OConfig) if _section_type(hints[f.name]) is not None]
 
 
 def resolve_key(key: str) -> list[str]:

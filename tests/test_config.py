@@ -81,3 +81,34 @@ def test_an_older_run_dirs_config_compares_in_todays_keys():
     assert config_changes(old, new) == {}
     old["prompt_phase"] = True
     assert config_changes(old, new) == {"method": ("p2o", "grpo")}
+
+
+def test_resume_rules_are_read_from_the_fields_declarations():
+    """run_dir asks config.resume_rule: a field's own rule, else its section's; unknown keys are fixed."""
+    from dspy_p2o.config import FIXED, IDENTITY, RESUMABLE, identity_keys, resume_rule
+
+    assert set(identity_keys()) == {"policy", "k", "batch_size", "method", "seed", "temperature", "max_tokens",
+                                    "plain_per_group", "hardness_on", "near_hard", "tau"}
+    assert resume_rule("k") == IDENTITY and resume_rule("epochs") == RESUMABLE
+    assert resume_rule("trainer.micro_batch_tokens") == RESUMABLE and resume_rule("trainer.lr") == FIXED
+    assert resume_rule("data.train") == RESUMABLE and resume_rule("data.metric") == FIXED
+    for key in ("vllm", "vllm.url", "vllm.reference", "local.max_batch_size"):  # the engine sections, as a whole
+        assert resume_rule(key) == RESUMABLE, key
+    assert resume_rule("no_such_key") == FIXED and resume_rule("trainer.no_such_key") == FIXED
+
+
+def test_an_engine_section_change_is_accepted_on_resume_and_a_trainer_change_refused(tmp_path):
+    from dspy_p2o.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    first = P2OConfig.load(None, {"engine": "vllm", "vllm.url": "http://127.0.0.1:8000"})
+    identity = {"policy": "p", "trainset": "abc"}
+    assert run.check(first, identity) is False
+    run.start(first, identity, resuming=False)
+    run.save_state({"epoch": 0})
+    moved = P2OConfig.load(first, {"vllm.url": "http://127.0.0.1:9000", "vllm.max_concurrency": 8, "local.dtype": "bf16"})
+    assert run.check(moved, identity) is True
+    assert run._accepted == {"vllm.url": ("http://127.0.0.1:8000", "http://127.0.0.1:9000"),
+                             "vllm.max_concurrency": (64, 8), "local.dtype": (None, "bf16")}
+    with pytest.raises(ConfigError, match=r"incompatible run \(trainer.lr: 1e-06 -> 2e-06\)"):
+        run.check(P2OConfig.load(moved, {"trainer.lr": 2e-6}), identity)
