@@ -29,9 +29,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from dspy_p2o import checkpoints as ckpt
 from dspy_p2o.config import RESUMABLE, ConfigError, P2OConfig, identity_keys, resume_rule, sections
 from dspy_p2o.jsonio import write_json
-from dspy_p2o.trainer import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,16 @@ def test_config_module_and_train_help_import_no_torch_dspy_or_gepa():
     assert done.stdout.strip() == "[]"
 
 
+def test_run_dir_and_checkpoint_layout_import_no_torch():
+    """The run directory finds checkpoints through the torch-free layout module, not the trainer."""
+    code = ("import sys, dspy_p2o.run_dir, dspy_p2o.checkpoints; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dspy', 'transformers'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_dotted_overrides_of_nested_knobs_are_honoured():
     cfg = P2OConfig.load(None, parse_overrides(["trainer.lr=2e-5", "trainer.template_ratio_bounds=[0.1, 5]",
                                                 "prompt.min_hard=8", "prompt.budget=light", "data.train=x.jsonl",
