@@ -7,12 +7,15 @@ prompt phase take their configs from here, as TRL keeps grpo_config.py apart fro
 `P2OConfig` nests `TrainerConfig` (`trainer`), `PromptPhaseConfig` (`prompt`),
 `DataConfig` (`data`) and the engines' options: `LocalOptions` (`local`) and `VLLMOptions`
 (`vllm`, whose `VLLMServerOptions` part is how `VLLMServer` launches or attaches). The engines
-take these same types as arguments, so the YAML schema and the engines' defaults are one. Every knob has one home: the sampling temperature, the group size
-`k` and the seed are the run's (top level); the loop hands them to the trainer and the
-prompt phase as arguments. Overrides may use a dotted path (`trainer.lr=1e-5`) or a bare
-field name (`lr=1e-5`, `distill=false`, `min_hard=8`): the field is found wherever it
-lives in the tree. pydantic checks every value against its field's type, strictly (`1` is
-not `true`, `"5"` is not 5; an integer is a number); each error is one ConfigError naming the key.
+take these same types as arguments, so the YAML schema and the engines' defaults are one.
+
+Every knob has one home: the sampling temperature, the group size `k` and the seed are the
+run's (top level); the loop hands them to the trainer and the prompt phase as arguments.
+Overrides may use a dotted path (`trainer.lr=1e-5`) or a bare field name (`lr=1e-5`,
+`distill=false`, `min_hard=8`): the field is found wherever it lives in the tree. pydantic
+checks every value against its field's type, strictly (`1` is not `true`, `"5"` is not 5; an
+integer is a number); a field's rules sit next to it (`knob`: its numeric range, what its
+change means on resume); each error is one ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -64,12 +67,53 @@ RESUMABLE = "resumable"  # may change on resume: how long it runs, where its ser
 FIXED = "fixed"  # every other field (what the run optimises): a change is refused
 
 
-def knob(default: Any = MISSING, *, factory: Any = MISSING, resume: str = FIXED, policy_only: bool = False) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take (`knob(check=...)`); None passes for an optional field."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is outside
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:  # False for NaN: every comparison with it is
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, low_open=True)  # (0, 1]
+
+
+def knob(default: Any = MISSING, *, factory: Any = MISSING, resume: str = FIXED, check: Range | None = None,
+         policy_only: bool = False) -> Any:
     """A config field with its rules declared next to it (dataclass field metadata):
     `resume`: IDENTITY, RESUMABLE or FIXED (a section's rule covers every key inside it);
+    `check`: the Range its value must be in (checked by `check_ranges` when the section is built);
     `policy_only`: a vLLM setting of the policy's server that the self-reflection
     reference server never inherits (`VLLMOptions.reference_options`)."""
-    return field(default=default, default_factory=factory, metadata={"resume": resume, "policy_only": policy_only})
+    return field(default=default, default_factory=factory,
+                 metadata={"resume": resume, "check": check, "policy_only": policy_only})
+
+
+def check_ranges(section: Any, prefix: str | None = None, error: type[Exception] = ValueError) -> None:
+    """Every field declared with `check=` holds a value in its Range, else `error` naming the
+    field (`<Section>.<field>`, or `prefix` + field)."""
+    prefix = f"{type(section).__name__}." if prefix is None else prefix
+    for f in dataclasses.fields(section):
+        allowed, value = f.metadata.get("check"), getattr(section, f.name)
+        if allowed is None or value is None or value in allowed:
+            continue
+        optional = type(None) in typing.get_args(get_type_hints(type(section))[f.name])
+        raise error(f"{prefix}{f.name} must be {allowed}{' or null' if optional else ''}, got {value!r}")
 
 
 # Names whose values are secrets (api_key, reference_api_key, hf_token, password, Authorization, ...);
@@ -102,30 +146,40 @@ class TrainerConfig:
 
     __pydantic_config__ = _STRICT
 
-    lr: float = 1e-6  # AdamW learning rate (paper: 1e-6)
-    warmup_ratio: float = 0.05  # linear warm-up over this fraction of total_steps (paper: 5%)
+    lr: float = knob(1e-6, check=POSITIVE)  # AdamW learning rate (paper: 1e-6)
+    # linear warm-up over this fraction of total_steps (paper: 5%)
+    warmup_ratio: float = knob(0.05, check=Range(0, 1, high_open=True))
     lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to 0 (needs total_steps)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    weight_decay: float = knob(0.0, check=NON_NEGATIVE)  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clipping; <= 0 disables it
-    mini_batch_size: int | None = None  # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
-    updates_per_batch: int = 1  # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
-    micro_batch_tokens: int = knob(4096, resume=RESUMABLE)  # padded tokens per forward/backward (length-bucketed micro-batches)
-    epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
-    epsilon_high: float = 0.28  # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
+    # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
+    mini_batch_size: int | None = knob(None, check=AT_LEAST_1)
+    # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
+    updates_per_batch: int = knob(1, check=AT_LEAST_1)
+    # padded tokens per forward/backward (length-bucketed micro-batches)
+    micro_batch_tokens: int = knob(4096, resume=RESUMABLE, check=AT_LEAST_1)
+    epsilon_low: float = knob(0.2, check=Range(0, 1, high_open=True))  # PPO clip below: ratio >= 1 - epsilon_low
+    # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
+    epsilon_high: float = knob(0.28, check=NON_NEGATIVE)
     loss_agg: str = "dapo"  # "grpo" (sequence mean, then batch mean) | "dapo" (token mean) | "dr_grpo" (sum / constant)
-    dr_grpo_length: int | None = None  # dr_grpo's constant length; None = the longest completion of the batch
+    # dr_grpo's constant length; None = the longest completion of the batch
+    dr_grpo_length: int | None = knob(None, check=AT_LEAST_1)
     scale_rewards: str = "group"  # advantage std scaling: "group" (GRPO) | "batch" | "none" (Dr. GRPO)
-    beta: float = 0.0  # KL(pi || pi_init) coefficient; 0 = no reference model loaded (paper: no KL)
-    tis_cap: float | None = None  # truncated importance sampling min(cap, pi_trainer / pi_engine) per token; None = off
+    # KL(pi || pi_init) coefficient; 0 = no reference model loaded (paper: no KL)
+    beta: float = knob(0.0, check=NON_NEGATIVE)
+    # truncated importance sampling min(cap, pi_trainer / pi_engine) per token; None = off
+    tis_cap: float | None = knob(None, check=POSITIVE)
     distill: bool = True  # gradient on x (context distillation) or, False, on the sampled T(x, z) (ablation)
     template_ratio: str = "mask"  # distilled tokens with pi(y_t|x)/pi(y_t|x~) outside the bounds: "mask" | "soft" | "off"
     template_ratio_bounds: tuple[float, float] = (0.01, 10.0)  # the authors' bounds
     template_clip: bool = False  # distilled tokens may climb to pi(y_t|x~) in one batch (upper clip, losses.py)
-    gradient_checkpointing: bool = knob(False, resume=RESUMABLE)  # recompute activations in backward (long completions on GPU)
+    # recompute activations in backward (long completions on GPU)
+    gradient_checkpointing: bool = knob(False, resume=RESUMABLE)
     dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
     sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
-    keep_last_checkpoints: int = knob(2, resume=RESUMABLE)  # older checkpoints are deleted
-    process_timeout_s: float = 6 * 3600.0  # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
+    keep_last_checkpoints: int = knob(2, resume=RESUMABLE, check=NON_NEGATIVE)  # older ones are deleted; 0 keeps all
+    # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
+    process_timeout_s: float = knob(6 * 3600.0, check=POSITIVE)
 
     def __post_init__(self) -> None:
         def choice(name: str, options: tuple) -> None:
@@ -138,23 +192,7 @@ class TrainerConfig:
         choice("template_ratio", TEMPLATE_RATIO_MODES)
         choice("sync", ("step", "epoch"))
         choice("dtype", ("auto", *DTYPES))
-        if self.lr <= 0:
-            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainerConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"TrainerConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
-        if self.updates_per_batch < 1:
-            raise ValueError(f"TrainerConfig.updates_per_batch must be >= 1, got {self.updates_per_batch}")
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"TrainerConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ValueError(f"TrainerConfig epsilons must satisfy 0 <= epsilon_low < 1, epsilon_high >= 0; "
-                             f"got {self.epsilon_low}, {self.epsilon_high}")
-        if self.beta < 0:
-            raise ValueError(f"TrainerConfig.beta must be >= 0, got {self.beta}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"TrainerConfig.tis_cap must be > 0 or None, got {self.tis_cap}")
+        check_ranges(self)
         lo, hi = self.template_ratio_bounds
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"TrainerConfig.template_ratio_bounds must satisfy 0 < lo <= 1 <= hi, got {(lo, hi)}")
@@ -168,30 +206,27 @@ class PromptPhaseConfig:
 
     __pydantic_config__ = _STRICT
 
-    min_hard: int = 100  # GEPA runs only on at least this many hard questions (authors: 100)
-    dev_size: int = 300  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
+    min_hard: int = knob(100, check=AT_LEAST_1)  # GEPA runs only on at least this many hard questions (authors: 100)
+    dev_size: int = knob(300, check=AT_LEAST_1)  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
     budget: str | int = "heavy_4"  # light / medium / heavy (GEPA's auto), heavy_4 = 4 x heavy, or metric calls
-    beam_width: int = 16  # W: parents explored per GEPA iteration, from the Pareto front
+    beam_width: int = knob(16, check=AT_LEAST_1)  # W: parents explored per GEPA iteration, from the Pareto front
     same_template_in_group: bool = False  # ablation: one template for all K rollouts
-    num_threads: int = knob(8, resume=RESUMABLE)
-    stop_at_score: float = 1.0  # stop GEPA once a template's mean dev score reaches this
-    solved_threshold: float = 1.0  # a score at or above this counts as "solved"
-    reflection_minibatch_size: int = 3
+    num_threads: int = knob(8, resume=RESUMABLE, check=AT_LEAST_1)
+    stop_at_score: float = knob(1.0, check=POSITIVE)  # stop GEPA once a template's mean dev score reaches this
+    solved_threshold: float = knob(1.0, check=FRACTION)  # a score at or above this counts as "solved"
+    reflection_minibatch_size: int = knob(3, check=AT_LEAST_1)
     # GEPA merge (combine two candidates that evolved different predictors of a compound program) stays off:
     # gepa 0.1.4 draws the common ancestor weighted by its mean dev score and raises ("Total of weights must be
     # greater than zero") when that is 0, as the seed's usually is on a hard set (questions the policy fails
     # without a template). A one-predictor program has nothing to merge; round-robin reflection still evolves
     # every predictor of a compound one (tests/test_gepa_phase.py shows both)
     use_merge: bool = False
-    max_reflection_failures: int = 3  # consecutive failed reflection calls that end the phase
+    max_reflection_failures: int = knob(3, check=AT_LEAST_1)  # consecutive failed reflection calls that end the phase
     score_hard_train: bool = True  # score front + cover templates on hard_train to assign them too
     gepa_kwargs: dict = field(default_factory=dict)  # passed on to gepa.optimize
 
     def __post_init__(self) -> None:
-        for name in ("min_hard", "dev_size", "beam_width", "num_threads", "reflection_minibatch_size",
-                     "max_reflection_failures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PromptPhaseConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self)
         if isinstance(self.budget, str) and self.budget not in BUDGET_PRESETS:
             raise ValueError(f"PromptPhaseConfig.budget must be one of {sorted(BUDGET_PRESETS)} or a number of "
                              f"metric calls, got {self.budget!r}")
@@ -207,12 +242,16 @@ class DataConfig:
 
     program: str = "math_cot"  # built-in name, "module:attr" or "file.py:attr"
     metric: str = "math"  # "math" (dspy_p2o.rewards.math_metric) or "module:attr"
-    train: str = knob("math_train", resume=RESUMABLE)  # "math_train", "aime", a local .jsonl/.parquet path or a hub dataset id
-    train_limit: int | None = knob(None, resume=RESUMABLE)
+    # "math_train", "aime", a local .jsonl/.parquet path or a hub dataset id
+    train: str = knob("math_train", resume=RESUMABLE)
+    train_limit: int | None = knob(None, resume=RESUMABLE, check=AT_LEAST_1)
     val: str | None = knob(None, resume=RESUMABLE)  # same forms as train; None = no validation set
-    val_limit: int | None = knob(None, resume=RESUMABLE)
+    val_limit: int | None = knob(None, resume=RESUMABLE, check=AT_LEAST_1)
     question_field: str | None = knob(None, resume=RESUMABLE)  # auto-detected when None
     answer_field: str | None = knob(None, resume=RESUMABLE)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 # vLLM's --dtype choices
@@ -229,13 +268,13 @@ class LocalOptions:
 
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: cuda when present, else cpu
     dtype: str | None = None  # None / "auto": bf16 on GPU, fp32 on CPU; or one of config.DTYPES
-    max_batch_size: int = 64  # sequences decoded together (prompts x n); larger inputs are chunked
+    # sequences decoded together (prompts x n); larger inputs are chunked
+    max_batch_size: int = knob(64, check=AT_LEAST_1)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.dtype not in (None, "auto", *DTYPES):
             raise ValueError(f"LocalOptions.dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"LocalOptions.max_batch_size must be >= 1, got {self.max_batch_size}")
 
 
 @dataclass
@@ -247,29 +286,26 @@ class VLLMServerOptions:
 
     url: str | None = knob(None, policy_only=True)  # attach to a running server (its root URL); None: launch one
     api_key: str | None = knob(None, policy_only=True)  # attached: its key (default $VLLM_API_KEY); managed: random
-    port: int | None = knob(None, policy_only=True)  # managed: None = a free port
+    port: int | None = knob(None, policy_only=True, check=Range(1, 65535))  # managed: None = a free port
     host: str = "127.0.0.1"  # managed: bind address (a dev-mode server stays on loopback)
     allow_remote_dev_routes: bool = False  # bind a dev-mode server to a non-loopback host anyway
     served_model_name: str | None = knob(None, policy_only=True)  # managed default "policy" ("reference")
-    gpu_memory_utilization: float = 0.45  # leaves room for a trainer / a reference server on the same GPU
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None  # None: the model's
+    # leaves room for a trainer / a reference server on the same GPU
+    gpu_memory_utilization: float = knob(0.45, check=FRACTION)
+    tensor_parallel_size: int = knob(1, check=AT_LEAST_1)
+    max_model_len: int | None = knob(None, check=AT_LEAST_1)  # None: the model's
     device: str | None = None  # "cpu" (vLLM's CPU build) or "cuda"; None: cuda when torch sees a GPU
     dtype: str = "auto"  # vLLM's --dtype; "auto" is float32 on CPU
-    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, vLLM's choice on GPU
+    kv_cache_memory_bytes: int | None = knob(None, check=AT_LEAST_1)  # None: 1 GiB on CPU, vLLM's choice on GPU
     enforce_eager: bool = False  # no CUDA graphs / torch.compile (faster cold start)
     extra_args: list[str] = field(default_factory=list)  # appended to `vllm serve` verbatim
-    startup_timeout_s: float = 600.0  # how long a managed server may take to answer /health
+    startup_timeout_s: float = knob(600.0, check=POSITIVE)  # how long a managed server may take to answer /health
     log_path: str | None = knob(None, policy_only=True)  # the managed server's stdout+stderr; None: a temp file
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. {CUDA_VISIBLE_DEVICES: "1"}
     server_command: list[str] | None = None  # the launch prefix; None: vLLM's own CLI (any vLLM build)
 
     def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"{type(self).__name__}.gpu_memory_utilization must be in (0, 1], "
-                             f"got {self.gpu_memory_utilization}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"{type(self).__name__}.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        check_ranges(self)
 
 
 @dataclass
@@ -281,12 +317,13 @@ class VLLMOptions(VLLMServerOptions):
     (reflection=self) asks; unset, it is these options minus the policy-only fields
     (a managed server named "reference" beside the policy's). Set, it is used as written."""
 
-    request_timeout_s: float = 3600.0  # per-request read timeout (long generations take minutes)
-    max_concurrency: int = 64  # requests in flight at once (vLLM schedules them together)
-    max_retries: int = 5  # attempts per request after connection errors / HTTP 502-504
+    request_timeout_s: float = knob(3600.0, check=POSITIVE)  # per-request read timeout (long generations take minutes)
+    max_concurrency: int = knob(64, check=AT_LEAST_1)  # requests in flight at once (vLLM schedules them together)
+    max_retries: int = knob(5, check=NON_NEGATIVE)  # attempts per request after connection errors / HTTP 502-504
     weight_sync: str = knob("reload", policy_only=True)  # "reload" (safetensors + reload_weights) or "nccl" (GPUs)
     verify_sync: bool = knob(True, policy_only=True)  # compare served log-probs with the trainer's after a sync
-    sync_tolerance: float | None = knob(None, policy_only=True)  # None: 1e-3 float32 server, 0.15 otherwise
+    # None: 1e-3 float32 server, 0.15 otherwise
+    sync_tolerance: float | None = knob(None, policy_only=True, check=POSITIVE)
     sync_dir: str | None = knob(None, policy_only=True)  # where weights are written for reload; None: /dev/shm
     reload_kwargs: dict[str, Any] = knob(factory=dict, policy_only=True)  # extra kwargs of vLLM's reload_weights
     reference: VLLMOptions | None = knob(None, policy_only=True)  # the self-reflection server (see above)
@@ -296,8 +333,6 @@ class VLLMOptions(VLLMServerOptions):
         if self.weight_sync not in WEIGHT_SYNC_MODES:
             raise ValueError(f"VLLMOptions.weight_sync must be one of {', '.join(WEIGHT_SYNC_MODES)}, "
                              f"got {self.weight_sync!r}")
-        if self.max_concurrency < 1:
-            raise ValueError(f"VLLMOptions.max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.reference is not None and self.reference.reference is not None:
             raise ValueError("VLLMOptions.reference has a reference of its own; a reference server needs none")
 
@@ -325,36 +360,48 @@ class P2OConfig:
     __pydantic_config__ = _STRICT
 
     # -- models and engines
-    policy: str | None = knob(None, resume=IDENTITY)  # local model dir or hub id (CLI); compile() takes it as an argument
-    engine: str = knob("local", resume=RESUMABLE)  # "local" (in-process transformers, options in `local`) or "vllm" (options in `vllm`)
-    reflection: str = knob("self", resume=RESUMABLE)  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
-    reflection_kwargs: dict[str, Any] = knob(factory=dict, resume=RESUMABLE)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
-    reflection_max_tokens: int = knob(4096, resume=RESUMABLE)
-    reflection_retries: int = 3  # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
-    reflection_timeout_s: float = 120.0  # a teacher's seconds per attempt; reflection_kwargs.timeout wins
+    # local model dir or hub id (CLI); compile() takes it as an argument
+    policy: str | None = knob(None, resume=IDENTITY)
+    # "local" (in-process transformers, options in `local`) or "vllm" (options in `vllm`)
+    engine: str = knob("local", resume=RESUMABLE)
+    # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
+    reflection: str = knob("self", resume=RESUMABLE)
+    # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
+    reflection_kwargs: dict[str, Any] = knob(factory=dict, resume=RESUMABLE)
+    reflection_max_tokens: int = knob(4096, resume=RESUMABLE, check=AT_LEAST_1)
+    # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
+    reflection_retries: int = knob(3, check=NON_NEGATIVE)
+    # a teacher's seconds per attempt; reflection_kwargs.timeout wins
+    reflection_timeout_s: float = knob(120.0, check=POSITIVE)
     reflection_preflight: bool = True  # one 1-token teacher call at start: a wrong endpoint or key fails before training
     adapter: str = "chat"  # DSPy adapter that renders, parses and serves the program: "chat", "json" or "xml"
 
     # -- Alg. 1
-    method: str = knob("p2o", resume=IDENTITY)  # "p2o", or "grpo": the baseline (same trainer, same rollout budget, no prompt phase)
-    epochs: int = knob(5, resume=RESUMABLE)
-    batch_size: int = knob(128, resume=IDENTITY)  # questions per phase-1 batch
-    k: int = knob(6, resume=IDENTITY)  # rollouts per question (GRPO group size); k - plain_per_group templates per hard question
+    # "p2o", or "grpo": the baseline (same trainer, same rollout budget, no prompt phase)
+    method: str = knob("p2o", resume=IDENTITY)
+    epochs: int = knob(5, resume=RESUMABLE, check=AT_LEAST_1)
+    batch_size: int = knob(128, resume=IDENTITY, check=AT_LEAST_1)  # questions per phase-1 batch
+    # rollouts per question (GRPO group size); k - plain_per_group templates per hard question
+    k: int = knob(6, resume=IDENTITY)
     temperature: float = knob(0.6, resume=IDENTITY)  # sampling, and the trainer's log-probs
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = knob(12288, resume=IDENTITY)  # completion budget per rollout
+    top_p: float = knob(1.0, check=FRACTION)
+    top_k: int = knob(0, check=NON_NEGATIVE)
+    max_tokens: int = knob(12288, resume=IDENTITY, check=AT_LEAST_1)  # completion budget per rollout
     plain_per_group: int = knob(0, resume=IDENTITY)  # plain (un-templated) rollouts kept in each templated group
-    tau: float = knob(1e-9, resume=IDENTITY)  # a question is hard when its mean reward is below tau (default: no success)
+    # a question is hard when its mean reward is below tau (default: no success)
+    tau: float = knob(1e-9, resume=IDENTITY, check=FRACTION)
     near_hard: bool = knob(False, resume=IDENTITY)  # the authors' code: exactly one success out of K is hard too
-    hardness_on: str = knob("all", resume=IDENTITY)  # "all" rollouts of a group, or only its "plain" ones (falls back to all)
+    # "all" rollouts of a group, or only its "plain" ones (falls back to all)
+    hardness_on: str = knob("all", resume=IDENTITY)
     shuffle: bool = True
-    seed: int = knob(0, resume=IDENTITY)  # data order, sampling, the trainer's python / numpy / torch seeds, GEPA (+ epoch)
+    # data order, sampling, the trainer's python / numpy / torch seeds, GEPA (+ epoch)
+    seed: int = knob(0, resume=IDENTITY, check=NON_NEGATIVE)
 
     # -- bookkeeping
-    checkpoint_every: int = knob(1, resume=RESUMABLE)  # phase-1 batches between checkpoints (mid-epoch resume granularity)
+    # phase-1 batches between checkpoints (mid-epoch resume granularity)
+    checkpoint_every: int = knob(1, resume=RESUMABLE, check=AT_LEAST_1)
     eval_every_epoch: bool = knob(True, resume=RESUMABLE)  # validation accuracy (no templates) after every epoch
-    eval_k: int = knob(1, resume=RESUMABLE)  # samples per validation question (pass@1 is their mean)
+    eval_k: int = knob(1, resume=RESUMABLE, check=AT_LEAST_1)  # samples per validation question (pass@1 is their mean)
     trackers: list[str] = knob(factory=list, resume=RESUMABLE)  # accelerate trackers: "tensorboard", "wandb"
     progress: bool = knob(True, resume=RESUMABLE)
 
@@ -373,6 +420,7 @@ class P2OConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_ranges(self, prefix="", error=ConfigError)
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.engine in ENGINE_OPTIONS, f"engine must be 'local' or 'vllm', got {self.engine!r}"),
@@ -382,15 +430,10 @@ class P2OConfig:
              f'reflection {self.reflection!r} names no model; write "teacher:<litellm model>", e.g. "teacher:openai/gpt-4.1"'),
             (self.temperature > 0, f"temperature must be > 0 (the trainer takes log-probs at the sampling temperature), "
                                    f"got {self.temperature}"),
-            (self.reflection_retries >= 0, f"reflection_retries must be >= 0, got {self.reflection_retries}"),
-            (self.reflection_timeout_s > 0, f"reflection_timeout_s must be > 0, got {self.reflection_timeout_s}"),
             (self.adapter in ADAPTERS, f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),
             (0 <= self.plain_per_group < self.k, f"plain_per_group must be in [0, k), got {self.plain_per_group}"),
             (self.hardness_on in ("all", "plain"), f"hardness_on must be 'all' or 'plain', got {self.hardness_on!r}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -122,3 +122,56 @@ def test_an_engine_section_change_is_accepted_on_resume_and_a_trainer_change_ref
                              "vllm.max_concurrency": (64, 8), "local.dtype": (None, "bf16")}
     with pytest.raises(ConfigError, match=r"incompatible run \(trainer.lr: 1e-06 -> 2e-06\)"):
         run.check(P2OConfig.load(moved, {"trainer.lr": 2e-6}), identity)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_tokens=0", "max_tokens must be >= 1, got 0"),
+    ("top_p=0", "top_p must be in (0, 1], got 0.0"),
+    ("top_p=1.5", "top_p must be in (0, 1], got 1.5"),
+    ("top_k=-1", "top_k must be >= 0, got -1"),
+    ("tau=0", "tau must be in (0, 1], got 0.0"),
+    ("eval_k=0", "eval_k must be >= 1, got 0"),
+    ("reflection_max_tokens=0", "reflection_max_tokens must be >= 1, got 0"),
+    ("temperature=.nan", "temperature must be > 0 (the trainer takes log-probs at the sampling temperature), got nan"),
+    ("trainer.keep_last_checkpoints=-1",
+     "invalid config section 'trainer': TrainerConfig.keep_last_checkpoints must be >= 0, got -1"),
+    ("trainer.micro_batch_tokens=0",
+     "invalid config section 'trainer': TrainerConfig.micro_batch_tokens must be >= 1, got 0"),
+    ("trainer.mini_batch_size=0",
+     "invalid config section 'trainer': TrainerConfig.mini_batch_size must be >= 1 or null, got 0"),
+    ("trainer.lr=.nan", "invalid config section 'trainer': TrainerConfig.lr must be > 0, got nan"),
+    ("prompt.dev_size=0", "invalid config section 'prompt': PromptPhaseConfig.dev_size must be >= 1, got 0"),
+    ("prompt.solved_threshold=1.5",
+     "invalid config section 'prompt': PromptPhaseConfig.solved_threshold must be in (0, 1], got 1.5"),
+    ("data.train_limit=0", "invalid config section 'data': DataConfig.train_limit must be >= 1 or null, got 0"),
+    ("local.max_batch_size=0", "invalid config section 'local': LocalOptions.max_batch_size must be >= 1, got 0"),
+    ("vllm.gpu_memory_utilization=1.2",
+     "invalid config section 'vllm': VLLMOptions.gpu_memory_utilization must be in (0, 1], got 1.2"),
+    ("vllm.reference={port: 0}",
+     "invalid config section 'vllm.reference': VLLMOptions.port must be in [1, 65535] or null, got 0"),
+])
+def test_numeric_ranges_are_checked_when_the_config_is_built(override, message):
+    with pytest.raises(ConfigError) as info:
+        P2OConfig.load(None, parse_overrides([override]))
+    assert str(info.value) == message
+
+
+# Numeric fields whose check is not a plain range: cross-field (validate()) or any value meaningful.
+OWN_CHECKS = {"P2OConfig.k", "P2OConfig.temperature", "P2OConfig.plain_per_group",
+              "TrainerConfig.max_grad_norm", "TrainerConfig.template_ratio_bounds", "PromptPhaseConfig.budget"}
+
+
+def test_every_numeric_knob_declares_its_range():
+    import dataclasses
+    import typing
+
+    from dspy_p2o.config import ENGINE_OPTIONS, DataConfig, PromptPhaseConfig, TrainerConfig
+
+    unchecked = []
+    for cls in (P2OConfig, TrainerConfig, PromptPhaseConfig, DataConfig, *ENGINE_OPTIONS.values()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+            if kinds & {int, float} and f.metadata.get("check") is None and f"{cls.__name__}.{f.name}" not in OWN_CHECKS:
+                unchecked.append(f"{cls.__name__}.{f.name}")
+    assert unchecked == []
