@@ -21,6 +21,7 @@ change means on resume); each error is one ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import re
@@ -573,22 +574,53 @@ def resolve_key(key: str) -> list[str]:
         return key.split(".")
     matches = [path for path in _field_paths(P2OConfig) if path[-1] == key]
     if not matches:
-        raise ConfigError(f"unknown config key {key!r}")
+        raise ConfigError(unknown_keys([key]))
     if len(matches) > 1:
         options = ", ".join(".".join(m) for m in matches)
         raise ConfigError(f"config key {key!r} is ambiguous; use one of: {options}")
     return matches[0]
 
 
-def _field_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[list[str]]:
+def unknown_keys(keys: list[str], root: type = P2OConfig) -> str:
+    """The error for keys the schema lacks, each with its closest field (difflib) when there is
+    one: `unknown config key 'trainer.lrr'; did you mean 'trainer.lr'?`. A key is compared with
+    the fields of its own section (a bare name: with every field's name)."""
+    by_name: dict[str, list[str]] = {}
+    for path in _field_paths(root):
+        by_name.setdefault(path[-1], []).append(".".join(path))
+    for f in dataclasses.fields(root):  # a misspelt section ("trainr") is a bare name too
+        by_name.setdefault(f.name, [f.name])
+    named = []
+    for key in keys:
+        hint = " or ".join(repr(c) for c in _closest(key, root, by_name))
+        named.append(f"{key!r}" + (f" (did you mean {hint}?)" if hint and len(keys) > 1 else
+                                   f"; did you mean {hint}?" if hint else ""))
+    return f"unknown config key{'s' if len(keys) > 1 else ''} {', '.join(named)}"
+
+
+def _closest(key: str, root: type, by_name: dict[str, list[str]]) -> list[str]:
+    section, _, name = key.rpartition(".")
+    if not section:
+        close = difflib.get_close_matches(name, list(by_name), n=1)
+        return close if not close or len(by_name[close[0]]) == 1 else by_name[close[0]]
+    siblings = [p[-1] for p in _field_paths(root, optional_sections=True) if ".".join(p[:-1]) == section]
+    return [f"{section}.{match}" for match in difflib.get_close_matches(name, siblings, n=1)]
+
+
+def _field_paths(cls: type, prefix: tuple[str, ...] = (), *, optional_sections: bool = False,
+                 _within: tuple[type, ...] = ()) -> list[list[str]]:
+    """Every leaf field's path; `optional_sections` descends into `X | None` sections too
+    (vllm.reference), once: a section of a type already on its path is a leaf."""
     paths = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        sub = hints[f.name]
-        if dataclasses.is_dataclass(sub):
-            paths.extend(_field_paths(sub, prefix + (f.name,)))
-        else:
+        hint = hints[f.name]
+        section = _section_type(hint) if optional_sections or dataclasses.is_dataclass(hint) else None
+        if section is None or section in _within:
             paths.append(list(prefix + (f.name,)))
+        else:
+            paths.extend(_field_paths(section, prefix + (f.name,), optional_sections=optional_sections,
+                                      _within=_within + (cls,)))
     return paths
 
 
@@ -636,13 +668,14 @@ def _config_error(exc: ValidationError, root: type = P2OConfig) -> ConfigError:
     errors = exc.errors()
     unknown = [_key(e["loc"], root) for e in errors if e["type"] == "unexpected_keyword_argument"]
     if unknown:
-        return ConfigError(f"unknown config key(s) {', '.join(unknown)}")
+        return ConfigError(unknown_keys(unknown, root))
     first = errors[0]
     key, value = _key(first["loc"], root), first["input"]
     if first["type"] == "value_error":  # a dataclass's own check (__post_init__)
         error = first["ctx"]["error"]
-        return error if isinstance(error, ConfigError) else ConfigError(
-            f"invalid config section {key or 'top level'!r}: {error}")
+        if isinstance(error, ConfigError) or not key:  # the root's own check names its field already
+            return ConfigError(str(error))
+        return ConfigError(f"invalid config section {key!r}: {error}")
     if first["type"] == "dataclass_type":
         return ConfigError(f"config section {key or 'top level'!r} must be a mapping, got {type(value).__name__}")
     expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in errors

@@ -61,7 +61,7 @@ def test_a_moved_key_names_its_new_home(key):
     ("trackers=[3]", "config key 'trackers' must be a string, got 3"),
     ("trainer.lr=-1", "invalid config section 'trainer': TrainerConfig.lr must be > 0, got -1.0"),
     ("method=ppo", "method must be one of p2o, grpo, got 'ppo'"),
-    ("trainer.lrr=1", "unknown config key(s) trainer.lrr"),
+    ("trainer.lrr=1", "unknown config key 'trainer.lrr'; did you mean 'trainer.lr'?"),
 ])
 def test_a_bad_value_is_one_error_naming_its_key(override, message):
     with pytest.raises(ConfigError) as info:
@@ -175,3 +175,26 @@ def test_every_numeric_knob_declares_its_range():
             if kinds & {int, float} and f.metadata.get("check") is None and f"{cls.__name__}.{f.name}" not in OWN_CHECKS:
                 unchecked.append(f"{cls.__name__}.{f.name}")
     assert unchecked == []
+
+
+@pytest.mark.parametrize("source, overrides, message", [
+    (None, ["lrr=1e-5"], "unknown config key 'lrr'; did you mean 'lr'?"),
+    (None, ["epochz=2"], "unknown config key 'epochz'; did you mean 'epochs'?"),
+    (None, ["dtyp=bf16"], "unknown config key 'dtyp'; did you mean 'trainer.dtype' or 'local.dtype' or 'vllm.dtype'?"),
+    (None, ["vllm.reference.urll=x"], "unknown config key 'vllm.reference.urll'; did you mean 'vllm.reference.url'?"),
+    (None, ["trainer.zzzz=1"], "unknown config key 'trainer.zzzz'"),  # nothing close: no guess
+    ({"trainr": {"lr": 1e-5}}, [], "unknown config key 'trainr'; did you mean 'trainer'?"),
+    ({"trainer": {"lrr": 1, "betta": 2}}, [],
+     "unknown config keys 'trainer.lrr' (did you mean 'trainer.lr'?), 'trainer.betta' (did you mean 'trainer.beta'?)"),
+])
+def test_an_unknown_key_suggests_the_closest_field(source, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        P2OConfig.load(source, parse_overrides(overrides))
+    assert str(info.value) == message
+
+
+def test_an_unknown_key_in_a_yaml_file_suggests_the_closest_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 1\ntrainer:\n  lrr: 1.0e-5\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trainer.lrr'; did you mean 'trainer.lr'\?$"):
+        P2OConfig.load(path)
