@@ -116,7 +116,8 @@ def test_an_engine_section_change_is_accepted_on_resume_and_a_trainer_change_ref
     assert run.check(first, identity) is False
     run.start(first, identity, resuming=False)
     run.save_state({"epoch": 0})
-    moved = P2OConfig.load(first, {"vllm.url": "http://127.0.0.1:9000", "vllm.max_concurrency": 8, "local.dtype": "bf16"})
+    moved = P2OConfig.load(first, {"vllm.url": "http://127.0.0.1:9000", "vllm.max_concurrency": 8,
+                                   "local.dtype": "bf16"})
     assert run.check(moved, identity) is True
     assert run._accepted == {"vllm.url": ("http://127.0.0.1:8000", "http://127.0.0.1:9000"),
                              "vllm.max_concurrency": (64, 8), "local.dtype": (None, "bf16")}
@@ -172,8 +173,9 @@ def test_every_numeric_knob_declares_its_range():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
-            if kinds & {int, float} and f.metadata.get("check") is None and f"{cls.__name__}.{f.name}" not in OWN_CHECKS:
-                unchecked.append(f"{cls.__name__}.{f.name}")
+            name = f"{cls.__name__}.{f.name}"
+            if kinds & {int, float} and f.metadata.get("check") is None and name not in OWN_CHECKS:
+                unchecked.append(name)
     assert unchecked == []
 
 

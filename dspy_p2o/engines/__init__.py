@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from dspy_p2o.engines.base import Engine
 
 _LAZY = {"Completion": "base", "Engine": "base", "GenerationOutput": "base", "SamplingParams": "base",
-         "LocalEngine": "local"}
+         "SyncReport": "base", "LocalEngine": "local"}
 
 
 def __getattr__(name: str) -> Any:  # torch and dspy load on first use (the vLLM launcher needs neither)
@@ -65,5 +65,5 @@ def make_reference_engine(config: "P2OConfig", model: Any) -> "Engine":
     return open_engine(config.engine, model, config.engine_options)
 
 
-__all__ = ["Completion", "Engine", "ENGINE_KINDS", "GenerationOutput", "LocalEngine", "SamplingParams", "make_engine",
-           "make_reference_engine", "open_engine"]
+__all__ = ["Completion", "Engine", "ENGINE_KINDS", "GenerationOutput", "LocalEngine", "SamplingParams", "SyncReport",
+           "make_engine", "make_reference_engine", "open_engine"]

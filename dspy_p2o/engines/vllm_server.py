@@ -11,7 +11,7 @@ to a log file whose tail is put into every startup error.
 The API key travels in the server's environment (`VLLM_API_KEY`), never on its command
 line (`ps` shows argv to every user). vLLM's key guards the OpenAI routes (/v1/...) only,
 NOT the dev routes (/collective_rpc, /pause, /resume, /reset_prefix_cache), so a dev-mode
-server binds to loopback; another host is refused unless `allow_remote_dev_routes=True`.
+server binds to loopback; another host is refused unless `allow_remote_dev_routes` is set.
 
 On a machine without CUDA (vLLM's CPU build) the defaults follow the CPU: `dtype="auto"`
 becomes float32 (vLLM's auto picks bfloat16 on CPU: log-probs off by ~1e-3), the KV cache

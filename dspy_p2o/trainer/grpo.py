@@ -408,7 +408,7 @@ class GRPOTrainer:
             return 0.0
         start = time.perf_counter()
         report = self.engine.sync_weights(self.model)
-        diff = getattr(report, "logprob_diff", None)
+        diff = report.logprob_diff
         if diff is not None:
             self.sync_diffs.append(diff)
         return time.perf_counter() - start
