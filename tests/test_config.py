@@ -13,19 +13,14 @@ from dspy_p2o.run_dir import config_changes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_config_module_and_train_help_import_no_torch_dspy_or_gepa():
-    code = ("import sys, dspy_p2o.config, dspy_p2o.train_cli; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dspy', 'gepa', 'transformers'}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
-
-
-def test_run_dir_and_checkpoint_layout_import_no_torch():
-    """The run directory finds checkpoints through the torch-free layout module, not the trainer."""
-    code = ("import sys, dspy_p2o.run_dir, dspy_p2o.checkpoints; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dspy', 'transformers'}))")
+@pytest.mark.parametrize("modules, heavy", [
+    (("dspy_p2o.config", "dspy_p2o.train_cli"), {"torch", "dspy", "gepa", "transformers"}),
+    # the run directory finds checkpoints through the torch-free layout module, not the trainer
+    (("dspy_p2o.run_dir", "dspy_p2o.checkpoints"), {"torch", "dspy", "transformers"}),
+])
+def test_config_module_and_train_help_import_no_torch_dspy_or_gepa(modules, heavy):
+    code = (f"import sys, {', '.join(modules)}; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy)!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert done.returncode == 0, done.stderr
