@@ -388,6 +388,10 @@ class P2OConfig:
     top_p: float = knob(1.0, check=FRACTION)
     top_k: int = knob(0, check=NON_NEGATIVE)
     max_tokens: int = knob(12288, resume=IDENTITY, check=AT_LEAST_1)  # completion budget per rollout
+    # a question whose prompt + max_tokens exceeds the policy's context: "refuse" (before any work) | "skip"
+    long_prompts: str = "refuse"
+    # program executions rolled out at once (one thread each; rollouts.py)
+    max_concurrent_executions: int = knob(1024, resume=RESUMABLE, check=AT_LEAST_1)
     plain_per_group: int = knob(0, resume=IDENTITY)  # plain (un-templated) rollouts kept in each templated group
     # a question is hard when its mean reward is below tau (default: no success)
     tau: float = knob(1e-9, resume=IDENTITY, check=FRACTION)
@@ -435,6 +439,7 @@ class P2OConfig:
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),
             (0 <= self.plain_per_group < self.k, f"plain_per_group must be in [0, k), got {self.plain_per_group}"),
             (self.hardness_on in ("all", "plain"), f"hardness_on must be 'all' or 'plain', got {self.hardness_on!r}"),
+            (self.long_prompts in ("refuse", "skip"), f"long_prompts must be 'refuse' or 'skip', got {self.long_prompts!r}"),
         ]
         for ok, message in checks:
             if not ok:

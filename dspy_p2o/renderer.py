@@ -67,19 +67,24 @@ def predictors_of(program: dspy.Module) -> list[tuple[str, dspy.Predict]]:
 
 
 def program_input_fields(program: dspy.Module) -> list[str]:
-    """The example fields a program is called with: the named parameters of its `forward`, or, when
-    `forward` takes **kwargs (dspy.Predict, dspy.ChainOfThought), the input fields of its first
-    predictor's signature."""
+    """The example fields a program is called with: the named parameters of its `forward`; when
+    `forward` takes **kwargs, the input fields of the program's own signature (dspy.Predict,
+    dspy.ReAct, dspy.ProgramOfThought) or of its only predictor (dspy.ChainOfThought). Otherwise
+    a one-line error: the inputs cannot be known."""
     import inspect
 
     params = list(inspect.signature(type(program).forward).parameters.values())[1:]  # without self
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if names or not any(p.kind == p.VAR_KEYWORD for p in params):
         return names
-    named = predictors_of(program) or ([("self", program)] if isinstance(program, dspy.Predict) else [])
-    if not named:
-        raise ValueError(f"{type(program).__name__} has no predictor")
-    return list(named[0][1].signature.input_fields)
+    signature = getattr(program, "signature", None)
+    if isinstance(signature, type) and issubclass(signature, dspy.Signature):
+        return list(signature.input_fields)
+    named = predictors_of(program)
+    if len(named) == 1:
+        return list(named[0][1].signature.input_fields)
+    raise ValueError(f"{type(program).__name__}.forward takes **kwargs and the program has no signature, so its "
+                     "inputs cannot be known; give forward named parameters (def forward(self, question): ...)")
 
 
 _NON_TEXT_TYPES = ("Image", "Audio", "File")  # DSPy types an adapter formats as non-text message parts
@@ -200,3 +205,10 @@ class Renderer:
         if fields is None:
             return dspy.Prediction(**{name: None for name in self.signature.output_fields})
         return dspy.Prediction(**fields)
+
+
+def program_renderers(program: dspy.Module, tokenizer: Any, adapter: dspy.Adapter | None = None,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> dict[str, "Renderer"]:
+    """One Renderer per predictor of `program`, by its name (`named_predictors()`)."""
+    return {name: Renderer(pred, tokenizer, adapter=adapter, chat_template_kwargs=chat_template_kwargs, name=name)
+            for name, pred in predictors_of(program)}

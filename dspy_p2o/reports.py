@@ -87,9 +87,10 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
     templates = [distinct[key] for key in sorted(distinct)]
     if templates:
         lines += ["", f"## Templates assigned for the next epoch ({len(assignments)} questions)", ""]
-        for i, z in enumerate(templates[:10]):  # a compound program's template: one instruction per predictor
-            lines += [f"{i + 1}. {z!r}"] if isinstance(z, str) else \
-                [f"{i + 1}. candidate program:"] + [f"   - `{name}`: {text!r}" for name, text in z.items()]
+        for i, z in enumerate(templates[:10]):  # a template: each predictor's instruction (and demos)
+            lines += [f"{i + 1}. candidate program:"] + [
+                f"   - `{name}`: {part['instruction']!r}" + (f" with {len(part['demos'])} demos" if "demos" in part else "")
+                for name, part in z.items()]
     lines += ["", "Plots: `plots/training.png`, `plots/hard.png`, `plots/templates.png`. "
               "Per-step metrics: `metrics.jsonl`. Templates and scores per epoch: `templates/`."]
     (run.path / "summary.md").write_text("\n".join(lines) + "\n")

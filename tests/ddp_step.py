@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dspy_p2o.loop import shard
+from dspy_p2o.collectives import shard
 from dspy_p2o.rollouts import Rollout
 from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 

@@ -13,6 +13,8 @@ from dspy_p2o.prompt_phase.gepa_phase import (
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
 from prompt_phase_fixtures import (DOUBLE, TRIPLE, build_policy, hard_examples, make_program, metric, question,
                                    scripted_reflection_lm)
+from dspy_p2o.template import Template
+from rollout_helpers import instruction
 from two_step_gepa_fixtures import PLAN, SOLVE, TwoStep, scripted_student_lm
 
 
@@ -68,7 +70,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
     assert out.ran, out.reason
     # the reflection LM saw the policy's failures with their feedback and proposed from it
     assert script.requests and any("the double of" in r or "the triple of" in r for r in script.requests)
-    by_template = {p["template"]: p for p in out.pool if p["duplicate_of"] is None}
+    by_template = {instruction(p["template"]): p for p in out.pool if p["duplicate_of"] is None}
     assert out.pool[0]["parent"] is None and out.pool[0]["mean_dev_score"] == 0.0  # the seed solves nothing
     assert DOUBLE in by_template and TRIPLE in by_template, list(by_template)
     kind = {ex.id: ex.factor for ex in examples}
@@ -80,13 +82,14 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
     # every hard question, dev and train alike, gets K copies of the template that solves it
     assert sorted(out.assignments) == sorted(kind)
     for qid, templates in out.assignments.items():
-        assert templates == [DOUBLE if kind[qid] == 2 else TRIPLE] * 3
+        assert [instruction(z) for z in templates] == [DOUBLE if kind[qid] == 2 else TRIPLE] * 3
     cost = out.cost
     assert 0 < cost["metric_calls_gepa"] <= 80 + 2 * 3 * 2 + 2 * 6  # one round may overrun the budget
     assert cost["reflection_lm"]["calls"] == len(script.requests)
     assert cost["student_lm"]["calls"] == cost["metric_calls_gepa"] + cost["metric_calls_hard_train"]
     saved = json.loads((tmp_path / RESULT_FILE).read_text())
-    assert saved["assignments"] == out.assignments and DOUBLE in [p["template"] for p in saved["pool"]]
+    assert saved["assignments"] == out.to_json()["assignments"] and DOUBLE in [instruction(p["template"])
+                                                                                for p in saved["pool"]]
 
     # rerun: the finished phase is loaded, nothing runs
     again = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
@@ -197,27 +200,29 @@ def test_compound_program_evolves_templates_per_predictor_and_assigns_them(tmp_p
                            config=small_config(budget="light"), k=3, log_dir=tmp_path, epoch=1)
     assert out.ran, out.reason
     assert budgets == [("light", len(out.dev_ids), 2)]
-    assert seed == {PLAN: TwoStep().plan.signature.instructions, SOLVE: TwoStep().solve.signature.instructions}
+    assert seed.instructions() == {PLAN: TwoStep().plan.signature.instructions,
+                                   SOLVE: TwoStep().solve.signature.instructions}
     assert {PLAN, SOLVE} <= set(engine.calls)
     # round-robin: the reflection LM was asked about the solve predictor too (its seed instruction)
-    assert any(seed[SOLVE] in r for r in script.requests) and any(seed[PLAN] in r for r in script.requests)
+    assert any(seed[SOLVE].instruction in r for r in script.requests) and any(seed[PLAN].instruction in r
+                                                                              for r in script.requests)
     assert all(list(p["template"]) == [PLAN, SOLVE] for p in out.pool)
-    assert out.pool[0]["template"] == seed and out.pool[0]["changed"] == [] and out.pool[0]["mean_dev_score"] == 0.0
-    by_plan = {p["template"][PLAN]: p for p in out.pool if p["duplicate_of"] is None}
+    assert out.pool[0]["template"] == seed.to_json() and out.pool[0]["changed"] == [] and out.pool[0]["mean_dev_score"] == 0.0
+    by_plan = {p["template"][PLAN]["instruction"]: p for p in out.pool if p["duplicate_of"] is None}
     assert DOUBLE in by_plan and TRIPLE in by_plan, list(by_plan)
     kind = {ex.id: ex.factor for ex in examples}
     for instruction, factor in ((DOUBLE, 2), (TRIPLE, 3)):
         entry = by_plan[instruction]
-        assert entry["template"] == {PLAN: instruction, SOLVE: seed[SOLVE]} and entry["changed"] == [PLAN]
+        assert entry["template"] == Template({PLAN: instruction, SOLVE: seed[SOLVE]}).to_json() and entry["changed"] == [PLAN]
         assert entry["on_front"] and entry["in_cover"] and entry["parent"] is not None
         assert [s == 1.0 for s in out.scores[entry["index"]]] == [kind[i] == factor for i in out.dev_ids]
     # every hard question, dev and train alike, gets K copies of the candidate program that solves it
     assert sorted(out.assignments) == sorted(kind)
     for qid, templates in out.assignments.items():
-        assert templates == [{PLAN: DOUBLE if kind[qid] == 2 else TRIPLE, SOLVE: seed[SOLVE]}] * 3
+        assert templates == [Template({PLAN: DOUBLE if kind[qid] == 2 else TRIPLE, SOLVE: seed[SOLVE]})] * 3
     assert out.cost["templates_assigned"] == 2 and out.cost["metric_calls_hard_train"] > 0
     saved = json.loads((tmp_path / RESULT_FILE).read_text())
-    assert saved["assignments"] == out.assignments and saved["pool"] == out.pool
+    assert saved["assignments"] == out.to_json()["assignments"] and saved["pool"] == out.pool
     again = run_prompt_phase(TwoStep(), examples, student_lm=student, reflection_lm=reflection, metric=metric,
                              config=small_config(budget="light"), k=3, log_dir=tmp_path, epoch=1)
     assert again.assignments == out.assignments and "loaded_from" in again.cost
@@ -235,7 +240,8 @@ def test_every_predictor_evolves_and_merge_stays_off(tmp_path):
     assert out.ran and not PromptPhaseConfig().use_merge
     cover = {tuple(p["changed"]): p["template"] for p in out.pool if p["in_cover"]}
     seed = template_of(TwoStep())
-    assert cover[(PLAN,)] == {PLAN: DOUBLE, SOLVE: seed[SOLVE]} and cover[(SOLVE,)] == {PLAN: seed[PLAN], SOLVE: TRIPLE}
+    assert cover[(PLAN,)] == Template({PLAN: DOUBLE, SOLVE: seed[SOLVE]}).to_json()
+    assert cover[(SOLVE,)] == Template({PLAN: seed[PLAN], SOLVE: TRIPLE}).to_json()
     with pytest.raises(ValueError, match="Total of weights must be greater than zero"):
         run_prompt_phase(TwoStep(), hard_examples(), student_lm=student, reflection_lm=reflection, metric=metric,
                          config=small_config(use_merge=True), k=3, log_dir=tmp_path / "merge")
@@ -244,22 +250,24 @@ def test_every_predictor_evolves_and_merge_stays_off(tmp_path):
 def test_program_with_sets_every_predictor_and_rejects_a_template_that_does_not_fit():
     program = TwoStep()
     program.plan.lm = program.solve.lm = scripted_student_lm()[0]  # its own LM: replaced by the context's
-    template = {PLAN: DOUBLE, SOLVE: TRIPLE}
+    template = Template({PLAN: DOUBLE, SOLVE: TRIPLE})
     prog = program_with(program, template)
     assert template_of(prog) == template and prog.plan.lm is None and prog.solve.lm is None
     assert template_of(program) != template and program.plan.lm is not None  # the program itself is untouched
     student, _ = scripted_student_lm()
     with dspy.context(lm=student):
-        assert program_with(program, {PLAN: DOUBLE, SOLVE: "Answer."})(question=question(5)).answer == "2"
+        assert program_with(program, Template({PLAN: DOUBLE, SOLVE: "Answer."}))(question=question(5)).answer == "2"
     with pytest.raises(ValueError, match=r"missing \['solve'\], unknown \[\]"):
-        program_with(program, {PLAN: DOUBLE})
+        program_with(program, Template({PLAN: DOUBLE}))
     with pytest.raises(ValueError, match=r"missing \[\], unknown \['critic'\]"):
-        program_with(program, {**template, "critic": "Check."})
-    with pytest.raises(ValueError, match="a str template fits a one-predictor program; TwoStep has 2 predictors"):
+        program_with(program, Template({**template, "critic": "Check."}))
+    with pytest.raises(ValueError, match="a template is a dspy_p2o.template.Template, got str"):
         program_with(program, DOUBLE)
-    # a one-predictor program keeps str templates
-    single = program_with(make_program(), DOUBLE)
-    assert template_of(single) == DOUBLE and single.lm is None
+    # one predictor or several: the same template type
+    single_program = make_program()
+    (name, _), = single_program.named_predictors()
+    single = program_with(single_program, Template({name: DOUBLE}))
+    assert template_of(single) == Template({name: DOUBLE}) and single.lm is None
 
 
 def test_the_proposer_reads_each_predictors_reply_on_its_own():

@@ -9,8 +9,8 @@ from dspy_p2o.loop_state import LoopState
 
 
 def test_loop_state_round_trips_through_state_json(tmp_path):
-    state = LoopState(epoch=1, phase="prompt", batch=3, rewards={"q1": [0.0, 1.0]}, assignments={"q1": ["z1", "z2"]},
-                      templated_stats={"0": {"templated": [[1.0]], "plain": [[0.0]]}},
+    state = LoopState(epoch=1, phase="prompt", batch=3, rewards={"q1": [0.0, 1.0]}, templated={"q1": [True, False]},
+                      assignments={"q1": [{"self": {"instruction": "z1"}}, {"self": {"instruction": "z2"}}]},
                       history=[{"epoch": 1, "step": 4}], checkpoint="ckpt/checkpoint-4", checkpoint_step=4,
                       hard_count=2, done=False)
     write_json(tmp_path / "state.json", state.to_json())
@@ -25,4 +25,4 @@ def test_loop_state_refuses_unknown_fields_and_phases():
 
 
 def test_loop_state_drops_retired_fields_so_older_runs_resume():
-    assert LoopState.from_json({"epoch": 1, "sync_s": 0.5}) == LoopState(epoch=1)
+    assert LoopState.from_json({"epoch": 1, "sync_s": 0.5, "templated_stats": {}}) == LoopState(epoch=1)

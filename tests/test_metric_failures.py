@@ -11,7 +11,7 @@ from dspy_p2o.rewards import MetricError
 from loop_fixtures import sum_examples, tiny_overrides
 from safety_fixtures import EveryOtherFails, always_failing_metric, five_point_metric
 
-SETTINGS = dict(epochs=1, batch_size=4, k=2, method="grpo", max_tokens=8)
+SETTINGS = dict(epochs=1, batch_size=4, k=2, method="grpo", max_tokens=32, temperature=0.05)  # outputs that parse
 
 
 def _compile(run_dir, policy, metric):
@@ -19,21 +19,21 @@ def _compile(run_dir, policy, metric):
                             policy=policy, run_dir=run_dir, **tiny_overrides(**SETTINGS))
 
 
-def test_a_metric_failing_on_every_call_of_a_batch_aborts_the_run(tmp_path, tiny_model_dir):
+def test_a_metric_failing_on_every_call_of_a_batch_aborts_the_run(tmp_path, format_model_dir):
     with pytest.raises(MetricError, match=r"failed on all 8 rollouts of batch 1 \(epoch 1\); the last error: "
                                           r"KeyError: 'gold_answer'"):
-        _compile(tmp_path / "run", tiny_model_dir, always_failing_metric)
+        _compile(tmp_path / "run", format_model_dir, always_failing_metric)
     assert not (tmp_path / "run" / "state.json").exists()
 
 
-def test_a_score_outside_zero_one_is_refused(tmp_path, tiny_model_dir):
+def test_a_score_outside_zero_one_is_refused(tmp_path, format_model_dir):
     with pytest.raises(MetricError, match=r"returned the score 5; scores must be in \[0, 1\]"):
-        _compile(tmp_path / "run", tiny_model_dir, five_point_metric)
+        _compile(tmp_path / "run", format_model_dir, five_point_metric)
 
 
-def test_metric_failures_are_counted_per_batch_and_in_the_summary(tmp_path, tiny_model_dir):
+def test_metric_failures_are_counted_per_batch_and_in_the_summary(tmp_path, format_model_dir):
     run_dir = tmp_path / "run"
-    result = _compile(run_dir, tiny_model_dir, EveryOtherFails())
+    result = _compile(run_dir, format_model_dir, EveryOtherFails())
     batch = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                  if "train/reward_mean" in r)
     assert batch["train/metric_failures"] == 4  # 8 calls, every second one raised

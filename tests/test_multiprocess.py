@@ -43,7 +43,7 @@ def _run(cmd, timeout=400, **env) -> subprocess.CompletedProcess:
 
 
 def test_shard_gives_each_rank_a_contiguous_near_equal_share():
-    from dspy_p2o.loop import shard
+    from dspy_p2o.collectives import shard
 
     for n in range(0, 9):
         items = list(range(n))

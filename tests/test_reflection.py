@@ -119,7 +119,7 @@ def test_the_loop_releases_the_pi_init_engine_when_it_ends(tmp_path, tiny_model_
                                    **tiny_overrides(epochs=1, method="grpo")})
     loop = P2OLoop(dspy.ChainOfThought("question -> answer"), sum_examples(4, 0, "train"), metric=closeness_metric,
                    policy=str(tiny_model_dir), config=config, run_dir=tmp_path / "run")
-    lm = loop.reflection_lm()
+    lm = loop.resources.reflection_lm()
     lm("Propose an instruction.")  # GEPA's first reflection builds pi_init
     pi_init = lm._engine_spec.engine
     assert pi_init is not None

@@ -163,17 +163,18 @@ def test_mini_batches_step_and_sync_a_separate_engine(trainer_model_dir):
     from dspy_p2o.engines import LocalEngine
 
     engine = LocalEngine(trainer_model_dir)
-    config = TrainerConfig(lr=1e-3, mini_batch_size=2, sync="epoch")
-    trainer = GRPOTrainer(trainer_model_dir, config=config, engine=engine)
+    config = TrainerConfig(lr=1e-3, mini_batch_size=2)
+    trainer = GRPOTrainer(trainer_model_dir, config=config)
     name, param = next(iter(trainer.model.named_parameters()))
-    metrics = trainer.train_on(_batch(n_groups=3))
+    metrics = trainer.train_on(_batch(n_groups=3))  # no after_step: the engine is not synced (sync="epoch")
     assert trainer.global_step == 2 and metrics["steps"] == 2  # 3 questions, 2 per step
     served = dict(engine.model.named_parameters())[name]
     assert not torch.equal(served, param)  # sync="epoch": not yet
-    assert trainer.sync_engine() >= 0 and torch.equal(served, param)
-    trainer.config.sync = "step"
-    trainer.train_on(_batch(n_groups=1))
+    engine.sync_weights(trainer.model)
     assert torch.equal(served, param)
+    synced = []  # sync="step": after every optimiser step
+    trainer.train_on(_batch(n_groups=3), after_step=lambda: synced.append(engine.sync_weights(trainer.model)))
+    assert len(synced) == 2 and torch.equal(served, param)
 
 
 def test_updates_per_batch_reuses_the_rollouts_off_policy(trainer_model_dir):
@@ -193,11 +194,10 @@ def test_shared_module_engine_sees_updates_and_metrics_are_reported(trainer_mode
     trainer = GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3, tis_cap=2.0, beta=0.05,
                                                                  template_ratio_bounds=(0.999, 1.001)))
     engine = LocalEngine(trainer.model, trainer.tokenizer)
-    trainer.engine = engine
-    metrics = trainer.train_on(_batch())
+    metrics = trainer.train_on(_batch(), after_step=lambda: engine.sync_weights(trainer.model))
     for key in ("reward_mean", "zero_std_group_frac", "completion_len_mean", "clip_frac_low", "clip_frac_high",
                 "template_log_ratio_mean", "template_masked_frac", "logprob_diff_plain_abs_mean", "grad_norm", "lr",
-                "tokens_per_s", "time_train", "time_sync", "kl"):
+                "tokens_per_s", "time_train", "kl"):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     assert metrics["template_masked_frac"] > 0.5  # bounds this tight mask most distilled tokens
     out = engine.generate([[11, 12, 13]], n=2, max_tokens=3, seed=0)  # sampling restores training mode

@@ -12,7 +12,8 @@ from dspy_p2o.toyworld.policy import PolicyConfig, target_rule
 from dspy_p2o.toyworld.task import RULES, apply_rule, build_world, make_instruction, parse_instruction, parse_question
 from dspy_p2o.toyworld.two_step import (APPLY_INSTRUCTION, NAME_INSTRUCTION, TWO_STEP_POLICY, TwoStepProgram,
                                         apply_samples, build_tokenizer, encode_calls, name_samples,
-                                        program_accuracy, renderers_for, two_step_key)
+                                        renderers_for, step_one_template, two_step_key)
+from dspy_p2o.toyworld.task import greedy_accuracy
 
 SMALL = PolicyConfig(corpus_size=60, num_samples=300, execution_samples=300)
 
@@ -123,12 +124,15 @@ class ScriptedPolicy:
 def test_hard_questions_need_the_right_step_one_instruction(world, tokenizer):
     engine = ScriptedPolicy(world, tokenizer)
     hard, easy = world.split("test", "hard"), world.split("test", "easy")
-    assert program_accuracy(engine, hard, max_tokens=12) == 0.0
-    assert program_accuracy(engine, easy, max_tokens=12) == 1.0
-    oracle = program_accuracy(engine, hard, max_tokens=12, name_instruction=lambda e: world.oracle_instruction(e.tag))
+    program = TwoStepProgram()
+    assert greedy_accuracy(engine, program, hard, max_tokens=12) == 0.0
+    assert greedy_accuracy(engine, program, easy, max_tokens=12) == 1.0
+    oracle = greedy_accuracy(engine, program, hard, max_tokens=12,
+                             template=lambda e: step_one_template(world.oracle_instruction(e.tag)))
     assert oracle == 1.0
     wrong = next(r for r in RULES if r not in world.hard_rules.values() and r not in world.beliefs.values())
-    assert program_accuracy(engine, hard, max_tokens=12, name_instruction=lambda e: make_instruction(wrong)) == 0.0
+    assert greedy_accuracy(engine, program, hard, max_tokens=12,
+                           template=lambda e: step_one_template(make_instruction(wrong))) == 0.0
 
 
 def test_the_cache_key_is_its_own_and_follows_the_world_and_config(world):

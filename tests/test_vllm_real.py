@@ -92,10 +92,9 @@ def test_real_server_rollouts_with_n_match_a_float32_forward_pass(engine, vllm_f
 def test_a_compound_program_rolls_out_through_the_real_server(engine, vllm_format_model_dir):
     """Two chained predictors per execution: the real server samples each round of calls, and every
     call's behaviour log-probs equal a float32 forward pass on the prompt it was sampled from."""
-    from dspy_p2o.program_rollouts import collect_program_rollouts
     from dspy_p2o.renderer import Renderer
-    from dspy_p2o.rollouts import make_reward_fn
     from loop_fixtures import closeness_metric, sum_examples
+    from rollout_helpers import collect
 
     class Twice(dspy.Module):
         def __init__(self):
@@ -113,14 +112,13 @@ def test_a_compound_program_rolls_out_through_the_real_server(engine, vllm_forma
                  for name, p in program.named_predictors()}
     template = {"first.predict": "Add the two numbers.", "second.predict": program.second.predict.signature.instructions}
     examples = sum_examples(3, 1, "c")
-    rollouts = collect_program_rollouts(engine, program, renderers, examples, make_reward_fn(None, closeness_metric),
-                                        k=2, temperature=0.8, max_tokens=48, seed=5,
-                                        assignments={"c/0": [template]}, plain_per_group=1, progress=False)
+    rollouts = collect(engine, program, examples, closeness_metric, k=2, temperature=0.8, max_tokens=48, seed=5,
+                       assignments={"c/0": [template]}, plain_per_group=1, renderers=renderers)
     assert [r.example_id for r in rollouts] == ["c/0", "c/0", "c/1", "c/1", "c/2", "c/2"]
     assert any([c.predictor for c in r.calls] == ["first.predict", "second.predict"] for r in rollouts)
     first = rollouts[0].calls[0]  # sampled under the template, trained on the original render
     x = renderers["first.predict"].render({"question": examples[0].question})
-    assert first.template == "Add the two numbers." and first.prompt_ids == x.token_ids
+    assert first.template.instruction == "Add the two numbers." and first.prompt_ids == x.token_ids
     assert first.sampled_prompt_ids == renderers["first.predict"].render(
         {"question": examples[0].question}, instruction="Add the two numbers.").token_ids
     model = _load(vllm_format_model_dir)

@@ -80,6 +80,8 @@ class Engine(abc.ABC):
     tokenizer: Any
     #: a short name for logs and the DSPy model string
     name: str = "policy"
+    #: the most tokens (prompt + completion) one sequence may hold; None when unknown
+    context_length: int | None = None
 
     def generate(
         self,

@@ -76,6 +76,7 @@ class LocalEngine(Engine):
             self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, resolve_dtype(dtype, self.device))
         self.name = name or Path(str(getattr(self.model, "name_or_path", "") or "policy")).name or "policy"
         self.max_batch_size = max_batch_size
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)  # prompt + completion
         self.eos_ids = eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         # One model, many threads (DSPy calls the LM from a thread pool): one forward at a time.

@@ -70,6 +70,7 @@ class VLLMEngine(Engine):
                                  server=self.server)
         try:
             self.served_model_name, self.max_model_len = self._discover_model()
+            self.context_length = self.max_model_len
         except BaseException:
             self.close()
             raise

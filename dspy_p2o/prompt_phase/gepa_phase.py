@@ -1,11 +1,9 @@
 """Phase 2 of P^2O: evolve templates for the hard set with DSPy's own `dspy.GEPA`.
 
-A *template* is one GEPA candidate program, read by `template_of` and applied by
-`program_with`: for a one-predictor program the instruction string; for a compound program
-(several predictors sharing the student LM) a dict {predictor name: instruction} with one
-entry for every predictor, in `program.named_predictors()` order. The paper's templates are
-single prompts; for a compound program the pool, Pareto front and assignment (Alg. 2/4) work
-on whole candidate programs, so a hard question is rolled out with a consistent set of
+A *template* is one GEPA candidate program (`template.Template`: {predictor name: instruction},
+one entry for every predictor, for one predictor or many alike), read by `template_of` and
+applied by `program_with`. For a compound program the pool, Pareto front and assignment (Alg. 2/4)
+work on whole candidate programs, so a hard question is rolled out with a consistent set of
 instructions for all its predictors.
 
 What GEPA does unchanged: reflective mutation of the predictors' instructions (one predictor
@@ -23,6 +21,8 @@ What P^2O adds:
   failing (the teacher is unreachable: the phase ends with the templates it has);
 - the whole pool, its dev score matrix, the Pareto front, the greedy cover and the K
   templates assigned to every hard question (paper Alg. 2), saved as readable JSON.
+
+Every random choice of the phase is seeded from the phase's one `seed` (`seeds.derive_seed`).
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from dspy_p2o.jsonio import write_json
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, mean_scores, pareto_front, solved_by
 from dspy_p2o.renderer import predictors_of
 from dspy_p2o.rewards import safe_metric
+from dspy_p2o.seeds import derive_seed
+from dspy_p2o.template import Template
 
 logger = logging.getLogger(__name__)
-
-Template = str | dict[str, str]  # one predictor: its instruction; several: {predictor name: instruction}
 
 RESULT_FILE = "prompt_phase.json"
 SPLIT_FILE = "split.json"
@@ -64,7 +64,7 @@ SPLIT_FILE = "split.json"
 class PromptPhaseResult:
     ran: bool
     reason: str
-    assignments: dict[str, list[Template]] = field(default_factory=dict)
+    assignments: dict[str, list[Template]] = field(default_factory=dict)  # JSON: Template.to_json()
     pool: list[dict] = field(default_factory=list)
     dev_ids: list[str] = field(default_factory=list)
     train_ids: list[str] = field(default_factory=list)
@@ -76,11 +76,13 @@ class PromptPhaseResult:
         """Readable: the pool first (people read the evolved templates), then the data."""
         return {"epoch": self.epoch, "ran": self.ran, "reason": self.reason, "cost": self.cost,
                 "pool": self.pool, "dev_ids": self.dev_ids, "train_ids": self.train_ids,
-                "scores": self.scores, "assignments": self.assignments}
+                "scores": self.scores,
+                "assignments": {q: [Template.from_json(z).to_json() for z in zs] for q, zs in self.assignments.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "PromptPhaseResult":
-        return cls(ran=data["ran"], reason=data["reason"], assignments=data["assignments"], pool=data["pool"],
+        assignments = {q: [Template.from_json(z) for z in zs] for q, zs in data["assignments"].items()}
+        return cls(ran=data["ran"], reason=data["reason"], assignments=assignments, pool=data["pool"],
                    dev_ids=data["dev_ids"], train_ids=data.get("train_ids", []), scores=data["scores"],
                    cost=data["cost"], epoch=data.get("epoch", 0))
 
@@ -297,37 +299,27 @@ def _named_predictors(program: dspy.Module) -> list[tuple[str, dspy.Predict]]:
 
 
 def template_of(program: dspy.Module) -> Template:
-    """The template a (candidate) program carries: the instruction of a one-predictor program,
-    else {predictor name: instruction} for every predictor, in `named_predictors()` order."""
-    named = _named_predictors(program)
-    if len(named) == 1:
-        return named[0][1].signature.instructions
-    return {name: pred.signature.instructions for name, pred in named}
+    """The template a (candidate) program carries: every predictor's instruction, in `named_predictors()` order."""
+    return Template.from_candidate({name: pred.signature.instructions for name, pred in _named_predictors(program)})
 
 
 def program_with(program: dspy.Module, template: Template) -> dspy.Module:
-    """A deep copy of `program` with the template's instructions set on its predictors (see
-    `template_of`) and every predictor's `lm` set to None: all of them run on the student LM of
-    the surrounding `dspy.context` (an LM object does not deep-copy). A str template needs a
-    one-predictor program; a dict must name exactly the program's predictors."""
+    """A deep copy of `program` with the template's instructions (and demos, where it sets them) on its
+    predictors and every predictor's `lm` set to None: all of them run on the student LM of the
+    surrounding `dspy.context` (an LM object does not deep-copy). The template must name exactly
+    the program's predictors."""
     names = [name for name, _ in _named_predictors(program)]
-    if isinstance(template, str):
-        if len(names) != 1:
-            raise ValueError(f"a str template fits a one-predictor program; {type(program).__name__} has "
-                             f"{len(names)} predictors ({', '.join(names)}): pass {{predictor name: instruction}}")
-        instructions = {names[0]: template}
-    elif isinstance(template, dict):
-        missing, unknown = [n for n in names if n not in template], [n for n in template if n not in names]
-        if missing or unknown:
-            raise ValueError(f"template does not match {type(program).__name__}'s predictors {names}: "
-                             f"missing {missing}, unknown {unknown}")
-        instructions = template
-    else:
-        raise ValueError(f"a template is a str or a {{predictor name: instruction}} dict, "
-                         f"got {type(template).__name__}")
+    if not isinstance(template, Template):
+        raise ValueError(f"a template is a dspy_p2o.template.Template, got {type(template).__name__}")
+    missing, unknown = [n for n in names if n not in template], [n for n in template if n not in names]
+    if missing or unknown:
+        raise ValueError(f"template does not match {type(program).__name__}'s predictors {names}: "
+                         f"missing {missing}, unknown {unknown}")
     prog = program.deepcopy()
     for name, pred in predictors_of(prog):
-        pred.signature = pred.signature.with_instructions(instructions[name])
+        pred.signature = pred.signature.with_instructions(template[name].instruction)
+        if template[name].demos is not None:
+            pred.demos = [dspy.Example(**d) for d in template[name].demos]
         pred.lm = None
     return prog
 
@@ -358,7 +350,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     preset scales with the number of predictors (GEPA's auto budget).
 
     `k` is the number of templated rollouts per group (the run's k - plain_per_group) and
-    `seed` the phase's seed (the loop passes the run's seed + epoch). `progress` shows the
+    `seed` the phase's seed (the loop derives it from the run's seed and the epoch). `progress` shows the
     phase's live line (metric calls of the budget; dspy_p2o.display).
 
     Resumable: a finished phase in `log_dir` is loaded, not rerun; an interrupted GEPA run
@@ -383,7 +375,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     names = [name for name, _ in _named_predictors(program)]  # a clear error before any work
     metric = safe_metric(metric)
     by_id = dict(zip(ids, hard_examples))
-    train_ids, dev_ids = _load_split(log_dir, ids, cfg.dev_size, seed + 1000 * epoch)
+    train_ids, dev_ids = _load_split(log_dir, ids, cfg.dev_size, derive_seed(seed, "split"))
     trainset, devset = [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
     max_calls = metric_call_budget(cfg.budget, len(devset), num_components=len(names))
 
@@ -393,14 +385,14 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
     gepa_dir = str(log_dir / "gepa")
     live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch + 1}: GEPA on {len(ids)} hard", enabled=progress)
-    gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(seed + epoch)),
+    gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(derive_seed(seed, "beam"))),
                    "stop_callbacks": [ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
                    "use_cloudpickle": True, "val_evaluation_policy": ResumingEvaluationPolicy(gepa_dir),
                    **cfg.gepa_kwargs, "callbacks": [live, *cfg.gepa_kwargs.get("callbacks", [])]}
     optimizer = dspy.GEPA(metric=metric, max_metric_calls=max_calls, reflection_lm=reflection_lm,
                           instruction_proposer=proposer, reflection_minibatch_size=cfg.reflection_minibatch_size,
                           use_merge=cfg.use_merge, num_threads=cfg.num_threads, log_dir=gepa_dir,
-                          track_stats=True, seed=seed + epoch, warn_on_score_mismatch=False,
+                          track_stats=True, seed=derive_seed(seed, "gepa"), warn_on_score_mismatch=False,
                           gepa_kwargs=gepa_kwargs)
     start = time.time()
     logger.info("prompt phase epoch %d: GEPA on %d hard_train / %d hard_dev questions, %d predictor(s), budget %d "
@@ -412,7 +404,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
         details = optimized.detailed_results
         templates = [template_of(c) for c in details.candidates]
         scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
-        front = pareto_front(scores, None, random.Random(seed))
+        front = pareto_front(scores, None, random.Random(derive_seed(seed, "front")))
         cover = greedy_cover(scores, front, cfg.solved_threshold)
         means = mean_scores(scores)
         solved = solved_by(scores, dev_ids, threshold=cfg.solved_threshold)
@@ -425,21 +417,21 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
                                     threshold=cfg.solved_threshold))
     wall = time.time() - start
 
-    rng = random.Random(seed * 7919 + epoch)
+    rng = random.Random(derive_seed(seed, "assignment"))
     assignments = assign_templates(dev_ids + train_ids, solved, templates, means, cover, k=k, rng=rng,
                                    same_template_in_group=cfg.same_template_in_group)
     pool = []
     for c, template in enumerate(templates):
-        entry = {"index": c, "template": template, "mean_dev_score": means[c],
+        entry = {"index": c, "template": template.to_json(), "mean_dev_score": means[c],
                  "parent": next((p for p in (details.parents[c] or []) if p is not None), None),
                  "on_front": c in front, "in_cover": c in cover,
                  "solved_dev": sum(1 for s in scores[c] if s >= cfg.solved_threshold),
                  # GEPA dedupes proposals within a round only: the same text may come back later
                  "duplicate_of": templates.index(template) if templates.index(template) != c else None}
-        if isinstance(template, dict):  # a compound program: the predictors GEPA evolved from the seed (index 0)
-            entry["changed"] = [name for name, text in template.items() if text != templates[0][name]]
+        if len(template) > 1:  # a compound program: the predictors GEPA evolved from the seed (index 0)
+            entry["changed"] = [name for name in template if template[name] != templates[0][name]]
         pool.append(entry)
-    assigned = [t for ts in assignments.values() for t in ts]  # templates may be dicts: not hashable
+    assigned = {t for ts in assignments.values() for t in ts}
     reason = "ok"
     if failure_stopper.fired:
         reason = (f"reflection LM failed {cfg.max_reflection_failures} times in a row ({proposer.last_error}); "
@@ -456,7 +448,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
         "reflection_failures": proposer.total_failures,
         "reflection_unformatted": proposer.unformatted,
         "templates_accepted": len(templates) - 1,
-        "templates_assigned": sum(1 for e in pool if e["duplicate_of"] is None and e["template"] in assigned),
+        "templates_assigned": sum(1 for e in pool if e["duplicate_of"] is None and templates[e["index"]] in assigned),
         "questions_assigned": len(assignments),
         "wall_time_s": round(wall, 3),
     }

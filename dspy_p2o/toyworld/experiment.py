@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dspy_p2o.config import P2OConfig
-from dspy_p2o.toyworld.policy import PolicyConfig, greedy_accuracy, pretrain_policy, torch_threads
+from dspy_p2o.toyworld.policy import PolicyConfig, pretrain_policy, torch_threads
 from dspy_p2o.toyworld.reflection import ReflectionNoise, reflection_lm
-from dspy_p2o.toyworld.task import ToyProgram, World, WorldConfig, build_world, metric
+from dspy_p2o.template import Template
+from dspy_p2o.toyworld.task import ToyProgram, World, WorldConfig, build_world, greedy_accuracy, metric
 
 # Each arm is the P^2O loop with switches; everything else is shared.
 ARMS: dict[str, dict[str, Any]] = {
@@ -76,12 +77,9 @@ def toy_loop(program: Any, world: World, policy_dir: Path, run_dir: Path, config
 
 
 def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2OConfig, *,
-            progress: bool = True, program: Any = None,
-            accuracy: Callable[[Any, list], float] | None = None) -> ArmResult:
-    """One arm through the P^2O loop; accuracy measured afterwards without templates.
-    `program` (default ToyProgram) and `accuracy(engine, examples)` serve other programs (two_step.py)."""
-    from dspy_p2o.renderer import Renderer
-
+            progress: bool = True, program: Any = None) -> ArmResult:
+    """One arm through the P^2O loop; accuracy measured afterwards without templates (`greedy_accuracy`).
+    `program` (default ToyProgram) serves other programs of the world (two_step.py)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
     start = time.time()
@@ -90,10 +88,10 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
     program = ToyProgram() if program is None else program
     loop = toy_loop(program, world, policy_dir, run_dir / arm, cfg, world.seed)
     result = loop.run_loop()
-    if accuracy is None:
-        def accuracy(engine, examples):
-            return greedy_accuracy(engine, Renderer(program.predictor, engine.tokenizer), examples,
-                                   max_tokens=config.max_tokens)
+
+    def accuracy(engine, examples):
+        return greedy_accuracy(engine, program, examples, max_tokens=config.max_tokens)
+
     hard = accuracy(result.engine, world.split("test", "hard"))
     easy = accuracy(result.engine, world.split("test", "easy"))
     gepa = 0
@@ -160,15 +158,13 @@ def run_experiment(seed: int = 0, arms: tuple[str, ...] = DEMO_ARMS, *, out_dir:
 
 def base_accuracy(world: World, policy_dir: Path, max_tokens: int) -> dict[str, float]:
     from dspy_p2o.engines import LocalEngine
-    from dspy_p2o.renderer import Renderer
 
-    engine = LocalEngine(policy_dir, device="cpu")
-    renderer = Renderer(ToyProgram().predictor, engine.tokenizer)
+    engine, program = LocalEngine(policy_dir, device="cpu"), ToyProgram()
     hard, easy = world.split("test", "hard"), world.split("test", "easy")
-    return {"hard_acc": greedy_accuracy(engine, renderer, hard, max_tokens=max_tokens),
-            "easy_acc": greedy_accuracy(engine, renderer, easy, max_tokens=max_tokens),
-            "hard_acc_oracle": greedy_accuracy(engine, renderer, hard, lambda e: world.oracle_instruction(e.tag),
-                                               max_tokens=max_tokens)}
+    oracle = lambda e: Template({"solve.predict": world.oracle_instruction(e.tag)})  # noqa: E731
+    return {"hard_acc": greedy_accuracy(engine, program, hard, max_tokens=max_tokens),
+            "easy_acc": greedy_accuracy(engine, program, easy, max_tokens=max_tokens),
+            "hard_acc_oracle": greedy_accuracy(engine, program, hard, max_tokens=max_tokens, template=oracle)}
 
 
 def markdown_table(doc: dict[str, Any]) -> str:

@@ -21,11 +21,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from dspy_p2o.passk import mean_pass_at_k
 from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, RULES, SYMBOLS, TAGS, ToyProgram, World,
                                     apply_rule, make_instruction, parse_instruction, parse_question,
                                     reasoning_text)
@@ -291,21 +290,5 @@ def _answer_start(tok, ids: list[int], chars: int) -> int:
     raise ValueError("the reasoning is longer than the completion")
 
 
-def greedy_accuracy(engine, renderer, examples: Sequence, instruction: str | Callable[[Any], str] | None = None, *,
-                    max_tokens: int = 16) -> float:
-    """Exact-match accuracy (pass@1) of greedy answers, rendered with the program's instruction or `instruction`
-    (a string, or a function of the example)."""
-    if not examples:
-        return float("nan")
-    pick = instruction if callable(instruction) else (lambda e: instruction)
-    prompts = [renderer.render(renderer.inputs_of(e), pick(e)).token_ids for e in examples]
-    outs = engine.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens)
-    correct = []
-    for e, out in zip(examples, outs):
-        answer = renderer.prediction(out.completions[0].text).answer
-        correct.append([float(answer is not None and str(answer).strip() == e.answer)])
-    return mean_pass_at_k(correct, 1)  # pass@1 of one greedy sample: pass_at_k(1, c, 1) = c
-
-
-__all__ = ["PolicyConfig", "pretrain_policy", "load_policy", "greedy_accuracy", "renderer_for", "policy_key",
+__all__ = ["PolicyConfig", "pretrain_policy", "load_policy", "renderer_for", "policy_key",
            "default_cache_dir", "parse_question"]

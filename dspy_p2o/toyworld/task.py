@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import dspy
 
@@ -130,6 +130,22 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> dspy.Pred
         return dspy.Prediction(score=1.0, feedback=f"Correct: the answer to '{gold.question}' is {gold.answer}.")
     got = "no parseable answer" if answer is None else f"'{answer}'"
     return dspy.Prediction(score=0.0, feedback=f"Wrong: the answer to '{gold.question}' is {gold.answer}, got {got}.")
+
+
+def greedy_accuracy(engine: Any, program: dspy.Module, examples: Sequence[dspy.Example], *, max_tokens: int,
+                    template: Callable[[dspy.Example], Any] | None = None) -> float:
+    """pass@1 of ONE greedy execution of `program` per example, scored by `metric`: the loop's own
+    validation path (`program_eval.score_program`), WITHOUT templates, or under `template(example)`
+    (a `template.Template`, e.g. the oracle instruction)."""
+    from dspy_p2o.engines.base import SamplingParams
+    from dspy_p2o.program_eval import score_program
+
+    assignments = None
+    if template is not None:
+        assignments = {e.id: [template(e)] for e in examples}
+    scores = score_program(engine, program, examples, metric, assignments=assignments,
+                           sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return scores.pass_at(1)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ predictor's ORIGINAL render, trainer/grpo.py) moves that into the weights of ste
 
 The experiment runs `experiment.run_arm` (the same `P2OLoop` path, config, seed and reflection
 LM as the one-step world) with this program and measures held-out accuracy WITHOUT templates
-by executing the whole program greedily (`program_accuracy`).
+by executing the whole program greedily (`task.greedy_accuracy`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import dspy
 
 from dspy_p2o.toyworld.policy import (PolicyConfig, curriculum, default_cache_dir, execution_samples, fresh_model,
                                       policy_key, pretraining_samples, save_policy, torch_threads)
-from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, RULES, TAGS, World, apply_rule, metric,
-                                    parse_question)
+from dspy_p2o.template import Template
+from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, RULES, TAGS, World, apply_rule, greedy_accuracy, parse_question)
 
 TWO_STEP_VERSION = 1  # bump whenever the two-step pretraining data or format changes
 
@@ -181,39 +181,22 @@ def pretrain_two_step(world: World, config: PolicyConfig | None = None, *, cache
     return out
 
 
-def program_accuracy(engine, examples: Sequence[dspy.Example], *, max_tokens: int,
-                     name_instruction: Callable[[dspy.Example], str] | None = None,
-                     program: TwoStepProgram | None = None) -> float:
-    """Mean reward of ONE greedy execution of the whole two-step program per example (pass@1), as
-    `P2OLoop.evaluate` measures it; `name_instruction(example)` renders step 1 under that instruction
-    (a template {name: ..., apply: its own}), None: no template."""
-    from dspy_p2o.program_rollouts import collect_program_rollouts
-    from dspy_p2o.rollouts import example_id, make_reward_fn
-
-    if not examples:
-        return float("nan")
-    program = program or TwoStepProgram()
-    assignments = None
-    if name_instruction is not None:
-        assignments = {example_id(e, i): [{"name": name_instruction(e), "apply": APPLY_INSTRUCTION}]
-                       for i, e in enumerate(examples)}
-    rollouts = collect_program_rollouts(engine, program, renderers_for(engine.tokenizer, program), examples,
-                                        make_reward_fn(None, metric), k=1, temperature=0.0, max_tokens=max_tokens,
-                                        assignments=assignments, progress=False)
-    return sum(r.reward for r in rollouts) / len(rollouts)
-
-
 def base_accuracy(world: World, policy_dir: Path, max_tokens: int) -> dict[str, float]:
     """The base policy, no template: held-out hard (0 by construction), easy; hard with the oracle
-    instruction in step 1 (what GEPA should find)."""
+    instruction in step 1 (what GEPA should find), each one greedy execution of the whole program."""
     from dspy_p2o.engines import LocalEngine
 
-    engine = LocalEngine(policy_dir, device="cpu")
+    engine, program = LocalEngine(policy_dir, device="cpu"), TwoStepProgram()
     hard, easy = world.split("test", "hard"), world.split("test", "easy")
-    return {"hard_acc": program_accuracy(engine, hard, max_tokens=max_tokens),
-            "easy_acc": program_accuracy(engine, easy, max_tokens=max_tokens),
-            "hard_acc_oracle": program_accuracy(engine, hard, max_tokens=max_tokens,
-                                                name_instruction=lambda e: world.oracle_instruction(e.tag))}
+    return {"hard_acc": greedy_accuracy(engine, program, hard, max_tokens=max_tokens),
+            "easy_acc": greedy_accuracy(engine, program, easy, max_tokens=max_tokens),
+            "hard_acc_oracle": greedy_accuracy(engine, program, hard, max_tokens=max_tokens,
+                                               template=lambda e: step_one_template(world.oracle_instruction(e.tag)))}
+
+
+def step_one_template(instruction: str) -> Template:
+    """A template giving step 1 (`name`) `instruction` and step 2 (`apply`) its own."""
+    return Template({"name": instruction, "apply": APPLY_INSTRUCTION})
 
 
 @dataclass
@@ -250,15 +233,11 @@ def run_two_step(seed: int, arms: Sequence[str] = ("grpo", "p2o"), *, out_dir: s
     log(f"[two-step] base policy without templates: hard {base['hard_acc']:.2f}, easy {base['easy_acc']:.2f}; "
         f"hard with the oracle instruction in step 1: {base['hard_acc_oracle']:.2f}")
 
-    def accuracy(engine, examples):
-        return program_accuracy(engine, examples, max_tokens=config.max_tokens)
-
     results: dict[str, Any] = {}
     for arm in arms:
         log(f"[two-step] arm {arm} ...")
         with torch_threads(1):
-            r = run_arm(arm, world, policy_dir, out_dir, config, progress=progress, program=TwoStepProgram(),
-                        accuracy=accuracy)
+            r = run_arm(arm, world, policy_dir, out_dir, config, progress=progress, program=TwoStepProgram())
         results[arm] = r.to_json()
         log(f"[two-step] arm {arm}: hard {r.hard_acc:.2f}, easy {r.easy_acc:.2f}, hard per epoch "
             f"{r.hard_per_epoch} ({r.seconds:.0f}s)")

@@ -6,7 +6,7 @@ sequence with its rollout's advantage -> each call's gradient prompt (`gradient_
 x_p for a distilled call sampled from T(x_p, z_p)) -> the named steps before the update (`_prepare`: old
 log-probs, templated log-probs, token weights, clip ceiling) -> one optimiser step per
 mini-batch of questions (micro-batches with gradient accumulation; the loss is losses.py's
-J) -> weight sync.
+J), each step followed by the caller's `after_step` (the loop syncs the engine there).
 Distribution (DDP / FSDP / DeepSpeed) comes from accelerate's own config. Under N
 processes each process trains on its own share of the batch's rollouts (whole GRPO
 groups); what every process must agree on -- advantages, which groups carry signal, the
@@ -25,13 +25,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from dspy_p2o.config import DTYPES, TrainerConfig
-from dspy_p2o.rollouts import Call, Rollout
 from dspy_p2o import checkpoints as ckpt
+from dspy_p2o.batch import Call, CallShape, GlobalBatch, Rollout
 from dspy_p2o.trainer.advantages import group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
                                        sequence_logprobs, supports_logits_to_keep)
@@ -83,15 +83,13 @@ class GRPOTrainer:
         temperature: the sampling temperature; log-probs are taken at it (the run's
             `P2OConfig.temperature`; paper: 0.6).
         seed: python / numpy / torch seeds (the run's `P2OConfig.seed`).
-        engine: synced after every step (`sync="step"`) and by `sync_engine()`. A
-            `LocalEngine` sharing this module needs no copy.
         total_steps: optimiser steps of the whole run, for warm-up and decay.
         accelerator: an `accelerate.Accelerator`; one is made when None (plain CPU / one
             GPU need no accelerate config).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, config: TrainerConfig = TrainerConfig(), *,
-                 temperature: float = 1.0, seed: int = 0, engine: Any = None, total_steps: int | None = None,
+                 temperature: float = 1.0, seed: int = 0, total_steps: int | None = None,
                  accelerator: Any = None) -> None:
         from accelerate.utils import set_seed
 
@@ -100,8 +98,6 @@ class GRPOTrainer:
                              f"got {temperature}")
         self.config = replace(config)  # the default instance is shared; never mutate it
         self.temperature = temperature
-        self.engine = engine
-        self.sync_diffs: list[float] = []  # log-prob differences reported by verified weight syncs
         set_seed(seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
         module, self.tokenizer = _load(model, tokenizer)
@@ -139,15 +135,22 @@ class GRPOTrainer:
         return self.accelerator.device
 
     # ------------------------------------------------------------------ training
-    def train_on(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
+    def train_on(self, rollouts: Sequence[Rollout], batch: GlobalBatch | None = None,
+                 after_step: Callable[[], Any] | None = None) -> dict[str, float]:
         """Train on one batch of rollouts: one optimiser step per mini-batch of questions.
 
-        Under N processes `rollouts` is this process's share (whole groups; the shares in
-        rank order make the batch, and a share may be empty). Every process gathers a
-        token-free summary of the whole batch (`_Row`), so advantages, informative groups,
-        mini-batches and the normalisers of `aggregate` are global: the dapo/grpo/dr_grpo
-        denominators count the rows and tokens of all processes, each process backpropagates
-        its rows' share, and DDP's gradient average (times N) sums the shares.
+        `rollouts` is this process's share of the batch (under N processes: whole groups; the shares
+        in rank order make the batch, and a share may be empty). `batch` is the token-free global
+        batch (`batch.GlobalBatch`) when the caller has gathered it already (the loop does, once per
+        batch, for hard mining too); else it is gathered here. `after_step()` runs after every
+        optimiser step (the loop syncs the engine there); its time is not training time.
+
+        The steps, each named: `_plan` (from the global batch: group advantages, the informative
+        groups, the mini-batches, this process's rows; so N processes take the same optimiser step
+        as one process on the whole batch) -> `_prepare` (this process's rows scored before the
+        update) -> `_optimiser_step` per mini-batch (the dapo/grpo/dr_grpo denominators count the
+        rows and tokens of all processes, each process backpropagates its rows' share, and DDP's
+        gradient average (times N) sums the shares) -> `_step_metrics`.
 
         Compound programs (several predictor calls per rollout): the K rollouts of a question are
         the GRPO group and the advantage is computed once per rollout, from the program-level
@@ -168,72 +171,68 @@ class GRPOTrainer:
         from accelerate.utils import gather_object
 
         start = time.perf_counter()
-        cfg, acc = self.config, self.accelerator
+        acc = self.accelerator
         _validate(rollouts, allow_empty=acc.num_processes > 1)
-        # the global batch: every rollout (its group and reward), then every call (a trained sequence)
-        outcomes = gather_object([_Outcome(r.example_id, float(r.reward), r.templated, acc.process_index)
-                                  for r in rollouts])
-        if not outcomes:
+        if batch is None:
+            batch = GlobalBatch.gather(rollouts, acc.process_index, gather_object)
+        if not batch.outcomes:
             raise ValueError("train_on() got no rollouts")
-        first = next((g for g, o in enumerate(outcomes) if o.rank == acc.process_index), len(outcomes))
-        calls = [(first + i, c) for i, r in enumerate(rollouts) for c in r.calls]  # (global rollout, call)
-        rows = gather_object([_Row.of(c, g, rollouts[g - first].example_id, acc.process_index, cfg.distill)
-                              for g, c in calls])
-        offset = next((i for i, row in enumerate(rows) if row.rank == acc.process_index), len(rows))
-        adv = group_advantages([o.reward for o in outcomes], [o.example_id for o in outcomes],
-                               scale=cfg.scale_rewards)
-        metrics = _batch_metrics(outcomes, rows, adv)
-        trained = [i for i, row in enumerate(rows) if adv.informative[row.rollout]]
-        if not trained:
+        plan = self._plan(batch, rollouts)
+        metrics = _batch_metrics(batch, plan.rows, plan.adv)
+        if not plan.steps:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
             return metrics
-        steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])]
-        steps *= cfg.updates_per_batch
-        mine = [i for i in trained if offset <= i < offset + len(calls)]
-        chosen = [calls[i - offset][1] for i in mine]
-        advantages = adv.values[[rows[i].rollout for i in mine]]  # every call takes its rollout's advantage
-        seqs, tilde = self._prepare(chosen, advantages, n_steps=len(steps))
-        position = {g: j for j, g in enumerate(mine)}  # global row -> row of seqs
-        kept = dict(zip(trained, gather_object([int(k.sum()) for k in seqs.kept])))
-        norm_length = cfg.dr_grpo_length or max(rows[i].completion_len for i in trained)
-        time_sync = 0.0
-        step_sums: list[dict[str, float]] = []
-        step_stats: list[dict[str, float]] = []
-        step_old: dict[int, torch.Tensor] = {}  # on-policy: the old log-probs the gradient passes took
-        self.sync_diffs = []
-        for step_rows in steps:
+        seqs, tilde = self._prepare(plan.chosen, plan.advantages, n_steps=len(plan.steps))
+        kept = dict(zip(plan.trained, gather_object([int(k.sum()) for k in seqs.kept])))
+        step_sums, step_stats, step_old, outside = [], [], {}, 0.0
+        for step_rows in plan.steps:
             norm = dict(num_sequences=len(step_rows), num_tokens=sum(kept[g] for g in step_rows),
-                        norm_length=norm_length)
-            n_micro = max(len(self._micro_plan(rows, [g for g in step_rows if rows[g].rank == rank]))
+                        norm_length=plan.norm_length)
+            n_micro = max(len(self._micro_plan(plan.rows, [g for g in step_rows if plan.rows[g].rank == rank]))
                           for rank in range(acc.num_processes))
-            sums, stats, old = self._optimiser_step(seqs, [position[g] for g in step_rows if g in position], norm,
-                                                    n_micro)
+            sums, stats, old = self._optimiser_step(
+                seqs, [plan.position[g] for g in step_rows if g in plan.position], norm, n_micro)
             step_old.update(old)
             step_sums.append(sums)
             step_stats.append(stats)
-            if cfg.sync == "step":
-                time_sync += self.sync_engine()
-        for stats, sums in zip(step_stats, _sum_over_processes(step_sums)):
-            tokens = max(1.0, sums["tokens"])
-            stats.update(loss=sums["loss"], clip_frac_low=sums["clip_low"] / tokens,
-                         clip_frac_high=sums["clip_high"] / tokens)
-            if cfg.beta:
-                stats["kl"] = sums["kl"] / tokens
-        if self.sync_diffs:  # served vs trained log-probs after each sync (vLLM verifies every sync)
-            metrics["sync_logprob_diff"] = max(self.sync_diffs)
-        for key in step_stats[0]:
-            metrics[key] = statistics.fmean(s[key] for s in step_stats)
-        old = seqs.old if seqs.old is not None else [step_old[j] for j in range(len(chosen))]
-        metrics.update(_mismatch_metrics(_on_sampled_prompt(old, tilde), [_behaviour(r) for r in chosen],
-                                         [r.templated for r in chosen]))
+            if after_step is not None:
+                t0 = time.perf_counter()
+                after_step()
+                outside += time.perf_counter() - t0
+        metrics.update(_step_metrics(step_stats, _sum_over_processes(step_sums), self.config.beta))
+        old = seqs.old if seqs.old is not None else [step_old[j] for j in range(len(plan.chosen))]
+        metrics.update(_mismatch_metrics(_on_sampled_prompt(old, tilde), [_behaviour(r) for r in plan.chosen],
+                                         [r.templated for r in plan.chosen]))
         metrics.update(template_ratio_metrics([old[j] for j in tilde], list(tilde.values()),
                                               [seqs.kept[j] for j in tilde], [seqs.weights[j] for j in tilde]))
-        tokens = sum(rows[i].prompt_len + rows[i].completion_len for i in trained)
-        elapsed = time.perf_counter() - start
-        metrics.update(steps=float(len(step_stats)), time_sync=time_sync, time_train=elapsed - time_sync,
-                       tokens_per_s=tokens / max(1e-9, elapsed - time_sync),
-                       global_step=float(self.global_step))
+        tokens = sum(plan.rows[i].prompt_len + plan.rows[i].completion_len for i in plan.trained)
+        elapsed = time.perf_counter() - start - outside
+        metrics.update(steps=float(len(step_stats)), time_train=elapsed,
+                       tokens_per_s=tokens / max(1e-9, elapsed), global_step=float(self.global_step))
         return metrics
+
+    def _plan(self, batch: GlobalBatch, rollouts: Sequence[Rollout]) -> "_Plan":
+        """Who trains what in this batch, computed alike on every process from the global batch: one
+        row per call (a trained sequence) of every rollout, group advantages from the rollouts'
+        rewards, the rows of informative groups, the optimiser steps (`mini_batch_size` whole
+        questions each, `updates_per_batch` passes), and this process's trained rows."""
+        cfg = self.config
+        rows = [_Row.of(shape, g, o.example_id, o.rank, cfg.distill)
+                for g, o in enumerate(batch.outcomes) for shape in o.calls]
+        adv = group_advantages([o.reward for o in batch.outcomes], [o.example_id for o in batch.outcomes],
+                               scale=cfg.scale_rewards)
+        trained = [i for i, row in enumerate(rows) if adv.informative[row.rollout]]
+        local = [c for r in rollouts for c in r.calls]  # this process's rows, in global row order
+        offset = next((i for i, row in enumerate(rows) if row.rank == self.accelerator.process_index
+                       and row.rollout >= batch.first), len(rows))
+        mine = [i for i in trained if offset <= i < offset + len(local)]
+        steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])
+                 ] if trained else []
+        return _Plan(rows=rows, adv=adv, trained=trained, steps=steps * cfg.updates_per_batch,
+                     chosen=[local[i - offset] for i in mine],
+                     advantages=adv.values[[rows[i].rollout for i in mine]],  # every call: its rollout's advantage
+                     position={g: j for j, g in enumerate(mine)},
+                     norm_length=cfg.dr_grpo_length or max((rows[i].completion_len for i in trained), default=1))
 
     # ------------------------------------------------------------------ before the update (named steps)
     def _prepare(self, chosen: list[Call], advantages: torch.Tensor, *,
@@ -402,17 +401,6 @@ class GRPOTrainer:
         return loss, stats, taken
 
     # ------------------------------------------------------------------ sync, checkpoints
-    def sync_engine(self) -> float:
-        """Give the engine the current weights; returns the seconds it took (0 without an engine)."""
-        if self.engine is None:
-            return 0.0
-        start = time.perf_counter()
-        report = self.engine.sync_weights(self.model)
-        diff = report.logprob_diff
-        if diff is not None:
-            self.sync_diffs.append(diff)
-        return time.perf_counter() - start
-
     def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None, *,
                         prune: bool = True) -> Path:
         """Write `directory/checkpoint-<step>` (model + tokenizer, optimizer, scheduler, RNG, step,
@@ -458,7 +446,6 @@ class GRPOTrainer:
         state = ckpt.read_state(directory)
         self.accelerator.load_state(str(directory / "state"))
         self.global_step = int(state["global_step"])
-        self.sync_engine()  # a separate engine must serve the restored weights
         return state.get("extra_state", {})
 
 
@@ -550,18 +537,8 @@ def _validate(rollouts: Sequence[Rollout], allow_empty: bool = False) -> None:
 
 
 @dataclass
-class _Outcome:
-    """What every process knows of every rollout of the global batch (gathered)."""
-
-    example_id: str  # the GRPO group
-    reward: float
-    templated: bool
-    rank: int  # the process that holds the rollout
-
-
-@dataclass
 class _Row:
-    """What every process knows of every call (trained sequence) of the global batch (gathered: no token ids)."""
+    """What every process knows of every call (trained sequence) of the global batch (no token ids)."""
 
     rollout: int  # its rollout's index in the global batch: the call takes that rollout's advantage
     example_id: str
@@ -572,9 +549,23 @@ class _Row:
     rank: int  # the process that holds the call
 
     @classmethod
-    def of(cls, c: Call, rollout: int, example_id: str, rank: int, distill: bool) -> "_Row":
-        return cls(rollout, example_id, len(gradient_prompt(c, distill)), len(c.completion_ids), c.templated,
-                   c.finish_reason == "length", rank)
+    def of(cls, shape: CallShape, rollout: int, example_id: str, rank: int, distill: bool) -> "_Row":
+        prompt_len = shape.prompt_len if distill or not shape.templated else shape.sampled_prompt_len
+        return cls(rollout, example_id, prompt_len, shape.completion_len, shape.templated, shape.truncated, rank)
+
+
+@dataclass
+class _Plan:
+    """One batch's plan (`GRPOTrainer._plan`): global rows and steps, this process's trained rows."""
+
+    rows: list[_Row]  # every call of the global batch
+    adv: Any  # advantages.GroupAdvantages of the global batch's rollouts
+    trained: list[int]  # rows of informative groups
+    steps: list[list[int]]  # rows per optimiser step
+    chosen: list[Call]  # this process's trained calls, in row order
+    advantages: torch.Tensor  # their advantages
+    position: dict[int, int]  # global row -> index into `chosen`
+    norm_length: int  # dr_grpo's constant length
 
 
 def _sum_over_processes(step_sums: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -585,8 +576,9 @@ def _sum_over_processes(step_sums: list[dict[str, float]]) -> list[dict[str, flo
     return [{k: sum(p[s][k] for p in per_process) for k in step_sums[s]} for s in range(len(step_sums))]
 
 
-def _batch_metrics(outcomes: Sequence[_Outcome], rows: Sequence[_Row], adv) -> dict[str, float]:
+def _batch_metrics(batch: GlobalBatch, rows: Sequence[_Row], adv) -> dict[str, float]:
     """Rewards per rollout; lengths and truncation per call (a trained sequence)."""
+    outcomes = batch.outcomes
     rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float64)
     lengths = torch.tensor([r.completion_len for r in rows] or [0], dtype=torch.float64)
     templated = [o.reward for o in outcomes if o.templated]
@@ -604,6 +596,17 @@ def _batch_metrics(outcomes: Sequence[_Outcome], rows: Sequence[_Row], adv) -> d
     if plain and templated:
         out["reward_mean_plain"] = statistics.fmean(plain)
     return out
+
+
+def _step_metrics(step_stats: list[dict[str, float]], summed: list[dict[str, float]], beta: float) -> dict[str, float]:
+    """Per-step stats (lr, grad norm) and the processes' summed loss / clip / KL sums, averaged over the steps."""
+    for stats, sums in zip(step_stats, summed):
+        tokens = max(1.0, sums["tokens"])
+        stats.update(loss=sums["loss"], clip_frac_low=sums["clip_low"] / tokens,
+                     clip_frac_high=sums["clip_high"] / tokens)
+        if beta:
+            stats["kl"] = sums["kl"] / tokens
+    return {key: statistics.fmean(s[key] for s in step_stats) for key in step_stats[0]}
 
 
 def _frozen(values: list[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
