@@ -197,6 +197,25 @@ class DataConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """How the metric and the maths verifier run (`P2OConfig.rewards`): limits, not what is optimised."""
+
+    __pydantic_config__ = _STRICT
+
+    metric_timeout_s: float | None = 60.0  # a metric call still running after this scores 0 (counted); None = no limit
+    verify_workers: int | None = None  # math-verify worker processes; None = min(4, CPUs)
+    verify_memory_mb: int = 4096  # address-space cap per math-verify worker (MiB); 0 = none
+
+    def __post_init__(self) -> None:
+        if self.metric_timeout_s is not None and not self.metric_timeout_s > 0:
+            raise ValueError(f"RewardsConfig.metric_timeout_s must be > 0 or null (no limit), got {self.metric_timeout_s}")
+        if self.verify_workers is not None and self.verify_workers < 1:
+            raise ValueError(f"RewardsConfig.verify_workers must be >= 1 or null, got {self.verify_workers}")
+        if self.verify_memory_mb < 0:
+            raise ValueError(f"RewardsConfig.verify_memory_mb must be >= 0 (0: no cap), got {self.verify_memory_mb}")
+
+
+@dataclass
 class P2OConfig:
     """Every knob of a P^2O run. Defaults are the paper's GPU setting (DESIGN.md §3)."""
 
@@ -240,6 +259,7 @@ class P2OConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     prompt: PromptPhaseConfig = field(default_factory=PromptPhaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
     def __post_init__(self) -> None:
         self.validate()

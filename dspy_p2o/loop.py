@@ -49,7 +49,7 @@ from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
 from dspy_p2o.renderer import Renderer, make_adapter, program_input_fields, servable_predictors
-from dspy_p2o.rewards import MetricError
+from dspy_p2o.rewards import MetricError, check_metric, configure_verifier
 from dspy_p2o.rollouts import Rollout, collect_rollouts, make_reward_fn
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.trainer import GRPOTrainer, make_accelerator
@@ -117,6 +117,8 @@ class P2OLoop:
         if not self.trainset:
             raise ValueError("the trainset is empty")
         self.by_id = {ex.id: ex for ex in self.trainset}
+        self.metric = check_metric(metric, self.trainset[0], timeout_s=config.rewards.metric_timeout_s)  # before any work
+        configure_verifier(workers=config.rewards.verify_workers, memory_mb=config.rewards.verify_memory_mb)
         try:
             self.policy = check_model_path(self.policy)
         except (FileNotFoundError, ModelPackageMissing) as exc:

@@ -40,14 +40,14 @@ class RunDirBusy(ConfigError):
 
 
 # Config sections compared key by key on resume.
-SECTIONS = ("trainer", "prompt", "data")
+SECTIONS = ("trainer", "prompt", "data", "rewards")
 # Keys that may change when a run resumes: how long it runs, where its servers are, how it
 # reports and what it costs in memory -- not what it optimises. Every other change is refused.
 RESUMABLE_KEYS = ("epochs", "engine", "engine_kwargs", "reflection", "reflection_kwargs", "reflection_max_tokens",
                   "checkpoint_every", "eval_every_epoch", "eval_k", "trackers", "progress",
                   "trainer.keep_last_checkpoints", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
                   "prompt.num_threads", "data.train", "data.train_limit", "data.val", "data.val_limit",
-                  "data.question_field", "data.answer_field")
+                  "data.question_field", "data.answer_field", "rewards")
 # Nested copies of top-level keys that older run directories recorded (config.MOVED); dropped on comparison.
 LEGACY_KEYS = ("trainer.temperature", "trainer.seed", "prompt.k", "prompt.seed")
 # Keys whose change makes an existing run directory meaningless to resume.
