@@ -22,7 +22,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PACKAGED_MODELS", "PackagedModel", "ModelPackageMissing", "cache_root", "materialize"]
+__all__ = ["PACKAGED_MODELS", "PackagedModel", "ModelPackageMissing", "cache_dir", "cache_root", "materialize"]
+
+CACHE_ENV_VAR = "DSPY_P2O_CACHE"
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,16 @@ class ModelPackageMissing(RuntimeError):
     """The registry package that holds a packaged model (or the gguf reader) is not installed."""
 
 
+def cache_dir() -> Path:
+    """dspy_p2o's cache folder: $DSPY_P2O_CACHE, else ~/.cache/dspy_p2o (packaged models under
+    `models/`, the toy world's base policies under `toyworld/`)."""
+    base = os.environ.get(CACHE_ENV_VAR)
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "dspy_p2o"
+
+
 def cache_root() -> Path:
-    """$DSPY_P2O_CACHE/models, else ~/.cache/dspy_p2o/models."""
-    base = os.environ.get("DSPY_P2O_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "dspy_p2o") / "models"
+    """Where packaged models are converted to: `cache_dir()/models`."""
+    return cache_dir() / "models"
 
 
 def packaged_model(name: str) -> PackagedModel:
