@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from dspy_p2o.config import redact
+from dspy_p2o.jsonio import repair_jsonl
 
 
 class MetricsLogger:
@@ -84,28 +85,6 @@ class MetricsLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def repair_jsonl(path: str | os.PathLike) -> int:
-    """Cut a torn last line (a crash or a full disk mid-write) off a JSONL file, so the next
-    record starts on a line of its own; returns the bytes removed."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        end = size
-        while end > 0:  # back to the last newline
-            f.seek(max(0, end - 65536))
-            chunk = f.read(end - max(0, end - 65536))
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                end = max(0, end - len(chunk)) + cut + 1
-                break
-            end = max(0, end - len(chunk))
-        if end < size:
-            f.truncate(end)
-    return size - end
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
