@@ -42,7 +42,7 @@ from dspy_p2o.engines.hf import check_model_path
 from dspy_p2o.models import ModelPackageMissing
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
-from dspy_p2o.metrics import MetricsLogger, read_metrics
+from dspy_p2o.metrics import MetricsLogger, check_trackers, read_metrics
 from dspy_p2o.passk import mean_pass_at_k
 from dspy_p2o.program_rollouts import collect_program_rollouts
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
@@ -119,6 +119,7 @@ class P2OLoop:
         self.by_id = {ex.id: ex for ex in self.trainset}
         self.metric = check_metric(metric, self.trainset[0], timeout_s=config.rewards.metric_timeout_s)  # before any work
         configure_verifier(workers=config.rewards.verify_workers, memory_mb=config.rewards.verify_memory_mb)
+        check_trackers(config.trackers)  # a missing tracker package: one line, before any work
         try:
             self.policy = check_model_path(self.policy)
         except (FileNotFoundError, ModelPackageMissing) as exc:

@@ -14,6 +14,7 @@ Only verified entries are listed in `PACKAGED_MODELS`.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import os
@@ -72,7 +73,14 @@ def packaged_model(name: str) -> PackagedModel:
     try:
         return PACKAGED_MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}") from None
+        raise ValueError(f"unknown packaged model {name!r}{unknown_model_hint(name)}") from None
+
+
+def unknown_model_hint(name: str) -> str:
+    """" (did you mean 'x'? packaged models: ...)" for a model name that is no packaged model."""
+    close = difflib.get_close_matches(name, PACKAGED_MODELS, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({guess}packaged models: {', '.join(PACKAGED_MODELS)})"
 
 
 def gguf_path(entry: PackagedModel) -> Path:
