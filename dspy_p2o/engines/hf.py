@@ -1,4 +1,4 @@
-"""Hugging Face helpers every engine and the trainer share: where a model is, how it loads, when it stops.
+"""Hugging Face utilities every engine and the trainer share: where a model is, how it loads, when it stops.
 
 Light at import (torch and transformers load inside the functions), so the vLLM server
 lifecycle can check a model path without pulling torch into a launcher process.

@@ -134,7 +134,8 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None) -> dspy.Pred
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Sizes of the world. Per split, each tag gets `per_tag` questions (distinct letters)."""
+    """Sizes of the world: each tag gets `train_per_tag` train and `test_per_tag` held-out questions
+    (distinct letters)."""
 
     num_easy: int = 3
     num_hard: int = 3
