@@ -35,6 +35,7 @@ def main() -> None:
     import psutil
 
     import dspy_p2o
+    from dspy_p2o.config import VLLMOptions
     from dspy_p2o.engines.vllm_server import VLLMServer
     from dspy_p2o.metrics import read_metrics
     from dspy_p2o.tiny import build_tiny_model, teach_sum_format
@@ -43,18 +44,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vllm-cpu-bench-"))
     base = build_tiny_model(work / "base", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32)
     model = teach_sum_format(base, work / "model")
-    server_kwargs = {"enforce_eager": not args.no_eager, "kv_cache_memory_bytes": 256 << 20,
-                     "env": {"VLLM_CACHE_ROOT": str(work / "vllm-cache")}}
+    options = VLLMOptions(enforce_eager=not args.no_eager, kv_cache_memory_bytes=256 << 20,
+                          env={"VLLM_CACHE_ROOT": str(work / "vllm-cache")})
 
     t0 = time.perf_counter()
-    with VLLMServer(model, **server_kwargs):
+    with VLLMServer(model, options):
         start_s = time.perf_counter() - t0
 
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     t0 = time.perf_counter()
     result = dspy_p2o.compile(dspy.ChainOfThought("question -> answer"), sum_examples(8, 0, "train"),
                               metric=closeness_metric, policy=model, engine="vllm", reflection="self",
-                              run_dir=work / "run", engine_kwargs=server_kwargs,
+                              run_dir=work / "run", vllm=options,
                               **tiny_overrides(tau=0.5, near_hard=False, epochs=args.epochs))
     result.close()
     wall = time.perf_counter() - t0

@@ -4,22 +4,29 @@ A leaf module: it imports only the standard library, yaml and pydantic, so readi
 config (and `dspy-p2o train --help`) loads no torch, DSPy or GEPA. The trainer and the
 prompt phase take their configs from here, as TRL keeps grpo_config.py apart from its trainer.
 
-`P2OConfig` nests `TrainerConfig` (`trainer`), `PromptPhaseConfig` (`prompt`) and
-`DataConfig` (`data`). Every knob has one home: the sampling temperature, the group size
-`k` and the seed are the run's (top level); the loop hands them to the trainer and the
-prompt phase as arguments. Overrides may use a dotted path (`trainer.lr=1e-5`) or a bare
-field name (`lr=1e-5`, `distill=false`, `min_hard=8`): the field is found wherever it
-lives in the tree. pydantic checks every value against its field's type, strictly (`1` is
-not `true`, `"5"` is not 5; an integer is a number); each error is one ConfigError naming the key.
+`P2OConfig` nests `TrainerConfig` (`trainer`), `PromptPhaseConfig` (`prompt`),
+`DataConfig` (`data`) and the engines' options: `LocalOptions` (`local`) and `VLLMOptions`
+(`vllm`, whose `VLLMServerOptions` part is how `VLLMServer` launches or attaches). The engines
+take these same types as arguments, so the YAML schema and the engines' defaults are one.
+
+Every knob has one home: the sampling temperature, the group size `k` and the seed are the
+run's (top level); the loop hands them to the trainer and the prompt phase as arguments.
+Overrides may use a dotted path (`trainer.lr=1e-5`) or a bare field name (`lr=1e-5`,
+`distill=false`, `min_hard=8`): the field is found wherever it lives in the tree. pydantic
+checks every value against its field's type, strictly (`1` is not `true`, `"5"` is not 5; an
+integer is a number); a field's rules sit next to it (`knob`: its numeric range, what its
+change means on resume); each error is one ConfigError naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
@@ -44,6 +51,8 @@ MOVED = {
     "trainer.seed": "the top-level seed",
     "prompt.k": "the top-level k (a hard question gets k - plain_per_group templates)",
     "prompt.seed": "the top-level seed",
+    "engine_kwargs": "the engine's own section: `local:` (device, dtype, max_batch_size) or `vllm:` (url, api_key, "
+                     "gpu_memory_utilization, ...; the self-reflection server under vllm.reference)",
 }
 
 _STRICT = ConfigDict(strict=True, extra="forbid")  # every config dataclass: values of the field's type, no unknown keys
@@ -51,6 +60,61 @@ _STRICT = ConfigDict(strict=True, extra="forbid")  # every config dataclass: val
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending key."""
+
+
+# What a change of a field means when a run resumes (its `resume` rule; run_dir.py reads it):
+IDENTITY = "identity"  # what the run is: recorded in identity.json; a change makes the run directory another run's
+RESUMABLE = "resumable"  # may change on resume: how long it runs, where its servers are, how it reports, its memory
+FIXED = "fixed"  # every other field (what the run optimises): a change is refused
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take (`knob(check=...)`); None passes for an optional field."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is outside
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:  # False for NaN: every comparison with it is
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, low_open=True)  # (0, 1]
+
+
+def knob(default: Any = MISSING, *, factory: Any = MISSING, resume: str = FIXED, check: Range | None = None,
+         policy_only: bool = False) -> Any:
+    """A config field with its rules declared next to it (dataclass field metadata):
+    `resume`: IDENTITY, RESUMABLE or FIXED (a section's rule covers every key inside it);
+    `check`: the Range its value must be in (checked by `check_ranges` when the section is built);
+    `policy_only`: a vLLM setting of the policy's server that the self-reflection
+    reference server never inherits (`VLLMOptions.reference_options`)."""
+    return field(default=default, default_factory=factory,
+                 metadata={"resume": resume, "check": check, "policy_only": policy_only})
+
+
+def check_ranges(section: Any, prefix: str | None = None, error: type[Exception] = ValueError) -> None:
+    """Every field declared with `check=` holds a value in its Range, else `error` naming the
+    field (`<Section>.<field>`, or `prefix` + field)."""
+    prefix = f"{type(section).__name__}." if prefix is None else prefix
+    for f in dataclasses.fields(section):
+        allowed, value = f.metadata.get("check"), getattr(section, f.name)
+        if allowed is None or value is None or value in allowed:
+            continue
+        optional = type(None) in typing.get_args(get_type_hints(type(section))[f.name])
+        raise error(f"{prefix}{f.name} must be {allowed}{' or null' if optional else ''}, got {value!r}")
 
 
 # Names whose values are secrets (api_key, reference_api_key, hf_token, password, Authorization, ...);
@@ -83,30 +147,40 @@ class TrainerConfig:
 
     __pydantic_config__ = _STRICT
 
-    lr: float = 1e-6  # AdamW learning rate (paper: 1e-6)
-    warmup_ratio: float = 0.05  # linear warm-up over this fraction of total_steps (paper: 5%)
+    lr: float = knob(1e-6, check=POSITIVE)  # AdamW learning rate (paper: 1e-6)
+    # linear warm-up over this fraction of total_steps (paper: 5%)
+    warmup_ratio: float = knob(0.05, check=Range(0, 1, high_open=True))
     lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to 0 (needs total_steps)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    weight_decay: float = knob(0.0, check=NON_NEGATIVE)  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # global grad-norm clipping; <= 0 disables it
-    mini_batch_size: int | None = None  # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
-    updates_per_batch: int = 1  # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (length-bucketed micro-batches)
-    epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
-    epsilon_high: float = 0.28  # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
+    # questions per optimiser step; None = the whole batch in one step (paper: 64 of 128)
+    mini_batch_size: int | None = knob(None, check=AT_LEAST_1)
+    # passes over each batch's mini-batches (TRL's num_iterations, verl's ppo_epochs)
+    updates_per_batch: int = knob(1, check=AT_LEAST_1)
+    # padded tokens per forward/backward (length-bucketed micro-batches)
+    micro_batch_tokens: int = knob(4096, resume=RESUMABLE, check=AT_LEAST_1)
+    epsilon_low: float = knob(0.2, check=Range(0, 1, high_open=True))  # PPO clip below: ratio >= 1 - epsilon_low
+    # PPO clip above (DAPO's clip-higher): ratio <= 1 + epsilon_high
+    epsilon_high: float = knob(0.28, check=NON_NEGATIVE)
     loss_agg: str = "dapo"  # "grpo" (sequence mean, then batch mean) | "dapo" (token mean) | "dr_grpo" (sum / constant)
-    dr_grpo_length: int | None = None  # dr_grpo's constant length; None = the longest completion of the batch
+    # dr_grpo's constant length; None = the longest completion of the batch
+    dr_grpo_length: int | None = knob(None, check=AT_LEAST_1)
     scale_rewards: str = "group"  # advantage std scaling: "group" (GRPO) | "batch" | "none" (Dr. GRPO)
-    beta: float = 0.0  # KL(pi || pi_init) coefficient; 0 = no reference model loaded (paper: no KL)
-    tis_cap: float | None = None  # truncated importance sampling min(cap, pi_trainer / pi_engine) per token; None = off
+    # KL(pi || pi_init) coefficient; 0 = no reference model loaded (paper: no KL)
+    beta: float = knob(0.0, check=NON_NEGATIVE)
+    # truncated importance sampling min(cap, pi_trainer / pi_engine) per token; None = off
+    tis_cap: float | None = knob(None, check=POSITIVE)
     distill: bool = True  # gradient on x (context distillation) or, False, on the sampled T(x, z) (ablation)
     template_ratio: str = "mask"  # distilled tokens with pi(y_t|x)/pi(y_t|x~) outside the bounds: "mask" | "soft" | "off"
     template_ratio_bounds: tuple[float, float] = (0.01, 10.0)  # the authors' bounds
     template_clip: bool = False  # distilled tokens may climb to pi(y_t|x~) in one batch (upper clip, losses.py)
-    gradient_checkpointing: bool = False  # recompute activations in backward (long completions on GPU)
+    # recompute activations in backward (long completions on GPU)
+    gradient_checkpointing: bool = knob(False, resume=RESUMABLE)
     dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
     sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
-    keep_last_checkpoints: int = 2  # older checkpoints are deleted
-    process_timeout_s: float = 6 * 3600.0  # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
+    keep_last_checkpoints: int = knob(2, resume=RESUMABLE, check=NON_NEGATIVE)  # older ones are deleted; 0 keeps all
+    # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
+    process_timeout_s: float = knob(6 * 3600.0, check=POSITIVE)
 
     def __post_init__(self) -> None:
         def choice(name: str, options: tuple) -> None:
@@ -119,23 +193,7 @@ class TrainerConfig:
         choice("template_ratio", TEMPLATE_RATIO_MODES)
         choice("sync", ("step", "epoch"))
         choice("dtype", ("auto", *DTYPES))
-        if self.lr <= 0:
-            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainerConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"TrainerConfig.mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
-        if self.updates_per_batch < 1:
-            raise ValueError(f"TrainerConfig.updates_per_batch must be >= 1, got {self.updates_per_batch}")
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"TrainerConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ValueError(f"TrainerConfig epsilons must satisfy 0 <= epsilon_low < 1, epsilon_high >= 0; "
-                             f"got {self.epsilon_low}, {self.epsilon_high}")
-        if self.beta < 0:
-            raise ValueError(f"TrainerConfig.beta must be >= 0, got {self.beta}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"TrainerConfig.tis_cap must be > 0 or None, got {self.tis_cap}")
+        check_ranges(self)
         lo, hi = self.template_ratio_bounds
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"TrainerConfig.template_ratio_bounds must satisfy 0 < lo <= 1 <= hi, got {(lo, hi)}")
@@ -149,30 +207,27 @@ class PromptPhaseConfig:
 
     __pydantic_config__ = _STRICT
 
-    min_hard: int = 100  # GEPA runs only on at least this many hard questions (authors: 100)
-    dev_size: int = 300  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
+    min_hard: int = knob(100, check=AT_LEAST_1)  # GEPA runs only on at least this many hard questions (authors: 100)
+    dev_size: int = knob(300, check=AT_LEAST_1)  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
     budget: str | int = "heavy_4"  # light / medium / heavy (GEPA's auto), heavy_4 = 4 x heavy, or metric calls
-    beam_width: int = 16  # W: parents explored per GEPA iteration, from the Pareto front
+    beam_width: int = knob(16, check=AT_LEAST_1)  # W: parents explored per GEPA iteration, from the Pareto front
     same_template_in_group: bool = False  # ablation: one template for all K rollouts
-    num_threads: int = 8
-    stop_at_score: float = 1.0  # stop GEPA once a template's mean dev score reaches this
-    solved_threshold: float = 1.0  # a score at or above this counts as "solved"
-    reflection_minibatch_size: int = 3
+    num_threads: int = knob(8, resume=RESUMABLE, check=AT_LEAST_1)
+    stop_at_score: float = knob(1.0, check=POSITIVE)  # stop GEPA once a template's mean dev score reaches this
+    solved_threshold: float = knob(1.0, check=FRACTION)  # a score at or above this counts as "solved"
+    reflection_minibatch_size: int = knob(3, check=AT_LEAST_1)
     # GEPA merge (combine two candidates that evolved different predictors of a compound program) stays off:
     # gepa 0.1.4 draws the common ancestor weighted by its mean dev score and raises ("Total of weights must be
     # greater than zero") when that is 0, as the seed's usually is on a hard set (questions the policy fails
     # without a template). A one-predictor program has nothing to merge; round-robin reflection still evolves
     # every predictor of a compound one (tests/test_gepa_phase.py shows both)
     use_merge: bool = False
-    max_reflection_failures: int = 3  # consecutive failed reflection calls that end the phase
+    max_reflection_failures: int = knob(3, check=AT_LEAST_1)  # consecutive failed reflection calls that end the phase
     score_hard_train: bool = True  # score front + cover templates on hard_train to assign them too
     gepa_kwargs: dict = field(default_factory=dict)  # passed on to gepa.optimize
 
     def __post_init__(self) -> None:
-        for name in ("min_hard", "dev_size", "beam_width", "num_threads", "reflection_minibatch_size",
-                     "max_reflection_failures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PromptPhaseConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self)
         if isinstance(self.budget, str) and self.budget not in BUDGET_PRESETS:
             raise ValueError(f"PromptPhaseConfig.budget must be one of {sorted(BUDGET_PRESETS)} or a number of "
                              f"metric calls, got {self.budget!r}")
@@ -188,12 +243,115 @@ class DataConfig:
 
     program: str = "math_cot"  # built-in name, "module:attr" or "file.py:attr"
     metric: str = "math"  # "math" (dspy_p2o.rewards.math_metric) or "module:attr"
-    train: str = "math_train"  # "math_train", "aime", a local .jsonl/.parquet path or a hub dataset id
-    train_limit: int | None = None
-    val: str | None = None  # same forms as train; None = no validation set
-    val_limit: int | None = None
-    question_field: str | None = None  # auto-detected when None
-    answer_field: str | None = None
+    # "math_train", "aime", a local .jsonl/.parquet path or a hub dataset id
+    train: str = knob("math_train", resume=RESUMABLE)
+    train_limit: int | None = knob(None, resume=RESUMABLE, check=AT_LEAST_1)
+    val: str | None = knob(None, resume=RESUMABLE)  # same forms as train; None = no validation set
+    val_limit: int | None = knob(None, resume=RESUMABLE, check=AT_LEAST_1)
+    question_field: str | None = knob(None, resume=RESUMABLE)  # auto-detected when None
+    answer_field: str | None = knob(None, resume=RESUMABLE)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+# vLLM's --dtype choices
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+WEIGHT_SYNC_MODES = ("reload", "nccl")
+
+
+@dataclass
+class LocalOptions:
+    """The in-process engine (`engine: local`; `P2OConfig.local`, `LocalEngine`'s keywords).
+    With the trainer's module shared (training), device and dtype are the trainer's."""
+
+    __pydantic_config__ = _STRICT
+
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: cuda when present, else cpu
+    dtype: str | None = None  # None / "auto": bf16 on GPU, fp32 on CPU; or one of config.DTYPES
+    # sequences decoded together (prompts x n); larger inputs are chunked
+    max_batch_size: int = knob(64, check=AT_LEAST_1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.dtype not in (None, "auto", *DTYPES):
+            raise ValueError(f"LocalOptions.dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class VLLMServerOptions:
+    """How a managed `vllm serve` is launched, or where an attached server is (`url`).
+    `VLLMServer` takes exactly this; `VLLMOptions` adds the engine's client and sync settings."""
+
+    __pydantic_config__ = _STRICT
+
+    url: str | None = knob(None, policy_only=True)  # attach to a running server (its root URL); None: launch one
+    api_key: str | None = knob(None, policy_only=True)  # attached: its key (default $VLLM_API_KEY); managed: random
+    port: int | None = knob(None, policy_only=True, check=Range(1, 65535))  # managed: None = a free port
+    host: str = "127.0.0.1"  # managed: bind address (a dev-mode server stays on loopback)
+    allow_remote_dev_routes: bool = False  # bind a dev-mode server to a non-loopback host anyway
+    served_model_name: str | None = knob(None, policy_only=True)  # managed default "policy" ("reference")
+    # leaves room for a trainer / a reference server on the same GPU
+    gpu_memory_utilization: float = knob(0.45, check=FRACTION)
+    tensor_parallel_size: int = knob(1, check=AT_LEAST_1)
+    max_model_len: int | None = knob(None, check=AT_LEAST_1)  # None: the model's
+    device: str | None = None  # "cpu" (vLLM's CPU build) or "cuda"; None: cuda when torch sees a GPU
+    dtype: str = "auto"  # vLLM's --dtype; "auto" is float32 on CPU
+    kv_cache_memory_bytes: int | None = knob(None, check=AT_LEAST_1)  # None: 1 GiB on CPU, vLLM's choice on GPU
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile (faster cold start)
+    extra_args: list[str] = field(default_factory=list)  # appended to `vllm serve` verbatim
+    startup_timeout_s: float = knob(600.0, check=POSITIVE)  # how long a managed server may take to answer /health
+    log_path: str | None = knob(None, policy_only=True)  # the managed server's stdout+stderr; None: a temp file
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. {CUDA_VISIBLE_DEVICES: "1"}
+    server_command: list[str] | None = None  # the launch prefix; None: vLLM's own CLI (any vLLM build)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
+class VLLMOptions(VLLMServerOptions):
+    """The vLLM engine (`engine: vllm`; `P2OConfig.vllm`, `VLLMEngine`'s options): its server
+    (managed or attached), the HTTP client and the weight sync.
+
+    `reference` is the frozen server of the initial weights that self-reflection
+    (reflection=self) asks; unset, it is these options minus the policy-only fields
+    (a managed server named "reference" beside the policy's). Set, it is used as written."""
+
+    request_timeout_s: float = knob(3600.0, check=POSITIVE)  # per-request read timeout (long generations take minutes)
+    max_concurrency: int = knob(64, check=AT_LEAST_1)  # requests in flight at once (vLLM schedules them together)
+    max_retries: int = knob(5, check=NON_NEGATIVE)  # attempts per request after connection errors / HTTP 502-504
+    weight_sync: str = knob("reload", policy_only=True)  # "reload" (safetensors + reload_weights) or "nccl" (GPUs)
+    verify_sync: bool = knob(True, policy_only=True)  # compare served log-probs with the trainer's after a sync
+    # None: 1e-3 float32 server, 0.15 otherwise
+    sync_tolerance: float | None = knob(None, policy_only=True, check=POSITIVE)
+    sync_dir: str | None = knob(None, policy_only=True)  # where weights are written for reload; None: /dev/shm
+    reload_kwargs: dict[str, Any] = knob(factory=dict, policy_only=True)  # extra kwargs of vLLM's reload_weights
+    reference: VLLMOptions | None = knob(None, policy_only=True)  # the self-reflection server (see above)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"VLLMOptions.weight_sync must be one of {', '.join(WEIGHT_SYNC_MODES)}, "
+                             f"got {self.weight_sync!r}")
+        if self.reference is not None and self.reference.reference is not None:
+            raise ValueError("VLLMOptions.reference has a reference of its own; a reference server needs none")
+
+    def reference_options(self) -> VLLMOptions:
+        """The options of the self-reflection server: `reference` as written, else these minus
+        every policy-only field (a copy of the policy's `url` would attach to the policy server)."""
+        if self.reference is not None:
+            options = self.reference
+        else:
+            policy_only = {f.name: (f.default_factory() if f.default is MISSING else f.default)
+                           for f in dataclasses.fields(self) if f.metadata.get("policy_only")}
+            options = dataclasses.replace(self, **policy_only)
+        if options.url is None and options.served_model_name is None:  # an attached one keeps its own name
+            options = dataclasses.replace(options, served_model_name="reference")
+        return options
+
+
+ENGINE_OPTIONS = {"local": LocalOptions, "vllm": VLLMOptions}  # engine kind -> its options (its config section)
 
 
 @dataclass
@@ -202,17 +360,13 @@ class RewardsConfig:
 
     __pydantic_config__ = _STRICT
 
-    metric_timeout_s: float | None = 60.0  # a metric call still running after this scores 0 (counted); None = no limit
-    verify_workers: int | None = None  # math-verify worker processes; None = min(4, CPUs)
-    verify_memory_mb: int = 4096  # address-space cap per math-verify worker (MiB); 0 = none
+    # a metric call still running after this many seconds scores 0 (counted as a failure); None = no limit
+    metric_timeout_s: float | None = knob(60.0, check=POSITIVE)
+    verify_workers: int | None = knob(None, check=AT_LEAST_1)  # math-verify worker processes; None = min(4, CPUs)
+    verify_memory_mb: int = knob(4096, check=NON_NEGATIVE)  # address-space cap per math-verify worker (MiB); 0 = none
 
     def __post_init__(self) -> None:
-        if self.metric_timeout_s is not None and not self.metric_timeout_s > 0:
-            raise ValueError(f"RewardsConfig.metric_timeout_s must be > 0 or null (no limit), got {self.metric_timeout_s}")
-        if self.verify_workers is not None and self.verify_workers < 1:
-            raise ValueError(f"RewardsConfig.verify_workers must be >= 1 or null, got {self.verify_workers}")
-        if self.verify_memory_mb < 0:
-            raise ValueError(f"RewardsConfig.verify_memory_mb must be >= 0 (0: no cap), got {self.verify_memory_mb}")
+        check_ranges(self)
 
 
 @dataclass
@@ -222,67 +376,81 @@ class P2OConfig:
     __pydantic_config__ = _STRICT
 
     # -- models and engines
-    policy: str | None = None  # local model dir or hub id (CLI); compile() takes it as an argument
-    engine: str = "local"  # "local" (in-process transformers) or "vllm"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"url": ..., "gpu_memory_utilization": 0.4}
-    reflection: str = "self"  # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
-    reflection_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
-    reflection_max_tokens: int = 4096
-    reflection_retries: int = 3  # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
-    reflection_timeout_s: float = 120.0  # a teacher's seconds per attempt; reflection_kwargs.timeout wins
+    # local model dir or hub id (CLI); compile() takes it as an argument
+    policy: str | None = knob(None, resume=IDENTITY)
+    # "local" (in-process transformers, options in `local`) or "vllm" (options in `vllm`)
+    engine: str = knob("local", resume=RESUMABLE)
+    # "self" (frozen initial policy), "teacher:<litellm model>", "custom" (an LM given to compile)
+    reflection: str = knob("self", resume=RESUMABLE)
+    # e.g. {"api_base": ..., "api_key_env": "MOONSHOT_API_KEY"}
+    reflection_kwargs: dict[str, Any] = knob(factory=dict, resume=RESUMABLE)
+    reflection_max_tokens: int = knob(4096, resume=RESUMABLE, check=AT_LEAST_1)
+    # a teacher's retries per call (litellm back-off); reflection_kwargs.num_retries wins
+    reflection_retries: int = knob(3, check=NON_NEGATIVE)
+    # a teacher's seconds per attempt; reflection_kwargs.timeout wins
+    reflection_timeout_s: float = knob(120.0, check=POSITIVE)
     reflection_preflight: bool = True  # one 1-token teacher call at start: a wrong endpoint or key fails before training
     adapter: str = "chat"  # DSPy adapter that renders, parses and serves the program: "chat", "json" or "xml"
 
     # -- Alg. 1
-    method: str = "p2o"  # "p2o", or "grpo": the baseline (same trainer, same rollout budget, no prompt phase)
-    epochs: int = 5
-    batch_size: int = 128  # questions per phase-1 batch
-    k: int = 6  # rollouts per question (GRPO group size); k - plain_per_group templates per hard question
-    temperature: float = 0.6  # sampling, and the trainer's log-probs
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 12288  # completion budget per rollout
-    plain_per_group: int = 0  # plain (un-templated) rollouts kept in each templated group
-    tau: float = 1e-9  # a question is hard when its mean reward is below tau (default: no success)
-    near_hard: bool = False  # the authors' code: exactly one success out of K is hard too
-    hardness_on: str = "all"  # "all" rollouts of a group, or only its "plain" ones (falls back to all)
+    # "p2o", or "grpo": the baseline (same trainer, same rollout budget, no prompt phase)
+    method: str = knob("p2o", resume=IDENTITY)
+    epochs: int = knob(5, resume=RESUMABLE, check=AT_LEAST_1)
+    batch_size: int = knob(128, resume=IDENTITY, check=AT_LEAST_1)  # questions per phase-1 batch
+    # rollouts per question (GRPO group size); k - plain_per_group templates per hard question
+    k: int = knob(6, resume=IDENTITY)
+    temperature: float = knob(0.6, resume=IDENTITY)  # sampling, and the trainer's log-probs
+    top_p: float = knob(1.0, check=FRACTION)
+    top_k: int = knob(0, check=NON_NEGATIVE)
+    max_tokens: int = knob(12288, resume=IDENTITY, check=AT_LEAST_1)  # completion budget per rollout
+    plain_per_group: int = knob(0, resume=IDENTITY)  # plain (un-templated) rollouts kept in each templated group
+    # a question is hard when its mean reward is below tau (default: no success)
+    tau: float = knob(1e-9, resume=IDENTITY, check=FRACTION)
+    near_hard: bool = knob(False, resume=IDENTITY)  # the authors' code: exactly one success out of K is hard too
+    # "all" rollouts of a group, or only its "plain" ones (falls back to all)
+    hardness_on: str = knob("all", resume=IDENTITY)
     shuffle: bool = True
-    seed: int = 0  # data order, sampling, the trainer's python / numpy / torch seeds, GEPA (+ epoch)
+    # data order, sampling, the trainer's python / numpy / torch seeds, GEPA (+ epoch)
+    seed: int = knob(0, resume=IDENTITY, check=NON_NEGATIVE)
 
     # -- bookkeeping
-    checkpoint_every: int = 1  # phase-1 batches between checkpoints (mid-epoch resume granularity)
-    eval_every_epoch: bool = True  # validation accuracy (no templates) after every epoch
-    eval_k: int = 1  # samples per validation question (pass@1 is their mean)
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers: "tensorboard", "wandb"
-    progress: bool = True
+    # phase-1 batches between checkpoints (mid-epoch resume granularity)
+    checkpoint_every: int = knob(1, resume=RESUMABLE, check=AT_LEAST_1)
+    eval_every_epoch: bool = knob(True, resume=RESUMABLE)  # validation accuracy (no templates) after every epoch
+    eval_k: int = knob(1, resume=RESUMABLE, check=AT_LEAST_1)  # samples per validation question (pass@1 is their mean)
+    trackers: list[str] = knob(factory=list, resume=RESUMABLE)  # accelerate trackers: "tensorboard", "wandb"
+    progress: bool = knob(True, resume=RESUMABLE)
 
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     prompt: PromptPhaseConfig = field(default_factory=PromptPhaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    local: LocalOptions = knob(factory=LocalOptions, resume=RESUMABLE)
+    vllm: VLLMOptions = knob(factory=VLLMOptions, resume=RESUMABLE)
+    rewards: RewardsConfig = knob(factory=RewardsConfig, resume=RESUMABLE)
+
+    @property
+    def engine_options(self) -> LocalOptions | VLLMOptions:
+        """The options of the chosen engine (`local` or `vllm`)."""
+        return self.vllm if self.engine == "vllm" else self.local
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        check_ranges(self, prefix="", error=ConfigError)
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
-            (self.engine in ("local", "vllm"), f"engine must be 'local' or 'vllm', got {self.engine!r}"),
+            (self.engine in ENGINE_OPTIONS, f"engine must be 'local' or 'vllm', got {self.engine!r}"),
             (self.reflection in ("self", "custom") or self.reflection.startswith("teacher:"),
              f"reflection must be 'self', 'teacher:<litellm model>' or 'custom', got {self.reflection!r}"),
             (not self.reflection.startswith("teacher:") or self.reflection[len("teacher:"):].strip(),
              f'reflection {self.reflection!r} names no model; write "teacher:<litellm model>", e.g. "teacher:openai/gpt-4.1"'),
             (self.temperature > 0, f"temperature must be > 0 (the trainer takes log-probs at the sampling temperature), "
                                    f"got {self.temperature}"),
-            (self.reflection_retries >= 0, f"reflection_retries must be >= 0, got {self.reflection_retries}"),
-            (self.reflection_timeout_s > 0, f"reflection_timeout_s must be > 0, got {self.reflection_timeout_s}"),
             (self.adapter in ADAPTERS, f"adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.k >= 2, f"k must be >= 2 (GRPO compares rollouts within a group), got {self.k}"),
             (0 <= self.plain_per_group < self.k, f"plain_per_group must be in [0, k), got {self.plain_per_group}"),
             (self.hardness_on in ("all", "plain"), f"hardness_on must be 'all' or 'plain', got {self.hardness_on!r}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -390,28 +558,85 @@ def parse_scalar(raw: str) -> Any:
     return value
 
 
+def resume_rule(key: str) -> str:
+    """The resume rule of a dotted config key: the first rule other than FIXED on its path
+    (a RESUMABLE section's keys are all resumable); FIXED for a key the schema does not have."""
+    cls: type | None = P2OConfig
+    for part in key.split("."):
+        declared = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+        if part not in declared:
+            return FIXED
+        rule = declared[part].metadata.get("resume", FIXED)
+        if rule != FIXED:
+            return rule
+        cls = _section_type(get_type_hints(cls)[part])
+    return FIXED
+
+
+def identity_keys() -> list[str]:
+    """The top-level fields that make a run what it is (IDENTITY), in declaration order."""
+    return [f.name for f in dataclasses.fields(P2OConfig) if f.metadata.get("resume") == IDENTITY]
+
+
+def sections() -> list[str]:
+    """The top-level fields that are sections (trainer, prompt, data, local, vllm)."""
+    hints = get_type_hints(P2OConfig)
+    return [f.name for f in dataclasses.fields(P2OConfig) if _section_type(hints[f.name]) is not None]
+
+
 def resolve_key(key: str) -> list[str]:
     """The dotted path of an override key; a bare name must match exactly one field."""
-    if "." in key or key in MOVED:
+    if "." in key or key in MOVED or key in {f.name for f in dataclasses.fields(P2OConfig)}:
         return key.split(".")
     matches = [path for path in _field_paths(P2OConfig) if path[-1] == key]
     if not matches:
-        raise ConfigError(f"unknown config key {key!r}")
+        raise ConfigError(unknown_keys([key]))
     if len(matches) > 1:
         options = ", ".join(".".join(m) for m in matches)
         raise ConfigError(f"config key {key!r} is ambiguous; use one of: {options}")
     return matches[0]
 
 
-def _field_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[list[str]]:
+def unknown_keys(keys: list[str], root: type = P2OConfig) -> str:
+    """The error for keys the schema lacks, each with its closest field (difflib) when there is
+    one: `unknown config key 'trainer.lrr'; did you mean 'trainer.lr'?`. A key is compared with
+    the fields of its own section (a bare name: with every field's name)."""
+    by_name: dict[str, list[str]] = {}
+    for path in _field_paths(root):
+        by_name.setdefault(path[-1], []).append(".".join(path))
+    for f in dataclasses.fields(root):  # a misspelt section ("trainr") is a bare name too
+        by_name.setdefault(f.name, [f.name])
+    named = []
+    for key in keys:
+        hint = " or ".join(repr(c) for c in _closest(key, root, by_name))
+        named.append(f"{key!r}" + (f" (did you mean {hint}?)" if hint and len(keys) > 1 else
+                                   f"; did you mean {hint}?" if hint else ""))
+    return f"unknown config key{'s' if len(keys) > 1 else ''} {', '.join(named)}"
+
+
+def _closest(key: str, root: type, by_name: dict[str, list[str]]) -> list[str]:
+    section, _, name = key.rpartition(".")
+    if not section:
+        close = difflib.get_close_matches(name, list(by_name), n=1)
+        return close if not close or len(by_name[close[0]]) == 1 else by_name[close[0]]
+    siblings = [p[-1] for p in _field_paths(root, optional_sections=True) if ".".join(p[:-1]) == section]
+    return [f"{section}.{match}" for match in difflib.get_close_matches(name, siblings, n=1)]
+
+
+def _field_paths(cls: type, prefix: tuple[str, ...] = (), *, optional_sections: bool = False,
+                 _within: tuple[type, ...] = ()) -> list[list[str]]:
+    """Every leaf field's path; `optional_sections` descends into `X | None` sections too
+    (vllm.reference), once: a section of a type already on its path is a leaf."""
     paths = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        sub = hints[f.name]
-        if dataclasses.is_dataclass(sub):
-            paths.extend(_field_paths(sub, prefix + (f.name,)))
-        else:
+        hint = hints[f.name]
+        section = _section_type(hint) if optional_sections or dataclasses.is_dataclass(hint) else None
+        if section is None or section in _within:
             paths.append(list(prefix + (f.name,)))
+        else:
+            paths.extend(_field_paths(section, prefix + (f.name,), optional_sections=optional_sections,
+                                      _within=_within + (cls,)))
     return paths
 
 
@@ -433,9 +658,20 @@ def _check_moved(data: Any) -> None:
             raise ConfigError(f"config key {key!r} has moved; use {home}")
 
 
+def engine_options_from(kind: str, values: Mapping[str, Any]) -> LocalOptions | VLLMOptions:
+    """The typed options of engine `kind` ("local" or "vllm") from plain data, e.g. the eval
+    command's `--engine-arg`s; a wrong key or value is a ConfigError naming it."""
+    if kind not in ENGINE_OPTIONS:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINE_OPTIONS)}, got {kind!r}")
+    try:
+        return _adapter(ENGINE_OPTIONS[kind]).validate_json(json.dumps(dict(values), default=_jsonable))
+    except ValidationError as exc:
+        raise _config_error(exc, ENGINE_OPTIONS[kind]) from None
+
+
 @functools.cache
-def _adapter() -> TypeAdapter:
-    return TypeAdapter(P2OConfig)
+def _adapter(cls: type = P2OConfig) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 # pydantic's error types -> the form a value must take, for error messages
@@ -443,22 +679,23 @@ _EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "t
              "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping"}
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
+def _config_error(exc: ValidationError, root: type = P2OConfig) -> ConfigError:
     """pydantic's first error as one line naming the key (all unknown keys at once)."""
     errors = exc.errors()
-    unknown = [_key(e["loc"]) for e in errors if e["type"] == "unexpected_keyword_argument"]
+    unknown = [_key(e["loc"], root) for e in errors if e["type"] == "unexpected_keyword_argument"]
     if unknown:
-        return ConfigError(f"unknown config key(s) {', '.join(unknown)}")
+        return ConfigError(unknown_keys(unknown, root))
     first = errors[0]
-    key, value = _key(first["loc"]), first["input"]
+    key, value = _key(first["loc"], root), first["input"]
     if first["type"] == "value_error":  # a dataclass's own check (__post_init__)
         error = first["ctx"]["error"]
-        return error if isinstance(error, ConfigError) else ConfigError(
-            f"invalid config section {key or 'top level'!r}: {error}")
+        if isinstance(error, ConfigError) or not key:  # the root's own check names its field already
+            return ConfigError(str(error))
+        return ConfigError(f"invalid config section {key!r}: {error}")
     if first["type"] == "dataclass_type":
         return ConfigError(f"config section {key or 'top level'!r} must be a mapping, got {type(value).__name__}")
     expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in errors
-                                         if _key(e["loc"]) == key and e["type"] in _EXPECTED))
+                                         if _key(e["loc"], root) == key and e["type"] in _EXPECTED))
     if not expected:
         return ConfigError(f"config key {key!r}: {first['msg']}, got {value!r}")
     if value is None:
@@ -466,15 +703,23 @@ def _config_error(exc: ValidationError) -> ConfigError:
     return ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
 
 
-def _key(loc: tuple) -> str:
+def _key(loc: tuple, root: type = P2OConfig) -> str:
     """The dotted config key of a pydantic error location (positions inside a value dropped)."""
-    parts, cls = [], P2OConfig
+    parts, cls = [], root
     for part in loc:
         parts.append(str(part))
-        cls = get_type_hints(cls).get(part) if isinstance(part, str) else None
-        if not dataclasses.is_dataclass(cls):
+        cls = _section_type(get_type_hints(cls).get(part)) if isinstance(part, str) else None
+        if cls is None:
             break
     return ".".join(parts)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The config dataclass a field holds (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    sections = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+    return sections[0] if len(sections) == 1 else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -37,7 +37,7 @@ import dspy
 from dspy_p2o import display
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
-from dspy_p2o.engines import Engine, LocalEngine, make_engine
+from dspy_p2o.engines import Engine, make_engine, make_reference_engine
 from dspy_p2o.engines.hf import check_model_path
 from dspy_p2o.models import ModelPackageMissing
 from dspy_p2o.jsonio import write_json, write_jsonl
@@ -180,14 +180,10 @@ class P2OLoop:
             # The engine samples from the trainer's own module (this rank's replica): weight sync costs nothing.
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, temperature=cfg.temperature, seed=cfg.seed,
                                        total_steps=total_steps, accelerator=acc)
-            self.engine = LocalEngine(self.trainer.model, self.trainer.tokenizer, **cfg.engine_kwargs)
+            self.engine = make_engine(cfg, self.trainer.model, tokenizer=self.trainer.tokenizer)
             self.trainer.engine = self.engine
         else:
-            if acc.num_processes > 1 and not cfg.engine_kwargs.get("url"):
-                raise ConfigError(f"engine={cfg.engine!r} under {acc.num_processes} processes needs a shared server "
-                                  "(engine_kwargs.url; benchmarks/gpu/run.sh starts one): a managed server per rank "
-                                  "would load the policy once per rank")
-            self.engine = make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
+            self.engine = make_engine(cfg, self.policy, processes=acc.num_processes)
             self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, temperature=cfg.temperature, seed=cfg.seed,
                                        engine=self.engine, total_steps=total_steps, accelerator=acc)
         self.adapter = make_adapter(cfg.adapter)
@@ -227,12 +223,7 @@ class P2OLoop:
 
     def _initial_policy_engine(self) -> Engine:
         """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""
-        cfg = self.config
-        if cfg.engine == "vllm":
-            from dspy_p2o.engines.vllm import reference_engine_kwargs
-
-            return make_engine("vllm", self.policy, **reference_engine_kwargs(cfg.engine_kwargs))
-        return make_engine(cfg.engine, self.policy, **cfg.engine_kwargs)
+        return make_reference_engine(self.config, self.policy)
 
     # ------------------------------------------------------------------ state
     def _checkpoint(self, state: LoopState) -> None:

@@ -29,9 +29,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from dspy_p2o.config import ConfigError, P2OConfig
+from dspy_p2o import checkpoints as ckpt
+from dspy_p2o.config import RESUMABLE, ConfigError, P2OConfig, identity_keys, resume_rule, sections
 from dspy_p2o.jsonio import write_json
-from dspy_p2o.trainer import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,9 @@ class RunDirBusy(ConfigError):
     """Another live process holds the run directory."""
 
 
-# Config sections compared key by key on resume.
-SECTIONS = ("trainer", "prompt", "data", "rewards")
-# Keys that may change when a run resumes: how long it runs, where its servers are, how it
-# reports and what it costs in memory -- not what it optimises. Every other change is refused.
-RESUMABLE_KEYS = ("epochs", "engine", "engine_kwargs", "reflection", "reflection_kwargs", "reflection_max_tokens",
-                  "checkpoint_every", "eval_every_epoch", "eval_k", "trackers", "progress",
-                  "trainer.keep_last_checkpoints", "trainer.micro_batch_tokens", "trainer.gradient_checkpointing",
-                  "prompt.num_threads", "data.train", "data.train_limit", "data.val", "data.val_limit",
-                  "data.question_field", "data.answer_field", "rewards")
-# Nested copies of top-level keys that older run directories recorded (config.MOVED); dropped on comparison.
-LEGACY_KEYS = ("trainer.temperature", "trainer.seed", "prompt.k", "prompt.seed")
-# Keys whose change makes an existing run directory meaningless to resume.
-IDENTITY_KEYS = ("policy", "k", "batch_size", "method", "seed", "temperature", "max_tokens",
-                 "plain_per_group", "hardness_on", "near_hard", "tau")
+# Keys that older run directories recorded (config.MOVED): nested copies of top-level keys, and
+# engine_kwargs (resumable, as the engine sections that replace it); dropped on comparison.
+LEGACY_KEYS = ("trainer.temperature", "trainer.seed", "prompt.k", "prompt.seed", "engine_kwargs")
 
 
 def fingerprint(ids: Iterable[str]) -> str:
@@ -120,9 +109,9 @@ class RunDir:
     def check(self, config: P2OConfig, identity: dict[str, Any]) -> bool:
         """Refuse a run directory written by an incompatible run, writing nothing. True when resuming.
 
-        Per key: a change in the identity (policy, trainset, ...) or in any config key outside
-        RESUMABLE_KEYS is refused with the keys named; a change of a RESUMABLE_KEYS key is
-        accepted, and `start` records it."""
+        Per key: a change in the identity (policy, trainset, ...) or in any config key not
+        declared RESUMABLE (config.resume_rule) is refused with the keys named; a change of a
+        resumable key is accepted, and `start` records it."""
         self._accepted: dict[str, tuple[Any, Any]] = {}
         if not self.identity_file.exists():
             return False
@@ -181,13 +170,15 @@ class RunDir:
 
 
 def resumable(key: str) -> bool:
-    """Whether a config key may change when a run resumes (see RESUMABLE_KEYS)."""
-    return key in RESUMABLE_KEYS or any(key.startswith(prefix + ".") for prefix in RESUMABLE_KEYS)
+    """Whether a config key may change when a run resumes: declared RESUMABLE next to its field
+    (or its section's) in config.py -- how long the run goes, where its servers are, how it
+    reports and what it costs in memory, not what it optimises."""
+    return resume_rule(key) == RESUMABLE
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (old, new)} for every leaf that differs (a dict-valued field such as
-    engine_kwargs counts as one key)."""
+    """{dotted key: (old, new)} for every leaf that differs (sections are compared key by key;
+    a dict-valued field such as reflection_kwargs or vllm.env counts as one key)."""
     flat_old, flat_new = _upgrade(_flatten(old)), _flatten(new)
     return {k: (flat_old.get(k), flat_new.get(k)) for k in sorted(set(flat_old) | set(flat_new))
             if flat_old.get(k) != flat_new.get(k)}
@@ -200,6 +191,9 @@ def _upgrade(recorded: dict[str, Any]) -> dict[str, Any]:
     if "prompt_phase" in out:
         out["method"] = "p2o" if out.pop("prompt_phase") else "grpo"
     return out
+
+
+SECTIONS = tuple(sections())  # compared key by key on resume
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +275,7 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 
 def identity_of(config: P2OConfig, policy: str, train_ids: list[str]) -> dict[str, Any]:
-    values = {key: getattr(config, key) for key in IDENTITY_KEYS}
+    values = {key: getattr(config, key) for key in identity_keys()}
     values["policy"] = str(policy)
     values["trainset"] = fingerprint(train_ids)
     return values

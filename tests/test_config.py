@@ -13,9 +13,14 @@ from dspy_p2o.run_dir import config_changes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_config_module_and_train_help_import_no_torch_dspy_or_gepa():
-    code = ("import sys, dspy_p2o.config, dspy_p2o.train_cli; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dspy', 'gepa', 'transformers'}))")
+@pytest.mark.parametrize("modules, heavy", [
+    (("dspy_p2o.config", "dspy_p2o.train_cli"), {"torch", "dspy", "gepa", "transformers"}),
+    # the run directory finds checkpoints through the torch-free layout module, not the trainer
+    (("dspy_p2o.run_dir", "dspy_p2o.checkpoints"), {"torch", "dspy", "transformers"}),
+])
+def test_config_module_and_train_help_import_no_torch_dspy_or_gepa(modules, heavy):
+    code = (f"import sys, {', '.join(modules)}; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy)!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert done.returncode == 0, done.stderr
@@ -36,7 +41,7 @@ def test_dotted_overrides_of_nested_knobs_are_honoured():
 @pytest.mark.parametrize("key", sorted(MOVED))
 def test_a_moved_key_names_its_new_home(key):
     section, _, name = key.rpartition(".")
-    home = "method" if key == "prompt_phase" else f"top-level {name}"
+    home = {"prompt_phase": "method", "engine_kwargs": "`local:`.*`vllm:`"}.get(key, f"top-level {name}")
     for source, overrides in ((None, {key: 1}), ({section: {name: 1}} if section else {name: 1}, None)):
         with pytest.raises(ConfigError, match=f"config key '{key}' has moved; use .*{home}"):
             P2OConfig.load(source, overrides)
@@ -51,7 +56,7 @@ def test_a_moved_key_names_its_new_home(key):
     ("trackers=[3]", "config key 'trackers' must be a string, got 3"),
     ("trainer.lr=-1", "invalid config section 'trainer': TrainerConfig.lr must be > 0, got -1.0"),
     ("method=ppo", "method must be one of p2o, grpo, got 'ppo'"),
-    ("trainer.lrr=1", "unknown config key(s) trainer.lrr"),
+    ("trainer.lrr=1", "unknown config key 'trainer.lrr'; did you mean 'trainer.lr'?"),
 ])
 def test_a_bad_value_is_one_error_naming_its_key(override, message):
     with pytest.raises(ConfigError) as info:
@@ -81,3 +86,112 @@ def test_an_older_run_dirs_config_compares_in_todays_keys():
     assert config_changes(old, new) == {}
     old["prompt_phase"] = True
     assert config_changes(old, new) == {"method": ("p2o", "grpo")}
+
+
+def test_resume_rules_are_read_from_the_fields_declarations():
+    """run_dir asks config.resume_rule: a field's own rule, else its section's; unknown keys are fixed."""
+    from dspy_p2o.config import FIXED, IDENTITY, RESUMABLE, identity_keys, resume_rule
+
+    assert set(identity_keys()) == {"policy", "k", "batch_size", "method", "seed", "temperature", "max_tokens",
+                                    "plain_per_group", "hardness_on", "near_hard", "tau"}
+    assert resume_rule("k") == IDENTITY and resume_rule("epochs") == RESUMABLE
+    assert resume_rule("trainer.micro_batch_tokens") == RESUMABLE and resume_rule("trainer.lr") == FIXED
+    assert resume_rule("data.train") == RESUMABLE and resume_rule("data.metric") == FIXED
+    for key in ("vllm", "vllm.url", "vllm.reference", "local.max_batch_size"):  # the engine sections, as a whole
+        assert resume_rule(key) == RESUMABLE, key
+    assert resume_rule("no_such_key") == FIXED and resume_rule("trainer.no_such_key") == FIXED
+
+
+def test_an_engine_section_change_is_accepted_on_resume_and_a_trainer_change_refused(tmp_path):
+    from dspy_p2o.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    first = P2OConfig.load(None, {"engine": "vllm", "vllm.url": "http://127.0.0.1:8000"})
+    identity = {"policy": "p", "trainset": "abc"}
+    assert run.check(first, identity) is False
+    run.start(first, identity, resuming=False)
+    run.save_state({"epoch": 0})
+    moved = P2OConfig.load(first, {"vllm.url": "http://127.0.0.1:9000", "vllm.max_concurrency": 8,
+                                   "local.dtype": "bf16"})
+    assert run.check(moved, identity) is True
+    assert run._accepted == {"vllm.url": ("http://127.0.0.1:8000", "http://127.0.0.1:9000"),
+                             "vllm.max_concurrency": (64, 8), "local.dtype": (None, "bf16")}
+    with pytest.raises(ConfigError, match=r"incompatible run \(trainer.lr: 1e-06 -> 2e-06\)"):
+        run.check(P2OConfig.load(moved, {"trainer.lr": 2e-6}), identity)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_tokens=0", "max_tokens must be >= 1, got 0"),
+    ("top_p=0", "top_p must be in (0, 1], got 0.0"),
+    ("top_p=1.5", "top_p must be in (0, 1], got 1.5"),
+    ("top_k=-1", "top_k must be >= 0, got -1"),
+    ("tau=0", "tau must be in (0, 1], got 0.0"),
+    ("eval_k=0", "eval_k must be >= 1, got 0"),
+    ("reflection_max_tokens=0", "reflection_max_tokens must be >= 1, got 0"),
+    ("temperature=.nan", "temperature must be > 0 (the trainer takes log-probs at the sampling temperature), got nan"),
+    ("trainer.keep_last_checkpoints=-1",
+     "invalid config section 'trainer': TrainerConfig.keep_last_checkpoints must be >= 0, got -1"),
+    ("trainer.micro_batch_tokens=0",
+     "invalid config section 'trainer': TrainerConfig.micro_batch_tokens must be >= 1, got 0"),
+    ("trainer.mini_batch_size=0",
+     "invalid config section 'trainer': TrainerConfig.mini_batch_size must be >= 1 or null, got 0"),
+    ("trainer.lr=.nan", "invalid config section 'trainer': TrainerConfig.lr must be > 0, got nan"),
+    ("prompt.dev_size=0", "invalid config section 'prompt': PromptPhaseConfig.dev_size must be >= 1, got 0"),
+    ("prompt.solved_threshold=1.5",
+     "invalid config section 'prompt': PromptPhaseConfig.solved_threshold must be in (0, 1], got 1.5"),
+    ("data.train_limit=0", "invalid config section 'data': DataConfig.train_limit must be >= 1 or null, got 0"),
+    ("local.max_batch_size=0", "invalid config section 'local': LocalOptions.max_batch_size must be >= 1, got 0"),
+    ("vllm.gpu_memory_utilization=1.2",
+     "invalid config section 'vllm': VLLMOptions.gpu_memory_utilization must be in (0, 1], got 1.2"),
+    ("vllm.reference={port: 0}",
+     "invalid config section 'vllm.reference': VLLMOptions.port must be in [1, 65535] or null, got 0"),
+])
+def test_numeric_ranges_are_checked_when_the_config_is_built(override, message):
+    with pytest.raises(ConfigError) as info:
+        P2OConfig.load(None, parse_overrides([override]))
+    assert str(info.value) == message
+
+
+# Numeric fields whose check is not a plain range: cross-field (validate()) or any value meaningful.
+OWN_CHECKS = {"P2OConfig.k", "P2OConfig.temperature", "P2OConfig.plain_per_group",
+              "TrainerConfig.max_grad_norm", "TrainerConfig.template_ratio_bounds", "PromptPhaseConfig.budget"}
+
+
+def test_every_numeric_knob_declares_its_range():
+    import dataclasses
+    import typing
+
+    from dspy_p2o.config import ENGINE_OPTIONS, DataConfig, PromptPhaseConfig, TrainerConfig
+
+    unchecked = []
+    for cls in (P2OConfig, TrainerConfig, PromptPhaseConfig, DataConfig, *ENGINE_OPTIONS.values()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+            name = f"{cls.__name__}.{f.name}"
+            if kinds & {int, float} and f.metadata.get("check") is None and name not in OWN_CHECKS:
+                unchecked.append(name)
+    assert unchecked == []
+
+
+@pytest.mark.parametrize("source, overrides, message", [
+    (None, ["lrr=1e-5"], "unknown config key 'lrr'; did you mean 'lr'?"),
+    (None, ["epochz=2"], "unknown config key 'epochz'; did you mean 'epochs'?"),
+    (None, ["dtyp=bf16"], "unknown config key 'dtyp'; did you mean 'trainer.dtype' or 'local.dtype' or 'vllm.dtype'?"),
+    (None, ["vllm.reference.urll=x"], "unknown config key 'vllm.reference.urll'; did you mean 'vllm.reference.url'?"),
+    (None, ["trainer.zzzz=1"], "unknown config key 'trainer.zzzz'"),  # nothing close: no guess
+    ({"trainr": {"lr": 1e-5}}, [], "unknown config key 'trainr'; did you mean 'trainer'?"),
+    ({"trainer": {"lrr": 1, "betta": 2}}, [],
+     "unknown config keys 'trainer.lrr' (did you mean 'trainer.lr'?), 'trainer.betta' (did you mean 'trainer.beta'?)"),
+])
+def test_an_unknown_key_suggests_the_closest_field(source, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        P2OConfig.load(source, parse_overrides(overrides))
+    assert str(info.value) == message
+
+
+def test_an_unknown_key_in_a_yaml_file_suggests_the_closest_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 1\ntrainer:\n  lrr: 1.0e-5\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trainer.lrr'; did you mean 'trainer.lr'\?$"):
+        P2OConfig.load(path)

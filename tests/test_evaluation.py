@@ -253,6 +253,7 @@ def test_eval_on_cpu_says_what_it_will_cost_and_defaults_to_cpu_max_tokens(tiny_
                                                                           monkeypatch):
     import torch
 
+    from dspy_p2o.config import LocalOptions, VLLMOptions
     from dspy_p2o.evaluation.cli import CPU_MAX_TOKENS, on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -266,6 +267,8 @@ def test_eval_on_cpu_says_what_it_will_cost_and_defaults_to_cpu_max_tokens(tiny_
     assert "math500 problems" in err and "samples 1/1" in err and "tok/s" in err  # the live line
     protocols = json.loads((out / "config.json").read_text())["protocols"]
     assert protocols["math500"]["max_tokens"] == protocols["aime24"]["max_tokens"] == CPU_MAX_TOKENS
-    assert on_cpu("local", {}) and on_cpu("local", {"device": "cpu"}) and on_cpu("vllm", {})
+    assert on_cpu("local", LocalOptions()) and on_cpu("local", LocalOptions(device="cpu"))
+    assert on_cpu("vllm", VLLMOptions())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not on_cpu("local", {}) and on_cpu("local", {"device": "cpu"}) and not on_cpu("vllm", {"url": "http://h"})
+    assert not on_cpu("local", LocalOptions()) and on_cpu("local", LocalOptions(device="cpu"))
+    assert not on_cpu("vllm", VLLMOptions()) and not on_cpu("vllm", VLLMOptions(url="http://h"))

@@ -107,6 +107,18 @@ def test_shared_module_keeps_training_mode(tiny_model_dir):
     eng.sync_weights(model)  # shared module: nothing to copy
 
 
+def test_sync_weights_returns_the_engine_contracts_report(tiny_model_dir, format_model_dir):
+    """Every engine's sync_weights returns a SyncReport (engines/base.py): nothing to do for a shared
+    module, the copy's time otherwise; no served log-probs to compare in process."""
+    from dspy_p2o.engines import SyncReport
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    shared = LocalEngine(model, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert shared.sync_weights(model) == SyncReport(seconds=0.0, logprob_diff=None)
+    copied = LocalEngine(tiny_model_dir).sync_weights(AutoModelForCausalLM.from_pretrained(format_model_dir))
+    assert isinstance(copied, SyncReport) and copied.seconds > 0 and copied.logprob_diff is None
+
+
 def test_bad_inputs_have_clear_errors(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LocalEngine(tmp_path / "nope")

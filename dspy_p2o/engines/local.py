@@ -12,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dspy_p2o import display
-from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams
+from dspy_p2o.config import LocalOptions
+from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams, SyncReport
 from dspy_p2o.engines.hf import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
 from dspy_p2o.renderer import check_chat_template
 
@@ -51,8 +53,7 @@ class LocalEngine(Engine):
         model: a local model dir / hub id, or an already loaded `PreTrainedModel`
             (e.g. the trainer's module, shared so that weight sync is free).
         tokenizer: required when `model` is a module.
-        device, dtype: default to cuda+bf16 when present, else cpu+fp32.
-        max_batch_size: sequences decoded together (prompts x n); larger inputs are chunked.
+        device, dtype, max_batch_size: `config.LocalOptions` (a run's `local` section).
     """
 
     def __init__(
@@ -62,7 +63,7 @@ class LocalEngine(Engine):
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int = LocalOptions.max_batch_size,
         name: str | None = None,
     ) -> None:
         if isinstance(model, torch.nn.Module):
@@ -212,10 +213,12 @@ class LocalEngine(Engine):
 
         return engine_lm(self, **defaults)
 
-    def sync_weights(self, source: Any) -> None:
-        """Serve new weights. A shared module needs nothing; otherwise copy a state dict or load a dir."""
+    def sync_weights(self, source: Any) -> SyncReport:
+        """Serve new weights. A shared module needs nothing (0 s); otherwise copy a state dict or load
+        a dir (an exact copy: there is no served log-prob to compare, logprob_diff is None)."""
         if source is self.model or source is None:
-            return
+            return SyncReport()
+        start = time.perf_counter()
         with self._lock:
             if isinstance(source, torch.nn.Module):
                 state = source.state_dict()
@@ -231,6 +234,7 @@ class LocalEngine(Engine):
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected or [m for m in missing if "lm_head" not in m]:
                 raise ValueError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return SyncReport(seconds=time.perf_counter() - start)
 
     def close(self) -> None:
         pass

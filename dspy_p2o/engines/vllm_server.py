@@ -11,7 +11,7 @@ to a log file whose tail is put into every startup error.
 The API key travels in the server's environment (`VLLM_API_KEY`), never on its command
 line (`ps` shows argv to every user). vLLM's key guards the OpenAI routes (/v1/...) only,
 NOT the dev routes (/collective_rpc, /pause, /resume, /reset_prefix_cache), so a dev-mode
-server binds to loopback; another host is refused unless `allow_remote_dev_routes=True`.
+server binds to loopback; another host is refused unless `allow_remote_dev_routes` is set.
 
 On a machine without CUDA (vLLM's CPU build) the defaults follow the CPU: `dtype="auto"`
 becomes float32 (vLLM's auto picks bfloat16 on CPU: log-probs off by ~1e-3), the KV cache
@@ -28,6 +28,7 @@ runs offline against `python -m dspy_p2o.testing.fake_vllm`.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import secrets
 import signal
@@ -39,9 +40,11 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import httpx
+
+from dspy_p2o.config import VLLMServerOptions
 
 DEFAULT_SERVER_COMMAND = (sys.executable, "-m", "dspy_p2o.engines.vllm_launch", "serve")
 HOST = "127.0.0.1"
@@ -63,21 +66,8 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
-def serve_arguments(
-    model: str,
-    *,
-    port: int,
-    served_model_name: str,
-    host: str = HOST,
-    gpu_memory_utilization: float = 0.45,
-    tensor_parallel_size: int = 1,
-    max_model_len: int | None = None,
-    dtype: str = "auto",
-    kv_cache_memory_bytes: int | None = None,
-    enforce_eager: bool = False,
-    weight_transfer_backend: str | None = None,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
+def serve_arguments(model: str, options: VLLMServerOptions, *, port: int, served_model_name: str,
+                    weight_transfer_backend: str | None = None) -> list[str]:
     """The arguments after `vllm serve`: the model, then flags that make rollouts trainable.
 
     `--logprobs-mode processed_logprobs` returns log-probs of the distribution actually
@@ -86,30 +76,26 @@ def serve_arguments(
     generation_config.json from silently changing our sampling defaults. The API key is
     not an argument: it goes in the environment (`VLLM_API_KEY`), out of `ps`.
     """
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-    if tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     args = [
         str(model),
-        "--host", host,
+        "--host", options.host,
         "--port", str(port),
         "--served-model-name", served_model_name,
         "--logprobs-mode", "processed_logprobs",
         "--generation-config", "vllm",
-        "--gpu-memory-utilization", str(gpu_memory_utilization),
-        "--tensor-parallel-size", str(tensor_parallel_size),
-        "--dtype", str(dtype),
+        "--gpu-memory-utilization", str(options.gpu_memory_utilization),
+        "--tensor-parallel-size", str(options.tensor_parallel_size),
+        "--dtype", str(options.dtype),
     ]
-    if max_model_len is not None:
-        args += ["--max-model-len", str(int(max_model_len))]
-    if kv_cache_memory_bytes is not None:
-        args += ["--kv-cache-memory-bytes", str(int(kv_cache_memory_bytes))]
-    if enforce_eager:
+    if options.max_model_len is not None:
+        args += ["--max-model-len", str(int(options.max_model_len))]
+    if options.kv_cache_memory_bytes is not None:
+        args += ["--kv-cache-memory-bytes", str(int(options.kv_cache_memory_bytes))]
+    if options.enforce_eager:
         args.append("--enforce-eager")
     if weight_transfer_backend is not None:
         args += ["--weight-transfer-config", '{"backend": "%s"}' % weight_transfer_backend]
-    return args + [str(a) for a in extra_args]
+    return args + [str(a) for a in options.extra_args]
 
 
 def read_tail(path: str | os.PathLike, lines: int = 40) -> str:
@@ -201,80 +187,52 @@ class VLLMServer:
     Args:
         model: model dir or hub id, passed to the server as is (a path that does not exist
             is refused before launch).
-        server_command: the launch prefix; default vLLM's CLI via `dspy_p2o.engines.vllm_launch`.
-            Tests use `[sys.executable, "-m", "dspy_p2o.testing.fake_vllm"]`.
-        port, api_key: default to a free port and a random key.
-        host: the bind address (loopback by default; see the module docstring).
-        allow_remote_dev_routes: bind a dev-mode server to a non-loopback host anyway.
-        served_model_name: the `model` field clients send (default "policy").
-        device: "cpu" or "cuda"; default: "cuda" when torch sees a GPU, else "cpu".
-        dtype: "auto" = float32 on CPU, vLLM's choice on GPU.
-        kv_cache_memory_bytes: the KV cache size; default 1 GiB on CPU, vLLM's on GPU.
-        enforce_eager: skip CUDA graphs / torch.compile (a cold CPU start: ~23 s instead of ~60 s).
-        startup_timeout_s: how long to wait for `/health` (loading + CUDA graphs take minutes).
-        log_path: the server's stdout+stderr; default a temp file kept for post-mortems.
-        env: extra environment variables (e.g. CUDA_VISIBLE_DEVICES).
+        options: how to launch it (`config.VLLMServerOptions`; its `url` must be unset: an
+            attached server is not launched). Unset port / api_key: a free port, a random key;
+            served_model_name: "policy"; device: "cuda" when torch sees a GPU, else "cpu"
+            (then dtype "auto" is float32 and the KV cache 1 GiB); server_command: vLLM's CLI
+            via `dspy_p2o.engines.vllm_launch` (tests use `dspy_p2o.testing.fake_vllm`).
+        weight_transfer_backend: "nccl" for vLLM's NCCL weight transfer, else None.
         dev_mode: set VLLM_SERVER_DEV_MODE=1 (needed for /collective_rpc weight reload).
-        Other knobs map to `vllm serve` flags (see `serve_arguments`).
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike,
-        *,
-        server_command: Sequence[str] = DEFAULT_SERVER_COMMAND,
-        port: int | None = None,
-        api_key: str | None = None,
-        host: str = HOST,
-        allow_remote_dev_routes: bool = False,
-        served_model_name: str = "policy",
-        gpu_memory_utilization: float = 0.45,
-        tensor_parallel_size: int = 1,
-        max_model_len: int | None = None,
-        device: str | None = None,
-        dtype: str = "auto",
-        kv_cache_memory_bytes: int | None = None,
-        enforce_eager: bool = False,
-        weight_transfer_backend: str | None = None,
-        extra_args: Sequence[str] = (),
-        startup_timeout_s: float = 600.0,
-        log_path: str | os.PathLike | None = None,
-        env: Mapping[str, str] | None = None,
-        dev_mode: bool = True,
-    ) -> None:
+    def __init__(self, model: str | os.PathLike, options: VLLMServerOptions | None = None, *,
+                 weight_transfer_backend: str | None = None, dev_mode: bool = True) -> None:
         from dspy_p2o.engines.hf import check_model_path
 
+        options = options if options is not None else VLLMServerOptions()
+        if options.url is not None:
+            raise ValueError(f"a server at {options.url!r} is attached to, not launched; unset url to launch one")
         self.model = str(model)
         check_model_path(self.model)
-        if dev_mode and host not in _LOOPBACK and not allow_remote_dev_routes:
+        if dev_mode and options.host not in _LOOPBACK and not options.allow_remote_dev_routes:
             raise ValueError(
-                f"refusing to bind a dev-mode vLLM server to {host!r}: its /collective_rpc, /pause and /resume "
-                "routes are not guarded by the API key; keep the loopback host or pass allow_remote_dev_routes=True")
-        self.host = host
-        self.device = device or default_device()
+                f"refusing to bind a dev-mode vLLM server to {options.host!r}: its /collective_rpc, /pause and "
+                "/resume routes are not guarded by the API key; keep the loopback host or set "
+                "allow_remote_dev_routes=true")
+        self.host = options.host
+        self.device = options.device or default_device()
+        resolved = {}
         if self.device == "cpu":
             check_cpu_head_dim(self.model)
-            if dtype == "auto":
-                dtype = "float32"
-            if kv_cache_memory_bytes is None:
-                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
-        self.dtype = dtype
-        self.port = int(port) if port else free_port()
+            resolved["dtype"] = "float32" if options.dtype == "auto" else options.dtype
+            resolved["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        self.options = dataclasses.replace(options, **resolved)
+        self.dtype = self.options.dtype
+        self.port = int(options.port) if options.port else free_port()
         # hex, not urlsafe: a key starting with '-' once broke flag parsing; hex keys are safe anywhere
-        self.api_key = api_key or secrets.token_hex(24)
-        self.served_model_name = served_model_name
-        self.startup_timeout_s = float(startup_timeout_s)
+        self.api_key = options.api_key or secrets.token_hex(24)
+        self.served_model_name = options.served_model_name or "policy"
+        self.startup_timeout_s = float(options.startup_timeout_s)
+        log_path = options.log_path
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
             os.close(fd)
         self.log_path = Path(log_path)
-        self.command = [*server_command, *serve_arguments(
-            self.model, port=self.port, host=host, served_model_name=served_model_name,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len, dtype=dtype, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=enforce_eager, weight_transfer_backend=weight_transfer_backend, extra_args=extra_args,
-        )]
-        self.env = dict(env or {})
+        self.command = [*(options.server_command or DEFAULT_SERVER_COMMAND), *serve_arguments(
+            self.model, self.options, port=self.port, served_model_name=self.served_model_name,
+            weight_transfer_backend=weight_transfer_backend)]
+        self.env = dict(options.env)
         self.env["VLLM_API_KEY"] = self.api_key  # the environment, not argv: `ps` shows argv to everyone
         if dev_mode:
             self.env.setdefault("VLLM_SERVER_DEV_MODE", "1")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dspy_p2o.config import ConfigError, engine_options_from
 from dspy_p2o.evaluation.prompting import DEFAULT_PROGRAM, PROMPT_MODES
 from dspy_p2o.evaluation.protocol import SMALL_BENCHMARK_SIZE
 from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="local", choices=("local", "vllm"),
                         help="local: in-process transformers; vllm: a managed vLLM server (GPU)")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra make_engine keyword (VALUE parsed as JSON when it can be), repeatable; "
+                        help="an engine option (config.LocalOptions / config.VLLMOptions; VALUE parsed as JSON "
+                             "when it can be), repeatable; "
                              "e.g. dtype=bfloat16, max_batch_size=128 (local); tensor_parallel_size=2, "
                              "max_model_len=16384, url=http://host:8000 (vllm)")
     parser.add_argument("--prompt", default="program", choices=PROMPT_MODES,
@@ -90,14 +92,14 @@ def parse_benchmarks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def on_cpu(engine: str, engine_kwargs: dict[str, Any]) -> bool:
-    """Whether the engine decodes on this machine's CPU: a local engine's `device` (default cuda
-    when present), or a managed vLLM server on a machine without CUDA (a `url` server is elsewhere)."""
-    if engine == "vllm" and engine_kwargs.get("url"):
+def on_cpu(engine: str, options: Any) -> bool:
+    """Whether the engine decodes on this machine's CPU: the engine options' `device` (default
+    cuda when present), except an attached vLLM server (`url`), which is elsewhere."""
+    if engine == "vllm" and getattr(options, "url", None):
         return False
     import torch
 
-    device = engine_kwargs.get("device")
+    device = getattr(options, "device", None)
     return torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
 
 
@@ -146,9 +148,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     benchmarks = parse_benchmarks(args.benchmarks)
-    engine_kwargs = {**ENGINE_DEFAULTS.get(args.engine, {}), **parse_engine_args(args.engine_arg)}
+    try:
+        options = engine_options_from(args.engine, {**ENGINE_DEFAULTS.get(args.engine, {}),
+                                                    **parse_engine_args(args.engine_arg)})
+    except ConfigError as exc:
+        raise ConfigError(f"--engine-arg: {exc}") from None
     out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
-    cpu = on_cpu(args.engine, engine_kwargs)
+    cpu = on_cpu(args.engine, options)
     defaulted = args.max_tokens is None
     max_tokens = (CPU_MAX_TOKENS if cpu else DEFAULT_MAX_TOKENS) if defaulted else args.max_tokens
     overrides = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
@@ -167,19 +173,19 @@ def _run(args: argparse.Namespace) -> int:
         if cpu:  # what the run will cost, said before it starts
             print(f"dspy-p2o eval: {cost_line(workload(benchmarks, args.limit, overrides), max_tokens, defaulted)}",
                   file=sys.stderr)
-        return _evaluate(args, benchmarks, engine_kwargs, overrides, program, out)
+        return _evaluate(args, benchmarks, options, overrides, program, out)
 
 
-def _evaluate(args: argparse.Namespace, benchmarks: list[str], engine_kwargs: dict[str, Any],
-              overrides: dict[str, Any], program: Any, out: Path) -> int:
-    from dspy_p2o.engines import make_engine
+def _evaluate(args: argparse.Namespace, benchmarks: list[str], options: Any, overrides: dict[str, Any],
+              program: Any, out: Path) -> int:
+    from dspy_p2o.engines import open_engine
     from dspy_p2o.evaluation.prompting import make_prompting
     from dspy_p2o.evaluation.report import results_table
     from dspy_p2o.evaluation.runner import evaluate
 
     # A local model is recorded by its absolute path, so a resume from another directory matches.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    with make_engine(args.engine, args.model, **engine_kwargs) as engine:
+    with open_engine(args.engine, args.model, options) as engine:
         prompting = make_prompting(args.prompt, engine.tokenizer, program=program or args.program,
                                    chat_template_kwargs=args.chat_template_kwargs, adapter=args.adapter)
         results = evaluate(engine, benchmarks, prompting, out, model=model,

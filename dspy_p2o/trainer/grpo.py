@@ -31,7 +31,7 @@ import torch
 
 from dspy_p2o.config import DTYPES, TrainerConfig
 from dspy_p2o.rollouts import Call, Rollout
-from dspy_p2o.trainer import checkpoint as ckpt
+from dspy_p2o import checkpoints as ckpt
 from dspy_p2o.trainer.advantages import group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
                                        sequence_logprobs, supports_logits_to_keep)
@@ -408,7 +408,7 @@ class GRPOTrainer:
             return 0.0
         start = time.perf_counter()
         report = self.engine.sync_weights(self.model)
-        diff = getattr(report, "logprob_diff", None)
+        diff = report.logprob_diff
         if diff is not None:
             self.sync_diffs.append(diff)
         return time.perf_counter() - start

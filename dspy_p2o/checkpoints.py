@@ -1,4 +1,6 @@
-"""Checkpoint directories: `checkpoint-<step>` under a run's checkpoint folder.
+"""Checkpoint directories: `checkpoint-<step>` under a run's checkpoint folder (the layout only:
+names, the newest complete one, pruning, the state file; torch-free, so the run directory can
+find a checkpoint without loading the trainer, which writes them).
 
 Each holds `model/` (save_pretrained model + tokenizer: what an engine or a user loads),
 `state/` (accelerate's save_state: model, optimizer, scheduler, RNG states) and
