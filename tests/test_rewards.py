@@ -264,7 +264,6 @@ def test_checks_from_eight_threads_at_once():
 
 
 def _child_verifies() -> None:
-    import os
     import sys
 
     rewards.configure_verifier(workers=1)  # this forked child only
