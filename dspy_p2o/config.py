@@ -355,6 +355,21 @@ ENGINE_OPTIONS = {"local": LocalOptions, "vllm": VLLMOptions}  # engine kind -> 
 
 
 @dataclass
+class RewardsConfig:
+    """How the metric and the maths verifier run (`P2OConfig.rewards`): limits, not what is optimised."""
+
+    __pydantic_config__ = _STRICT
+
+    # a metric call still running after this many seconds scores 0 (counted as a failure); None = no limit
+    metric_timeout_s: float | None = knob(60.0, check=POSITIVE)
+    verify_workers: int | None = knob(None, check=AT_LEAST_1)  # math-verify worker processes; None = min(4, CPUs)
+    verify_memory_mb: int = knob(4096, check=NON_NEGATIVE)  # address-space cap per math-verify worker (MiB); 0 = none
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
 class P2OConfig:
     """Every knob of a P^2O run. Defaults are the paper's GPU setting (DESIGN.md §3)."""
 
@@ -415,6 +430,7 @@ class P2OConfig:
     data: DataConfig = field(default_factory=DataConfig)
     local: LocalOptions = knob(factory=LocalOptions, resume=RESUMABLE)
     vllm: VLLMOptions = knob(factory=VLLMOptions, resume=RESUMABLE)
+    rewards: RewardsConfig = knob(factory=RewardsConfig, resume=RESUMABLE)
 
     @property
     def engine_options(self) -> LocalOptions | VLLMOptions:

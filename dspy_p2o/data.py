@@ -1,10 +1,13 @@
 """Load the paper's maths benchmarks and training sets as ``dspy.Example`` lists.
 
 Every example has ``question`` (the only input), ``answer`` (the gold), a stable
-``id`` (``"<source>/<row>"``) and ``index`` (0-based row in the source), so results
-can be joined across runs whatever the shuffling or filtering.  Offline data comes
-from the ``shared/data`` folder (see :func:`find_data_root`); a local
-JSONL/JSON/Parquet file or, when online, a Hugging Face hub dataset also works.
+``id`` (``"<source>/<row>"``, or a training row's own ``id``) and ``index`` (0-based row
+in the source), so results can be joined across runs whatever the shuffling or
+filtering.  Offline data comes from the ``shared/data`` folder (see
+:func:`find_data_root`); a local JSONL/JSON/Parquet file or, when online, a Hugging
+Face hub dataset also works.  A file that cannot be read as rows (not UTF-8, empty, a
+line that is not a JSON object, duplicate ids) is a :class:`DataError` naming the file
+and the line: one line on the command line.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import dspy
 
+from dspy_p2o.config import ConfigError
 from dspy_p2o.rewards.text import extract_boxed, normalize_gold
 
 logger = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BENCHMARKS",
     "DATA_ENV_VAR",
+    "DataError",
     "TRAINSETS",
     "find_data_root",
     "load_benchmark",
@@ -58,6 +63,10 @@ _QUESTION_FIELDS = ("problem", "question", "prompt", "query", "input")
 _ANSWER_FIELDS = ("answer", "final_answer", "gold", "target", "solution")
 _DIFFICULTY_FIELDS = ("difficulty", "level")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class DataError(ConfigError):
+    """Data that cannot be used, named by file and line (or row)."""
 
 
 # ---------------------------------------------------------------------------
@@ -106,40 +115,56 @@ def find_data_root() -> Path:
 
 
 def _read_local(path: Path) -> list[dict]:
-    """Rows of a .jsonl, .json (a list of objects) or .parquet file."""
+    """Rows of a .jsonl, .json (a list of objects) or .parquet file; a file without rows is a DataError."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, f"{path}:{lineno}")
                 if line.strip():
                     rows.append(_json_row(line, f"{path}:{lineno}"))
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+    elif suffix == ".json":
+        text = _utf8(path.read_bytes(), str(path))
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        return [_check_row(row, f"{path}[{i}]") for i, row in enumerate(data)]
-    if suffix == ".parquet":
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        rows = [_check_row(row, f"{path}[{i}]") for i, row in enumerate(data)]
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq  # a dependency of `datasets`
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(_LOCAL_SUFFIXES)}")
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(_LOCAL_SUFFIXES)}")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at column {exc.start + 1}); "
+                        "save the file as UTF-8") from None
 
 
 def _json_row(line: str, where: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: invalid JSON ({exc})") from exc
+        raise DataError(f"{where}: invalid JSON ({exc.msg}, column {exc.colno})") from None
     return _check_row(row, where)
 
 
 def _check_row(row: Any, where: str) -> dict:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
     return row
 
 
@@ -179,12 +204,12 @@ def _read_source(source: str | os.PathLike, split: str) -> tuple[list[dict], str
 def _pick_field(columns: Sequence[str], given: str | None, candidates: Sequence[str], role: str, source: str) -> str:
     if given is not None:
         if given not in columns:
-            raise ValueError(f"{source}: no {role} field {given!r}; its fields are {sorted(columns)}")
+            raise DataError(f"{source}: no {role} field {given!r}; its fields are {sorted(columns)}")
         return given
     for name in candidates:
         if name in columns:
             return name
-    raise ValueError(
+    raise DataError(
         f"{source}: cannot tell which field is the {role} (looked for {', '.join(candidates)}); "
         f"its fields are {sorted(columns)}: pass {role}_field=..."
     )
@@ -223,12 +248,13 @@ def _difficulty(value: Any) -> float | None:
     return None
 
 
-def _to_example(row: dict, *, stem: str, index: int, question_field: str, answer_field: str) -> dspy.Example:
+def _to_example(row: dict, *, stem: str, index: int, question_field: str, answer_field: str,
+                own_id: bool = False) -> dspy.Example:
     raw = row.get(answer_field)
     fields: dict[str, Any] = {
         "question": _question_text(row.get(question_field)),
         "answer": _gold_value(raw, from_solution=answer_field == "solution"),
-        "id": f"{stem}/{index}",
+        "id": _row_id(row) if own_id and _row_id(row) is not None else f"{stem}/{index}",
         "index": index,
     }
     if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
@@ -240,10 +266,28 @@ def _to_example(row: dict, *, stem: str, index: int, question_field: str, answer
     return dspy.Example(**fields).with_inputs("question")
 
 
+def _row_id(row: dict) -> str | None:
+    """A row's own `id` as a string; None when it has none (absent, null or blank)."""
+    value = row.get("id")
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
+        return None
+    return str(value).strip()
+
+
+def _check_unique_ids(examples: list[dspy.Example], source: str) -> None:
+    first: dict[str, int] = {}
+    for ex in examples:
+        if ex["id"] in first:
+            raise DataError(f"{source}: rows {first[ex['id']] + 1} and {ex['index'] + 1} have the same id "
+                            f"{ex['id']!r}; ids must be unique (or leave them out to number the rows)")
+        first[ex["id"]] = ex["index"]
+
+
 def _convert(rows: list[dict], *, stem: str, source: str, question_field: str | None,
-             answer_field: str | None, defaults: tuple[str, str] | None = None) -> list[dspy.Example]:
+             answer_field: str | None, defaults: tuple[str, str] | None = None,
+             own_ids: bool = False) -> list[dspy.Example]:
     if not rows:
-        raise ValueError(f"{source}: no rows")
+        raise DataError(f"{source}: no rows")
     columns = list(rows[0].keys())
     if defaults is not None and question_field is None and answer_field is None:
         # Shipped field names; a hub copy of the benchmark may name them differently.
@@ -251,10 +295,10 @@ def _convert(rows: list[dict], *, stem: str, source: str, question_field: str | 
             question_field, answer_field = defaults
     q_field = _pick_field(columns, question_field, _QUESTION_FIELDS, "question", source)
     a_field = _pick_field(columns, answer_field, _ANSWER_FIELDS, "answer", source)
-    return [
-        _to_example(row, stem=stem, index=i, question_field=q_field, answer_field=a_field)
-        for i, row in enumerate(rows)
-    ]
+    examples = [_to_example(row, stem=stem, index=i, question_field=q_field, answer_field=a_field, own_id=own_ids)
+                for i, row in enumerate(rows)]
+    _check_unique_ids(examples, source)
+    return examples
 
 
 def _check_limit(limit: int | None) -> None:
@@ -279,7 +323,7 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, limit: int 
     question and a gold answer (ValueError naming the row otherwise).
     """
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+        raise DataError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
     _check_limit(limit)
     if path is None:
         rows, source = _read_local(find_data_root() / "benchmarks" / name / "test.jsonl"), name
@@ -311,7 +355,9 @@ def load_trainset(
     target, else the last ``\\boxed{}`` of ``solution``) unless named.
     ``min/max_difficulty`` keep rows whose ``difficulty``/``level`` (MATH level
     1-5, ``"Level 3"`` works) lies in the range.  ``seed`` shuffles before
-    ``limit``.  Ids are ``"<stem>/<row>"`` whatever the filtering or shuffling.
+    ``limit``.  A row's own ``id`` is kept (as a string); a row without one gets
+    ``"<stem>/<row>"``, whatever the filtering or shuffling; two rows with one id
+    are a DataError.
     Rows without a question or gold are dropped with a warning (the shipped MATH
     file has four), or raise with ``drop_invalid=False``.
     """
@@ -324,7 +370,8 @@ def load_trainset(
         rows, name = _read_source(source, split)
         is_local = Path(source_str).expanduser().is_file()
         stem = Path(source_str).stem if is_local else source_str.rstrip("/").split("/")[-1]
-    examples = _convert(rows, stem=stem, source=name, question_field=question_field, answer_field=answer_field)
+    examples = _convert(rows, stem=stem, source=name, question_field=question_field, answer_field=answer_field,
+                        own_ids=True)
     examples = _drop_invalid(examples, name) if drop_invalid else examples
     validate_examples(examples, ["question"])
     examples = _filter_difficulty(examples, min_difficulty, max_difficulty, name)
@@ -349,12 +396,12 @@ def _filter_difficulty(examples: list[dspy.Example], low: float | None, high: fl
     if low is None and high is None:
         return examples
     if not any("difficulty" in ex for ex in examples):
-        raise ValueError(f"{source}: min/max_difficulty given but the data has no 'difficulty' or 'level' field")
+        raise DataError(f"{source}: min/max_difficulty given but the data has no 'difficulty' or 'level' field")
     low = -math.inf if low is None else low
     high = math.inf if high is None else high
     kept = [ex for ex in examples if ex.get("difficulty") is not None and low <= ex["difficulty"] <= high]
     if not kept:
-        raise ValueError(f"{source}: no example has a difficulty in [{low}, {high}]")
+        raise DataError(f"{source}: no example has a difficulty in [{low}, {high}]")
     return kept
 
 

@@ -2,7 +2,8 @@
 
 - A phase's live line (`live`): phase 1's batches of an epoch with the reward and the
   optimiser step, the prompt phase's metric calls of its GEPA budget (`GEPAProgress`), the toy
-  world's pretraining. It disappears when the phase ends.
+  world's pretraining, an evaluation's problems with its samples and tokens per second while
+  a problem decodes (`DecodeProgress`). It disappears when the phase ends.
 - Summary lines (`line`): one per epoch, written above any live line (logged when not shown).
 - Everything else -- the engines' generate bars, the reward scoring bars, DSPy's evaluation
   bars, gepa's own bar, transformers' load/save bars, DSPy's and GEPA's info logging -- only
@@ -15,7 +16,9 @@ verbosity is a property of the process, like a logging level, set by the command
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import time
 from typing import Any, Iterator
 
 log = logging.getLogger("dspy_p2o")
@@ -94,6 +97,70 @@ class GEPAProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class DecodeProgress:
+    """An evaluation's live line: problems done of the benchmark, samples done, tokens per second.
+
+    While `active()`, an engine that decodes step by step (the local engine) reports every step
+    through `decoded`, so the line moves while a problem is still decoding; when an engine call
+    returns, `settle` sets the exact counts (also for an engine that reports no steps: vLLM's)."""
+
+    REFRESH_S = 0.5  # the line is redrawn at most this often while decoding
+
+    def __init__(self, problems: int, *, done: int, samples: int, desc: str, enabled: bool) -> None:
+        self.bar = live(problems, initial=done, desc=desc, unit="problem", enabled=enabled)
+        self.samples_total, self.samples, self.tokens = samples, 0, 0
+        self.start = self._drawn = time.perf_counter()
+        self._postfix()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["DecodeProgress"]:
+        token = _DECODING.set(self)
+        try:
+            yield self
+        finally:
+            _DECODING.reset(token)
+
+    def step(self, tokens: int, finished: int) -> None:
+        self.tokens += tokens
+        self.samples += finished
+        if time.perf_counter() - self._drawn >= self.REFRESH_S:
+            self._postfix()
+
+    def settle(self, tokens: int, samples: int) -> None:
+        """The exact totals so far (an engine call returned)."""
+        self.tokens, self.samples = tokens, samples
+        self._postfix()
+
+    def problems_done(self, n: int) -> None:
+        self.bar.update(n)
+        self._postfix()
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def _postfix(self) -> None:
+        self._drawn = time.perf_counter()
+        self.bar.set_postfix_str(f"samples {self.samples}/{self.samples_total}, {self.tokens_per_s():.1f} tok/s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+_DECODING: contextvars.ContextVar["DecodeProgress | None"] = contextvars.ContextVar("dspy_p2o_decoding", default=None)
+
+
+def decoding() -> bool:
+    """Whether a live line wants each decode step reported (`decoded`)."""
+    return _DECODING.get() is not None
+
+
+def decoded(tokens: int, finished: int) -> None:
+    """An engine's decode step: `tokens` sampled, `finished` samples completed."""
+    progress = _DECODING.get()
+    if progress is not None:
+        progress.step(tokens, finished)
 
 
 class NoBar:

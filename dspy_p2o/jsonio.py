@@ -2,7 +2,9 @@
 
 The one writer every artefact goes through (run state, checkpoints' trainer state, the
 prompt phase's result, evaluation samples and results): write a temporary file beside
-the target, fsync it, rename it over the target.
+the target, fsync it, rename it over the target. Files appended to line by line
+(`metrics.jsonl`, evaluation samples) are opened after `repair_jsonl`, which cuts a torn
+last line.
 """
 
 from __future__ import annotations
@@ -51,3 +53,25 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> Path:
     except OSError as exc:
         raise PermissionError(f"output path {str(path)!r} is not writable ({exc.strerror or exc})") from None
     return path
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut a torn last line (a crash or a full disk mid-write) off a JSONL file, so the next
+    record starts on a line of its own; returns the bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:  # back to the last newline
+            f.seek(max(0, end - 65536))
+            chunk = f.read(end - max(0, end - 65536))
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                end = max(0, end - len(chunk)) + cut + 1
+                break
+            end = max(0, end - len(chunk))
+        if end < size:
+            f.truncate(end)
+    return size - end

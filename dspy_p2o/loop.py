@@ -44,7 +44,7 @@ from dspy_p2o.engines.base import SamplingParams
 from dspy_p2o.engines.hf import check_model_path
 from dspy_p2o.jsonio import write_json, write_jsonl
 from dspy_p2o.loop_state import LoopState
-from dspy_p2o.metrics import MetricsLogger, read_metrics
+from dspy_p2o.metrics import MetricsLogger, check_trackers, read_metrics
 from dspy_p2o.models import ModelPackageMissing
 from dspy_p2o.passk import mean_pass_at_k
 from dspy_p2o.program_eval import ProgramScores
@@ -52,7 +52,7 @@ from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.renderer import make_adapter, program_input_fields, program_renderers, servable_predictors
 from dspy_p2o.resources import RunResources
-from dspy_p2o.rewards import MetricError, safe_metric
+from dspy_p2o.rewards import MetricError, check_metric, configure_verifier
 from dspy_p2o.rollouts import RolloutBatch, collect_rollouts
 from dspy_p2o.run_dir import RunDir, identity_of
 from dspy_p2o.seeds import derive_seed
@@ -108,9 +108,11 @@ class P2OLoop:
         if config.reflection == "custom" and reflection_lm is None:
             raise ValueError('reflection="custom" needs the reflection LM object itself (compile(..., reflection=lm))')
         self.program, self.config = program, config
-        self.metric = safe_metric(metric)
         self.trainset, self.valset = self._checked_examples(program, trainset, valset)
         self.by_id = {ex.id: ex for ex in self.trainset}
+        self.metric = check_metric(metric, self.trainset[0], timeout_s=config.rewards.metric_timeout_s)  # before any work
+        configure_verifier(workers=config.rewards.verify_workers, memory_mb=config.rewards.verify_memory_mb)
+        check_trackers(config.trackers)  # a missing tracker package: one line, before any work
         try:
             self.policy = check_model_path(str(policy))
         except (FileNotFoundError, ModelPackageMissing) as exc:
@@ -130,6 +132,7 @@ class P2OLoop:
             self.release()
             raise
         self.batches_per_epoch = -(-len(self.trainset) // config.batch_size)
+        self.logger: MetricsLogger | None = None  # opened when the run starts (nothing is written before)
 
     @staticmethod
     def _checked_examples(program: dspy.Module, trainset: list, valset: list | None) -> tuple[list, list]:
@@ -166,10 +169,17 @@ class P2OLoop:
         return resuming
 
     def release(self) -> None:
-        """Let go of the run directory (run_loop does this when it ends, however it ends)."""
+        """Let go of the run directory (run_loop does this when it ends, however it ends). A run that
+        failed before it started leaves nothing behind: no lock file, and no directory it created."""
         if self._lock is not None:
-            self._lock.release()
+            unclaimed = not self.run.identity_file.exists()
+            self._lock.release(discard=unclaimed)
             self._lock = None
+            if unclaimed:
+                try:
+                    self.run.path.rmdir()  # only when empty: never what someone else put there
+                except OSError:
+                    pass
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -180,8 +190,6 @@ class P2OLoop:
         if cfg.trainer.mini_batch_size:
             steps_per_batch = -(-min(cfg.batch_size, len(self.trainset)) // cfg.trainer.mini_batch_size)
         total_steps = cfg.epochs * self.batches_per_epoch * steps_per_batch * cfg.trainer.updates_per_batch
-        self.logger = MetricsLogger(self.run.metrics_file, accelerator=self.accelerator, trackers=tuple(cfg.trackers),
-                                    config=cfg.to_dict())
         self.resources.build(total_steps)
         self.trainer, self.engine = self.resources.trainer, self.resources.engine
         self.renderers = program_renderers(self.program, self.engine.tokenizer, self.adapter)
@@ -232,6 +240,8 @@ class P2OLoop:
             if self.is_main:
                 self.run.start(self.config, self.identity, self.resuming)
             self.comm.barrier()
+            self.logger = MetricsLogger(self.run.metrics_file, accelerator=self.accelerator,
+                                        trackers=tuple(self.config.trackers), config=self.config.to_dict())
             state = self._restore() if self.resuming else LoopState()
             while not state.done:
                 if state.phase == "train":
@@ -247,7 +257,8 @@ class P2OLoop:
             raise
         finally:
             self.resources.close_reflection_lm()
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             self.release()
 
     def _batches(self, epoch: int) -> list[list[dspy.Example]]:

@@ -4,11 +4,13 @@ The JSONL file is opened in append mode, so a resumed run continues the same fil
 last line (a crash or a full disk mid-write) is cut off first, and `truncate` drops the
 records of steps a resume replays, so no step is logged twice.
 Trackers (tensorboard, wandb, ...) go through `accelerate`'s tracking API and only when
-asked for; only the main process writes.
+asked for; only the main process writes. `check_trackers` refuses, before any work, a tracker
+whose package is not installed (naming what to install) or that accelerate does not know.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -16,7 +18,27 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dspy_p2o.config import redact
+from dspy_p2o.config import ConfigError, redact
+from dspy_p2o.jsonio import repair_jsonl
+
+# A tracker's importable modules (any one will do) and how to install one; other trackers need the
+# module of their own name (wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio).
+TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install 'dspy_p2o[tensorboard]'"),
+                    "wandb": (("wandb",), "pip install 'dspy_p2o[wandb]'")}
+
+
+def check_trackers(names: Iterable[str]) -> None:
+    """A ConfigError naming what to install (or the trackers there are) for a tracker that could
+    not start: called before a run claims its directory, not when the first step is logged."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"unknown tracker {name!r} in trackers; accelerate knows {sorted(LOGGER_TYPE_TO_CLASS)}")
+        modules, install = TRACKER_PACKAGES.get(name, ((name,), f"pip install {name}"))
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ConfigError(f"tracker {name!r} needs the {modules[0]} package, which is not installed: {install} "
+                              f"(or drop it from trackers)")
 
 
 class MetricsLogger:
@@ -84,28 +106,6 @@ class MetricsLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def repair_jsonl(path: str | os.PathLike) -> int:
-    """Cut a torn last line (a crash or a full disk mid-write) off a JSONL file, so the next
-    record starts on a line of its own; returns the bytes removed."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        end = size
-        while end > 0:  # back to the last newline
-            f.seek(max(0, end - 65536))
-            chunk = f.read(end - max(0, end - 65536))
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                end = max(0, end - len(chunk)) + cut + 1
-                break
-            end = max(0, end - len(chunk))
-        if end < size:
-            f.truncate(end)
-    return size - end
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

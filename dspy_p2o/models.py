@@ -14,6 +14,7 @@ Only verified entries are listed in `PACKAGED_MODELS`.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import os
@@ -22,7 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PACKAGED_MODELS", "PackagedModel", "ModelPackageMissing", "cache_root", "materialize"]
+__all__ = ["PACKAGED_MODELS", "PackagedModel", "ModelPackageMissing", "cache_dir", "cache_root", "materialize"]
+
+CACHE_ENV_VAR = "DSPY_P2O_CACHE"
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,30 @@ class ModelPackageMissing(RuntimeError):
     """The registry package that holds a packaged model (or the gguf reader) is not installed."""
 
 
+def cache_dir() -> Path:
+    """dspy_p2o's cache folder: $DSPY_P2O_CACHE, else ~/.cache/dspy_p2o (packaged models under
+    `models/`, the toy world's base policies under `toyworld/`)."""
+    base = os.environ.get(CACHE_ENV_VAR)
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "dspy_p2o"
+
+
 def cache_root() -> Path:
-    """$DSPY_P2O_CACHE/models, else ~/.cache/dspy_p2o/models."""
-    base = os.environ.get("DSPY_P2O_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "dspy_p2o") / "models"
+    """Where packaged models are converted to: `cache_dir()/models`."""
+    return cache_dir() / "models"
 
 
 def packaged_model(name: str) -> PackagedModel:
     try:
         return PACKAGED_MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}") from None
+        raise ValueError(f"unknown packaged model {name!r}{unknown_model_hint(name)}") from None
+
+
+def unknown_model_hint(name: str) -> str:
+    """" (did you mean 'x'? packaged models: ...)" for a model name that is no packaged model."""
+    close = difflib.get_close_matches(name, PACKAGED_MODELS, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({guess}packaged models: {', '.join(PACKAGED_MODELS)})"
 
 
 def gguf_path(entry: PackagedModel) -> Path:

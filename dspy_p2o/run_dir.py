@@ -211,22 +211,29 @@ class RunLock:
 
     The kernel drops a flock when its holder exits or is killed, so a dead run's lock is
     taken over by the next one without any clean-up; the file keeps the holder's pid, host
-    and start time, which a refused second run names."""
+    and start time, which a refused second run names. A run that ends before it claimed its
+    directory releases with `discard=True`: the file is removed (while still locked), and a
+    process that had opened the removed file finds, once it gets the lock, that the path no
+    longer names that file, and locks the path again -- so no two processes ever hold it."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate: it names the holder
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunDirBusy(f"run directory {str(self.path.parent)!r} is in use by pid {holder.get('pid', '?')} "
-                             f"on {holder.get('host', '?')} (started {holder.get('started', '?')}); "
-                             "wait for that run to end or use another run directory") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate: it names the holder
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunDirBusy(f"run directory {str(self.path.parent)!r} is in use by pid {holder.get('pid', '?')} "
+                                 f"on {holder.get('host', '?')} (started {holder.get('started', '?')}); "
+                                 "wait for that run to end or use another run directory") from None
+            if _names(self.path, fd):
+                break
+            os.close(fd)  # discarded by its holder after we opened it: lock the path again
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
@@ -234,8 +241,11 @@ class RunLock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, *, discard: bool = False) -> None:
+        """Let go of the lock; `discard`: and remove its file (a run that never claimed the directory)."""
         if self._fd is not None:
+            if discard and _names(self.path, self._fd):
+                self.path.unlink()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -245,6 +255,16 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` is still the file open as `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

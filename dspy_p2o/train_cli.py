@@ -1,8 +1,14 @@
-"""`dspy-p2o train --config FILE [--run-dir DIR] [--resume] [key=value ...]`."""
+"""`dspy-p2o train --config FILE [--run-dir DIR] [--resume] [key=value ...]`.
+
+Ctrl-C stops a run with one line giving the exact command that resumes it (exit code 130).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -20,11 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dspy_p2o.api import compile
-    from dspy_p2o.data import load_trainset
-    from dspy_p2o.programs import get_program
-    from dspy_p2o.rewards import math_metric
-
     overrides = parse_overrides(args.overrides)
     if args.quiet:
         overrides["progress"] = False
@@ -34,21 +35,56 @@ def main(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         raise ConfigError("--resume needs --run-dir")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_run_dir(run_dir)
     if args.resume and not (run_dir / "state.json").exists():
         raise ConfigError(f"nothing to resume in {run_dir} (no state.json)")
     if not args.resume and (run_dir / "state.json").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
     display.configure(verbose=args.verbose)
+    try:
+        result = _train(cfg, run_dir)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from the main process
+            print(f"dspy-p2o train: {stopped_line(args, run_dir)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}; summary {result.run_dir / 'summary.md'}")
+    return 0
+
+
+def _train(cfg: P2OConfig, run_dir: Path):
+    from dspy_p2o.api import compile
+    from dspy_p2o.data import load_trainset
+    from dspy_p2o.programs import get_program
+    from dspy_p2o.rewards import math_metric
+
     d = cfg.data
     trainset = load_trainset(d.train, question_field=d.question_field, answer_field=d.answer_field, limit=d.train_limit,
                              seed=cfg.seed)
     valset = (load_trainset(d.val, question_field=d.question_field, answer_field=d.answer_field, limit=d.val_limit)
               if d.val else None)
     metric = math_metric if d.metric == "math" else _import(d.metric)
-    result = compile(get_program(d.program), trainset, metric=metric, policy=cfg.policy, reflection=cfg.reflection,
-                     valset=valset, engine=cfg.engine, run_dir=run_dir, config=cfg)
-    print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}; summary {result.run_dir / 'summary.md'}")
-    return 0
+    return compile(get_program(d.program), trainset, metric=metric, policy=cfg.policy, reflection=cfg.reflection,
+                   valset=valset, engine=cfg.engine, run_dir=run_dir, config=cfg)
+
+
+def stopped_line(args: argparse.Namespace, run_dir: Path) -> str:
+    """What a stopped run says: the command that resumes it (the same config and overrides), or
+    that nothing was saved yet."""
+    command = ["dspy-p2o", "train", "--config", args.config, "--run-dir", str(run_dir)]
+    command += ["--quiet"] if args.quiet else ["--verbose"] if args.verbose else []
+    if (run_dir / "state.json").exists():
+        return f"stopped; resume with: {shlex.join([*command, '--resume', *args.overrides])}"
+    return f"stopped before the run saved anything; start it again with: {shlex.join([*command, *args.overrides])}"
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """--run-dir must be (or be creatable as) a writable directory: checked before any work."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # the path itself, or where it would go
+    if not existing.is_dir():
+        what = "is a file" if existing == run_dir else f"is under {str(existing)!r}, a file"
+        raise ConfigError(f"run directory {str(run_dir)!r} {what}, not a directory; choose another --run-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {str(run_dir)!r} cannot be written ({str(existing)!r} is read-only)")
 
 
 def _import(path: str):

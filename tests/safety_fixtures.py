@@ -30,3 +30,23 @@ class EveryOtherFails:
         if self.calls % 2 == 0:
             raise ValueError("flaky verifier")
         return 0.5
+
+
+def none_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    """A metric that forgot its return statement."""
+    score = 1.0 if str(getattr(pred, "answer", "")).strip() == str(gold.answer) else 0.0  # noqa: F841
+
+
+class HangsOnEveryOther:
+    """A metric that hangs (until `release` is set) on every second call and scores 0.5 otherwise."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.calls, self.release = 0, threading.Event()
+
+    def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None) -> float:
+        self.calls += 1
+        if self.calls % 2 == 0:
+            self.release.wait()
+        return 0.5

@@ -46,3 +46,102 @@ def test_eval_engine_args_go_through_the_typed_engine_options(capsys, tmp_path, 
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dspy-p2o eval: error: ") and message in err, err
+
+
+CPU_RECIPE = "benchmarks/configs/smollm2_cpu.yaml"
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith("dspy-p2o train: error: "), err
+    return err
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for run_dir, what in ((blocker, "is a file"), (blocker / "run", f"is under '{blocker}', a file")):
+        assert main(["train", "--config", CONFIG, "--run-dir", str(run_dir)]) == 2
+        assert f"run directory '{run_dir}' {what}, not a directory" in _one_line(capsys)
+
+
+def test_a_misspelled_packaged_model_is_one_line_with_a_did_you_mean_and_leaves_nothing(tmp_path, capsys):
+    import time
+
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    assert main(["train", "--config", CPU_RECIPE, "--run-dir", str(run_dir), "policy=smollm2-135m-instruc"]) == 2
+    assert time.monotonic() - start < 20  # no hub retries
+    err = _one_line(capsys)
+    assert "model 'smollm2-135m-instruc' is neither a model directory nor a packaged model (did you mean " \
+           "'smollm2-135m-instruct'? packaged models: smollm2-135m-instruct)" in err and "HF_HUB_OFFLINE=1" in err
+    assert not run_dir.exists()  # no metrics.jsonl, no run.lock
+
+
+def test_an_unreachable_hub_is_named_without_retries(monkeypatch):
+    import huggingface_hub
+
+    from dspy_p2o.engines.hf import check_model_path
+
+    def unreachable(repo_id, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"'org/model' is neither .* the Hugging Face hub cannot be reached "
+                                                r"\(ConnectionError\) and its cache has no such model"):
+        check_model_path("org/model")
+
+
+def test_a_tracker_whose_package_is_missing_names_the_extra_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as if tensorboard had never been installed
+                        lambda name, *a: None if name.split(".")[0] in ("tensorboard", "tensorboardX")
+                        else find_spec(name, *a))
+    run_dir, policy = tmp_path / "run", f"policy={tmp_path / 'no-model'}"  # the trackers are checked first
+    assert main(["train", "--config", CPU_RECIPE, "--run-dir", str(run_dir), policy]) == 2
+    assert ("tracker 'tensorboard' needs the tensorboard package, which is not installed: "
+            "pip install 'dspy_p2o[tensorboard]' (or drop it from trackers)") in _one_line(capsys)
+    assert not run_dir.exists()
+    assert main(["train", "--config", CPU_RECIPE, "--run-dir", str(run_dir), policy, "trackers=[tensorbored]"]) == 2
+    assert "unknown tracker 'tensorbored'" in _one_line(capsys)
+
+
+def test_ctrl_c_stops_a_run_with_one_line_giving_the_command_that_resumes_it(tmp_path, format_model_dir):
+    import json
+    import os
+    import shlex
+    import signal
+    import time
+    from pathlib import Path
+
+    from loop_fixtures import sum_examples, write_jsonl, write_train_config
+
+    write_jsonl(tmp_path / "train.jsonl", sum_examples(8, 0, "train"))
+    config = tmp_path / "tiny.yaml"
+    write_train_config(config, format_model_dir, tmp_path / "train.jsonl", "loop_fixtures:slow_closeness_metric",
+                       method="grpo", epochs=2, batch_size=4)
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    run_dir = tmp_path / "run"
+    cli = [sys.executable, "-m", "dspy_p2o.cli"]
+    proc = subprocess.Popen([*cli, "train", "--config", str(config), "--run-dir", str(run_dir), "k=2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # mid-epoch 1: a checkpoint after its first batch
+        state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+        if state.get("batch", 0) >= 1:
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    out, err = proc.communicate(timeout=120)
+    resume = (f"dspy-p2o train --config {config} --run-dir {run_dir} --resume k=2")
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [f"dspy-p2o train: stopped; resume with: {resume}"], err[-3000:]
+    assert not json.loads((run_dir / "state.json").read_text())["done"]
+    resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "state.json").read_text())["done"]

@@ -195,3 +195,17 @@ def test_an_unknown_key_in_a_yaml_file_suggests_the_closest_field(tmp_path):
     path.write_text("epochs: 1\ntrainer:\n  lrr: 1.0e-5\n")
     with pytest.raises(ConfigError, match=r"^unknown config key 'trainer.lrr'; did you mean 'trainer.lr'\?$"):
         P2OConfig.load(path)
+
+
+def test_the_rewards_section_holds_the_metric_time_limit_and_the_verifier_settings_with_their_ranges():
+    from dspy_p2o.config import RESUMABLE, resume_rule
+
+    cfg = P2OConfig.load(None, {"metric_timeout_s": None, "rewards.verify_workers": 2})
+    assert (cfg.rewards.metric_timeout_s, cfg.rewards.verify_workers, cfg.rewards.verify_memory_mb) == (None, 2, 4096)
+    assert P2OConfig().rewards.metric_timeout_s == 60.0
+    for override, message in ({"metric_timeout_s": 0}, "metric_timeout_s must be > 0 or null"), \
+                             ({"verify_workers": 0}, "verify_workers must be >= 1 or null"), \
+                             ({"verify_memory_mb": -1}, "verify_memory_mb must be >= 0"):
+        with pytest.raises(ConfigError, match=message):
+            P2OConfig.load(None, override)
+    assert resume_rule("rewards.metric_timeout_s") == resume_rule("rewards.verify_workers") == RESUMABLE

@@ -213,3 +213,59 @@ def test_validate_examples_names_the_item():
         validate_examples([good], ["question", "context"])
     with pytest.raises(TypeError, match="position 0"):
         validate_examples(["not an example"], ["question"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"problem": "1+1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "3"}\n',
+     r"bad.jsonl:2: not UTF-8 text \(byte b'\\xe9' at column 17\)"),
+    (b"", r"bad.jsonl: no rows \(the file is empty\)"),
+    (b'{"problem": "1+1", "answer": "2"}\n\n{"problem": "2+2", "answer": 4\n', r"bad.jsonl:3: invalid JSON"),
+    (b'{"problem": "1+1", "answer": "2"}\n["2+2", "4"]\n', r"bad.jsonl:2: expected a JSON object per row"),
+])
+def test_bad_jsonl_is_one_line_naming_the_file_and_line(tmp_path, capsys, content, message):
+    from dspy_p2o.cli import main
+    from dspy_p2o.data import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_trainset(bad)
+    assert main(["train", "--config", "benchmarks/configs/grpo_baseline.yaml", f"data.train={bad}", "data.val=null",
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith("dspy-p2o train: error: ") and str(bad) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_utf8_json_file_is_named(tmp_path):
+    from dspy_p2o.data import DataError
+
+    bad = tmp_path / "rows.json"
+    bad.write_bytes(b'[{"problem": "\xff", "answer": "1"}]')
+    with pytest.raises(DataError, match=r"rows.json: not UTF-8 text"):
+        load_trainset(bad)
+
+
+def test_a_rows_own_id_is_kept_and_rows_without_one_are_numbered(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"id": "q-17", "problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"},
+            {"id": 42, "problem": "3+3", "answer": "6"}, {"id": None, "problem": "4+4", "answer": "8"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [ex.id for ex in load_trainset(path)] == ["q-17", "mine/1", "42", "mine/3"]
+    assert [ex.id for ex in load_trainset(path, seed=3)] != ["q-17", "mine/1", "42", "mine/3"]  # shuffled...
+    assert sorted(ex.id for ex in load_trainset(path, seed=3)) == sorted(["q-17", "mine/1", "42", "mine/3"])  # ...same ids
+
+
+def test_duplicate_row_ids_are_a_clear_error(tmp_path):
+    from dspy_p2o.data import DataError
+
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "problem": f"{n}+1", "answer": str(n + 1)}) + "\n"
+                            for n, i in enumerate(["a", "b", "a"])))
+    with pytest.raises(DataError, match=r"dup.jsonl: rows 1 and 3 have the same id 'a'; ids must be unique"):
+        load_trainset(path)
+    clash = tmp_path / "clash.jsonl"  # an own id equal to a generated one
+    clash.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n" +
+                     json.dumps({"id": "clash/0", "problem": "2+2", "answer": "4"}) + "\n")
+    with pytest.raises(DataError, match="same id 'clash/0'"):
+        load_trainset(clash)

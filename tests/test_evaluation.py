@@ -192,3 +192,83 @@ def test_engine_args_are_parsed_as_json_when_they_can_be():
         "tensor_parallel_size": 2, "dtype": "bfloat16", "url": "http://h:8000", "x": 1.5}
     with pytest.raises(ValueError, match="'oops' is not KEY=VALUE"):
         parse_engine_args(["oops"])
+
+
+# ----------------------------------------------------------------------------- lock, torn lines, CPU runs
+
+
+def test_a_second_eval_on_the_same_out_dir_is_refused_naming_the_holder(tiny_model_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from dspy_p2o.run_dir import RunDir; "
+                               f"lock = RunDir({str(out)!r}).lock(); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_eval(tiny_model_dir, out, "--benchmarks", "aime24", "--limit", "1") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and f"is in use by pid {holder.pid}" in err
+        assert not (out / "aime24.jsonl").exists()
+    finally:
+        holder.communicate("")  # the holder exits: its lock goes with it
+    assert run_eval(tiny_model_dir, out, "--benchmarks", "aime24", "--limit", "1") == 0
+
+
+def test_a_torn_last_line_is_cut_before_appending(tiny_model_dir, tmp_path, count_generate):
+    out = tmp_path / "run"
+    assert run_eval(tiny_model_dir, out, "--benchmarks", "aime24", "--limit", "2") == 0
+    path = out / "aime24.jsonl"
+    finished = path.read_text()
+    path.write_text(finished + '{"id": "aime24/2", "index": 2, "sam')  # killed while writing problem 2
+    count_generate.clear()
+    assert run_eval(tiny_model_dir, out, "--benchmarks", "aime24", "--limit", "3") == 0
+    assert count_generate == [1]
+    text = path.read_text()
+    assert text.startswith(finished) and len(text.splitlines()) == 6
+    assert [(r["index"], r["sample"]) for r in read_samples(path)] == [(i, s) for i in range(3) for s in range(2)]
+
+
+def test_the_local_engine_reports_each_decode_step_to_the_evaluation_line(tiny_model_dir):
+    from dspy_p2o import display
+
+    engine = LocalEngine(tiny_model_dir)
+    prompts = [engine.chat_prompt_ids([{"role": "user", "content": q}]) for q in ("What is 1+1?", "Name a prime.")]
+    line = display.DecodeProgress(2, done=0, samples=6, desc="test", enabled=False)
+    seen = []
+    line.REFRESH_S = 0.0
+    original = line.step
+    line.step = lambda tokens, finished: (seen.append((tokens, finished)), original(tokens, finished))
+    with line.active():
+        outputs = engine.generate(prompts, n=3, temperature=1.0, max_tokens=12, seed=0)
+    completions = [c for o in outputs for c in o.completions]
+    assert len(seen) == max(len(c.token_ids) for c in completions) > 1  # one report per decode step
+    assert line.tokens == sum(len(c.token_ids) for c in completions) and line.samples == 6
+    engine.generate(prompts, n=1, max_tokens=4)  # outside `active()`: nothing reported
+    assert line.samples == 6
+
+
+def test_eval_on_cpu_says_what_it_will_cost_and_defaults_to_cpu_max_tokens(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    import torch
+
+    from dspy_p2o.config import LocalOptions, VLLMOptions
+    from dspy_p2o.evaluation.cli import CPU_MAX_TOKENS, on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--benchmarks", "math500,aime24",
+                 "--limit", "1", "--samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert (f"dspy-p2o eval: on CPU: max_tokens {CPU_MAX_TOKENS} (the CPU default; 12288, the paper's, on GPU: set "
+            f"it with --max-tokens); this run decodes 3 sequences (problems x samples: math500 1 x 1, aime24 1 x 2) "
+            f"of up to {CPU_MAX_TOKENS} tokens: at most {3 * CPU_MAX_TOKENS:,} tokens") in err.splitlines()
+    assert "math500 problems" in err and "samples 1/1" in err and "tok/s" in err  # the live line
+    protocols = json.loads((out / "config.json").read_text())["protocols"]
+    assert protocols["math500"]["max_tokens"] == protocols["aime24"]["max_tokens"] == CPU_MAX_TOKENS
+    assert on_cpu("local", LocalOptions()) and on_cpu("local", LocalOptions(device="cpu"))
+    assert on_cpu("vllm", VLLMOptions())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not on_cpu("local", LocalOptions()) and on_cpu("local", LocalOptions(device="cpu"))
+    assert not on_cpu("vllm", VLLMOptions()) and not on_cpu("vllm", VLLMOptions(url="http://h"))

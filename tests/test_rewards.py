@@ -188,10 +188,29 @@ def test_worker_killed_behind_the_pools_back_is_replaced():
     assert verify_answer("5/15", r"\frac13")
 
 
-def test_pool_size_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("DSPY_P2O_VERIFY_WORKERS", "zero")
-    with pytest.raises(ValueError, match="DSPY_P2O_VERIFY_WORKERS"):
-        rewards.pool._pool_size()
+def test_configure_verifier_sets_the_pool_size_and_the_workers_memory_cap():
+    try:
+        rewards.configure_verifier(workers=1, memory_mb=3000)
+        assert verify_answer("1/2", "0.5")
+        pool = rewards.pool._get_pool()
+        assert pool.size == 1 and len(pool._workers) == 1
+        assert next(iter(pool._workers)).proc.args[-1] == "3000"  # the worker's address-space cap
+        with pytest.raises(ValueError, match="verify_workers"):
+            rewards.configure_verifier(workers=0)
+        with pytest.raises(ValueError, match="verify_memory_mb"):
+            rewards.configure_verifier(memory_mb=-1)
+    finally:
+        rewards.configure_verifier()  # the defaults (RewardsConfig's) again
+    assert rewards.pool._get_pool().size == max(1, min(4, __import__("os").cpu_count() or 1))
+
+
+def test_the_verifier_settings_are_config_knobs_not_environment_variables(monkeypatch):
+    from dspy_p2o.config import P2OConfig
+
+    cfg = P2OConfig.load(None, {"verify_workers": 2, "rewards.verify_memory_mb": 0})
+    assert (cfg.rewards.verify_workers, cfg.rewards.verify_memory_mb) == (2, 0)
+    monkeypatch.setenv("DSPY_P2O_VERIFY_WORKERS", "zero")  # no longer read anywhere
+    assert rewards.pool._pool_size() == max(1, min(4, __import__("os").cpu_count() or 1))
 
 
 def test_worker_process_imports_only_math_verify():
@@ -245,10 +264,9 @@ def test_checks_from_eight_threads_at_once():
 
 
 def _child_verifies() -> None:
-    import os
     import sys
 
-    os.environ["DSPY_P2O_VERIFY_WORKERS"] = "1"  # this forked child only
+    rewards.configure_verifier(workers=1)  # this forked child only
     sys.exit(0 if rewards.verify_answer("1/2", "0.5") else 1)
 
 
@@ -360,6 +378,67 @@ def test_safe_metric_rejects_scoreless_values(value):
 
     with pytest.raises(TypeError, match="my_metric"):
         safe_metric(my_metric)(None, None)
+
+
+@pytest.mark.parametrize("value, shown", [
+    (None, "returned None"), (float("nan"), "returned the score nan"), (float("inf"), "returned the score inf"),
+    ("correct", "returned str 'correct'"), (dspy.Prediction(feedback="no score"), "returned Prediction"),
+    (dspy.Prediction(score="high"), "returned a score of str 'high'")])
+def test_a_value_that_is_no_score_is_a_metric_error_naming_the_metric_and_the_value(value, shown):
+    def my_metric(gold, pred, trace=None):
+        return value
+
+    with pytest.raises(rewards.MetricError, match=f"metric .*my_metric {re.escape(shown)}") as caught:
+        safe_metric(my_metric)(None, None)
+    assert isinstance(caught.value, rewards.NotAScore) and "\n" not in str(caught.value)
+
+
+def test_a_hanging_metric_call_times_out_scores_zero_and_is_counted():
+    from dspy_p2o.rollouts import MetricRewardFn
+
+    release = __import__("threading").Event()
+
+    def hangs_on_b(gold, pred):
+        if gold.question == "b":
+            release.wait()  # hangs until the test ends
+        return 1.0
+
+    try:
+        scorer = safe_metric(hangs_on_b, timeout_s=0.3)
+        reward = MetricRewardFn(None, scorer)
+        assert reward.score(dspy.Example(question="a"), dspy.Prediction(answer="1")) == (1.0, "Score: 1.")
+        start = time.monotonic()
+        score, feedback = reward.score(dspy.Example(question="b", id="q/2"), dspy.Prediction(answer="1"))
+        assert time.monotonic() - start < 0.3 + MARGIN
+        assert (score, feedback) == (0.0, "metric timed out after 0.3 s")
+        assert reward.take_counts() == (2, 1, "timed out after 0.3 s")
+        assert safe_metric(scorer) is scorer and scorer.timeout_s == 0.3  # wrapped once, its limit kept
+    finally:
+        release.set()  # the abandoned call returns by itself
+
+
+def test_a_timed_metric_runs_in_the_callers_dspy_context():
+    def reads_context(gold, pred):
+        return 1.0 if dspy.settings.get("adapter_marker", None) == "mine" else 0.0
+
+    scorer = safe_metric(reads_context, timeout_s=5)
+    with dspy.context(adapter_marker="mine"):
+        assert scorer(None, None).score == 1.0
+    assert scorer(None, None).score == 0.0
+
+
+def test_check_metric_refuses_a_metric_that_returns_no_score_before_the_run():
+    example = dspy.Example(question="1 + 1?", answer="2", id="train/0").with_inputs("question")
+
+    def none_when_wrong(gold, pred):
+        return 1.0 if pred.answer == gold.answer else None
+
+    with pytest.raises(rewards.NotAScore, match=r"none_when_wrong returned None.*checked before the run on "
+                                                r"example train/0 with a prediction that did not parse"):
+        rewards.check_metric(none_when_wrong, example)
+    failing = rewards.check_metric(lambda gold, pred: int(pred.answer) == 2, example)  # raises on a probe: allowed
+    assert failing(example, dspy.Prediction(answer="2")).score == 1.0
+    assert rewards.check_metric(math_metric, example, timeout_s=7).timeout_s == 7
 
 
 def test_safe_metric_calls_short_metrics_with_what_they_accept():

@@ -106,3 +106,30 @@ def test_torn_last_metrics_line_is_cut_on_open(tmp_path):
     with MetricsLogger(path) as logger:
         logger.log({"loss": 0.1}, step=1, prefix="train/")
     assert [r["step"] for r in read_metrics(path)] == [1]
+
+
+def test_a_discarded_lock_leaves_no_file_and_one_who_opened_it_before_locks_the_path_again(tmp_path, monkeypatch):
+    from dspy_p2o import run_dir as rd
+
+    path = tmp_path / "run.lock"
+    first = rd.RunLock(path).acquire()
+    first.release(discard=True)  # a run that never claimed its directory
+    assert not path.exists()
+
+    # B opens run.lock while A holds it; A discards it and C takes the path before B's flock returns:
+    # B, with the lock of a deleted file, must see that and find C holding the path.
+    a, c = rd.RunLock(path).acquire(), rd.RunLock(path)
+    real_flock, raced = rd.fcntl.flock, []
+
+    def flock(fd, op):
+        if op & rd.fcntl.LOCK_EX and not raced:
+            raced.append(fd)
+            a.release(discard=True)
+            c.acquire()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(rd.fcntl, "flock", flock)
+    with pytest.raises(RunDirBusy, match=f"in use by pid {os.getpid()}"):
+        rd.RunLock(path).acquire()
+    assert raced and path.exists()
+    c.release()

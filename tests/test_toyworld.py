@@ -317,3 +317,17 @@ def test_run_seeds_parses_ranges_and_checks_the_targets_per_seed():
     assert "MISSED: hard, ablation" in rows(check)["3"]
     assert "all hold (ablation not run)" in rows(check)["4"]
     assert "MISSED: easy mean" in rows(check)["mean"]  # (-2 - 10 + 0 - 1) / 4 = -3.25 points
+
+
+def test_the_cache_folder_is_resolved_in_one_place_for_models_and_toy_policies(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from dspy_p2o.models import cache_dir, cache_root
+    from dspy_p2o.toyworld.policy import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DSPY_P2O_CACHE", "~/cache")  # a user's "~" is expanded for both
+    assert cache_dir() == tmp_path / "cache"
+    assert (cache_root(), default_cache_dir()) == (tmp_path / "cache" / "models", tmp_path / "cache" / "toyworld")
+    monkeypatch.delenv("DSPY_P2O_CACHE")
+    assert default_cache_dir() == Path(tmp_path) / ".cache" / "dspy_p2o" / "toyworld"

@@ -1,5 +1,5 @@
 """The toy-world experiment over several seeds: every arm through the P^2O loop, a per-seed table with
-mean, spread and worst seed per column, and the issue's targets checked on every seed.
+mean, spread and worst seed per column, and the toy world's targets checked on every seed.
 
     python benchmarks/toyworld/run_seeds.py --seeds 0-9 --out runs/toyworld_seeds      # all four arms
     python benchmarks/toyworld/run_seeds.py --seeds 0 3 5-7 --arms grpo p2o --out runs/toyworld_demo_arms
@@ -22,7 +22,8 @@ from typing import Any
 from dspy_p2o.config import ConfigError, P2OConfig, parse_overrides
 from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, run_experiment, toy_config
 
-# The issue's targets (points of held-out accuracy, no templates), checked per seed by `targets`.
+# The toy world's targets: what it must show of P^2O against GRPO and the no-distillation ablation
+# (points of held-out accuracy, no templates), checked per seed by `targets`.
 HARD_GAIN = 30.0        # P^2O hard >= GRPO hard + 30 on every seed
 EASY_LOSS_MEAN = 3.0    # P^2O easy >= GRPO easy - 3, mean over seeds
 EASY_LOSS_WORST = 5.0   # ... and >= GRPO easy - 5 on the worst seed
@@ -94,7 +95,7 @@ def summarise(docs: list[dict[str, Any]]) -> str:
 
 
 def targets(docs: list[dict[str, Any]]) -> str:
-    """The issue's targets per seed (needs the grpo and p2o arms; the ablation's check, p2o_no_distill,
+    """The toy world's targets per seed (needs the grpo and p2o arms; the ablation's check, p2o_no_distill,
     on the seeds that ran it)."""
     docs = [d for d in docs if "grpo" in d["arms"] and "p2o" in d["arms"]]
     if not docs:

@@ -1,4 +1,4 @@
-"""Hugging Face helpers every engine and the trainer share: where a model is, how it loads, when it stops.
+"""Hugging Face utilities every engine and the trainer share: where a model is, how it loads, when it stops.
 
 Light at import (torch and transformers load inside the functions), so the vLLM server
 lifecycle can check a model path without pulling torch into a launcher process.
@@ -6,6 +6,7 @@ lifecycle can check a model path without pulling torch into a launcher process.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ def check_model_path(path: str | os.PathLike) -> str:
     packaged model named by its `dspy_p2o.models.PACKAGED_MODELS` key. A path that looks local
     but is not a directory is a FileNotFoundError naming it -- not Hugging Face's misleading
     "Repo id must be in the form ..." (nor vLLM's). A hub id is "org/name"; anything absolute,
-    dotted, tilde'd, deeper or existing is a path."""
+    dotted, tilde'd, deeper or existing is a path. A hub id must be in the local hub cache or,
+    when the hub can be reached, on the hub (`check_hub_model`)."""
     path = str(path)
     from dspy_p2o.models import PACKAGED_MODELS, materialize
 
@@ -27,7 +29,43 @@ def check_model_path(path: str | os.PathLike) -> str:
     looks_local = path.startswith((".", "/", "~")) or path.strip("/").count("/") > 1 or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model directory {path!r} does not exist")
-    return str(Path(path).expanduser()) if looks_local else path
+    if looks_local:
+        return str(Path(path).expanduser())
+    check_hub_model(path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)  # a model found once is not asked for again (a failure is not cached)
+def check_hub_model(repo_id: str) -> None:
+    """A FileNotFoundError at once, in one line naming the packaged models with a "did you mean",
+    when `repo_id` is neither in the local hub cache nor on the hub -- when the hub is offline
+    (HF_HUB_OFFLINE=1), cannot be reached, or has no such model -- instead of transformers' retries
+    and chained connection errors. A gated or private model is left to transformers (a token may open it)."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    from dspy_p2o.models import unknown_model_hint
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: loads offline
+    offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
+    if offline:
+        why = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1) and its cache has no such model"
+    else:
+        try:
+            huggingface_hub.model_info(repo_id, timeout=HUB_CHECK_TIMEOUT_S)
+            return
+        except errors.GatedRepoError:
+            return
+        except (errors.RepositoryNotFoundError, errors.HFValidationError):
+            why = "the Hugging Face hub has no such model"
+        except Exception as exc:  # connection refused, no DNS, timeout, proxy: the hub cannot be reached
+            why = f"the Hugging Face hub cannot be reached ({type(exc).__name__}) and its cache has no such model"
+    raise FileNotFoundError(f"model {repo_id!r} is neither a model directory nor a packaged model"
+                            f"{unknown_model_hint(repo_id)}, and {why}")
+
+
+HUB_CHECK_TIMEOUT_S = 10.0  # one request to the hub's model API; transformers retries for ~30 s unreachable
 
 
 def resolve_device(device: Any = None) -> Any:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from dspy_p2o import display
 from dspy_p2o.config import LocalOptions
 from dspy_p2o.engines.base import Completion, Engine, GenerationOutput, SamplingParams, SyncReport
 from dspy_p2o.engines.hf import eos_token_ids, load_model_and_tokenizer, resolve_device, resolve_dtype
@@ -158,6 +159,9 @@ class LocalEngine(Engine):
             if params.stop:
                 done |= self._hits_stop_string(tokens[live, :length], done, params.stop)
             finished[live[done]] = True
+            if display.decoding():  # an evaluation's live line (samples done, tokens/s); all rows end at the limit
+                rows = int(token.numel())
+                display.decoded(rows, rows if length == params.max_tokens else int(done.sum()))
             if bool(done.all()) or length == params.max_tokens:
                 break
             if bool(done.any()):

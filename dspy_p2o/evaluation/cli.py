@@ -15,7 +15,10 @@ from dspy_p2o.evaluation.runner import DEFAULT_CHUNK_SEQUENCES
 from dspy_p2o.renderer import ADAPTERS
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
-DEFAULT_MAX_TOKENS = 12288  # the paper's maximum response length
+DEFAULT_MAX_TOKENS = 12288  # the paper's maximum response length (GPU)
+# On CPU a small model decodes tens of tokens per second: the paper's budget, on a model that repeats
+# itself, is most of an hour per problem. The CPU default keeps a run to what a person can wait for.
+CPU_MAX_TOKENS = 1024
 # Evaluation owns the GPU (the vLLM engine's own defaults leave room for a trainer), and a
 # whole benchmark should be in flight at once.
 ENGINE_DEFAULTS = {"vllm": {"gpu_memory_utilization": 0.9, "max_concurrency": 512}}
@@ -54,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampled-below", type=int, default=SMALL_BENCHMARK_SIZE, metavar="N",
                         help=f"benchmarks with fewer than N problems are sampled, the rest decoded greedily "
                              f"(default {SMALL_BENCHMARK_SIZE}, the paper's rule; 0: all greedy)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"maximum completion tokens (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help=f"maximum completion tokens (default {DEFAULT_MAX_TOKENS}, the paper's, on GPU; "
+                             f"{CPU_MAX_TOKENS} on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-sequences", type=int, default=DEFAULT_CHUNK_SEQUENCES,
                         help="sequences per engine.generate call; finished chunks are saved")
@@ -88,6 +92,39 @@ def parse_benchmarks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def on_cpu(engine: str, options: Any) -> bool:
+    """Whether the engine decodes on this machine's CPU: the engine options' `device` (default
+    cuda when present), except an attached vLLM server (`url`), which is elsewhere."""
+    if engine == "vllm" and getattr(options, "url", None):
+        return False
+    import torch
+
+    device = getattr(options, "device", None)
+    return torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
+
+
+def workload(benchmarks: list[str], limit: int | None, overrides: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(benchmark, problems, samples per problem) of a run: what its tokens cost is made of."""
+    from dspy_p2o.data import load_benchmark
+    from dspy_p2o.evaluation.protocol import protocol_for
+
+    out = []
+    for name in benchmarks:
+        size = len(load_benchmark(name))
+        out.append((name, size if limit is None else min(limit, size), protocol_for(size, **overrides).samples))
+    return out
+
+
+def cost_line(work: list[tuple[str, int, int]], max_tokens: int, defaulted: bool) -> str:
+    """What a CPU run will cost, said before it starts."""
+    sequences = sum(problems * samples for _, problems, samples in work)
+    parts = ", ".join(f"{name} {problems} x {samples}" for name, problems, samples in work)
+    budget = (f"max_tokens {max_tokens} (the CPU default; {DEFAULT_MAX_TOKENS}, the paper's, on GPU: set it with "
+              "--max-tokens)" if defaulted else f"max_tokens {max_tokens}")
+    return (f"on CPU: {budget}; this run decodes {sequences} sequences (problems x samples: {parts}) of up to "
+            f"{max_tokens} tokens: at most {sequences * max_tokens:,} tokens")
+
+
 def model_label(model: str) -> str:
     return Path(model.rstrip("/")).name or model
 
@@ -117,21 +154,34 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise ConfigError(f"--engine-arg: {exc}") from None
     out = Path(args.out or Path("runs") / "eval" / f"{model_label(args.model)}-{args.prompt}")
-    from dspy_p2o.jsonio import check_writable
-
-    check_writable(out, directory=True)  # before an engine spends minutes starting
+    cpu = on_cpu(args.engine, options)
+    defaulted = args.max_tokens is None
+    max_tokens = (CPU_MAX_TOKENS if cpu else DEFAULT_MAX_TOKENS) if defaulted else args.max_tokens
     overrides = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
-                 "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed,
+                 "top_k": args.top_k, "max_tokens": max_tokens, "seed": args.seed,
                  "sampled_below": args.sampled_below}
-
-    from dspy_p2o.engines import open_engine
-    from dspy_p2o.evaluation.prompting import load_program, make_prompting
+    from dspy_p2o.evaluation.prompting import load_program
     from dspy_p2o.evaluation.protocol import protocol_for
-    from dspy_p2o.evaluation.runner import evaluate
+    from dspy_p2o.jsonio import check_writable
+    from dspy_p2o.run_dir import RunDir
 
     # Catch bad settings before an engine spends minutes starting.
     protocol_for(1, **overrides), protocol_for(10**9, **overrides)
     program = load_program(args.program) if args.prompt == "program" else None
+    check_writable(out, directory=True)
+    with RunDir(out).lock():  # one eval per output dir at a time (RunDirBusy names the holder)
+        if cpu:  # what the run will cost, said before it starts
+            print(f"dspy-p2o eval: {cost_line(workload(benchmarks, args.limit, overrides), max_tokens, defaulted)}",
+                  file=sys.stderr)
+        return _evaluate(args, benchmarks, options, overrides, program, out)
+
+
+def _evaluate(args: argparse.Namespace, benchmarks: list[str], options: Any, overrides: dict[str, Any],
+              program: Any, out: Path) -> int:
+    from dspy_p2o.engines import open_engine
+    from dspy_p2o.evaluation.prompting import make_prompting
+    from dspy_p2o.evaluation.report import results_table
+    from dspy_p2o.evaluation.runner import evaluate
 
     # A local model is recorded by its absolute path, so a resume from another directory matches.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model

@@ -3,8 +3,9 @@
 All samples of many problems go to the engine in one `generate` call (a chunk of about
 `chunk_sequences` sequences: a whole benchmark for the paper's sizes), so a vLLM server
 or the local engine's batcher sees a full queue. Every finished chunk is appended to the
-benchmark's JSONL and fsynced before the next starts: a crash loses at most one chunk,
-and a rerun with the same output dir skips every problem already complete there.
+benchmark's JSONL and fsynced before the next starts: a crash loses at most one chunk
+(a torn last line is cut off when the file is opened again), and a rerun with the same
+output dir skips every problem already complete there.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import dspy
-from tqdm.auto import tqdm
-
+from dspy_p2o import display
 from dspy_p2o.engines.base import Engine
 from dspy_p2o.evaluation.prompting import Prompting
 from dspy_p2o.evaluation.protocol import Protocol
 from dspy_p2o.evaluation.scoring import score_completions
-from dspy_p2o.jsonio import write_json, write_jsonl
+from dspy_p2o.jsonio import repair_jsonl, write_json, write_jsonl
 
 DEFAULT_CHUNK_SEQUENCES = 2048
 
@@ -88,6 +88,7 @@ def run_benchmark(
     """Every sample record of `examples` (index, then sample order), generating only the missing problems."""
     path = samples_path(out_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(path)  # a torn last line (a crash mid-write): appending after it would glue two records
     existing = read_samples(path)
     done = complete_problems(existing, protocol.samples)
     _check_same_problems(path, done, examples)
@@ -98,29 +99,35 @@ def run_benchmark(
     todo = [ex for ex in examples if int(ex.index) not in done]
     per_chunk = max(1, chunk_sequences // protocol.samples)
     chunks = [todo[i:i + per_chunk] for i in range(0, len(todo), per_chunk)]
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{name} problems",
-               unit="problem", disable=not progress)
-    for chunk in chunks:
-        done.update(_generate_chunk(engine, name, chunk, prompting, protocol, path, verify_timeout, progress))
-        bar.update(len(chunk))
-    bar.close()
+    line = display.DecodeProgress(len(examples), done=len(examples) - len(todo), samples=len(todo) * protocol.samples,
+                                  desc=f"{name} problems", enabled=progress)
+    try:
+        for chunk in chunks:
+            with line.active():
+                done.update(_generate_chunk(engine, name, chunk, prompting, protocol, path, verify_timeout, line))
+            line.problems_done(len(chunk))
+    finally:
+        line.close()
     wanted = [int(ex.index) for ex in examples]
     return [r for index in wanted for r in done[index]]
 
 
 def _generate_chunk(engine: Engine, name: str, chunk: Sequence[dspy.Example], prompting: Prompting,
                     protocol: Protocol, path: Path, verify_timeout: float | None,
-                    progress: bool) -> dict[int, list[dict[str, Any]]]:
+                    line: display.DecodeProgress) -> dict[int, list[dict[str, Any]]]:
     prompts = [prompting.render(ex) for ex in chunk]
+    inner = display.verbose()  # the engine's and the scoring's own bars: only with --verbose
+    tokens, samples = line.tokens, line.samples
     outputs = engine.generate(prompts, n=protocol.samples, temperature=protocol.temperature, top_p=protocol.top_p,
                               top_k=protocol.top_k, max_tokens=protocol.max_tokens, seed=protocol.seed,
-                              progress=progress)
+                              progress=inner)
     if len(outputs) != len(chunk) or any(len(o.completions) != protocol.samples for o in outputs):
         raise RuntimeError(f"engine {engine.name!r} returned the wrong number of completions for {name}")
     completions = [c for o in outputs for c in o.completions]
+    line.settle(tokens + sum(len(c.token_ids) for c in completions), samples + len(completions))
     golds = [ex.answer for ex in chunk for _ in range(protocol.samples)]
     kwargs = {} if verify_timeout is None else {"timeout": verify_timeout}
-    scored = score_completions([c.text for c in completions], golds, prompting.extractor, progress=progress,
+    scored = score_completions([c.text for c in completions], golds, prompting.extractor, progress=inner,
                                desc=f"{name} scoring", **kwargs)
     records, by_index = [], {}
     for i, ex in enumerate(chunk):

@@ -7,14 +7,16 @@ One job per module:
 - :mod:`~dspy_p2o.rewards.worker`: the math-verify worker process (a script run by path);
 - :mod:`~dspy_p2o.rewards.pool`: the pool of worker processes, with a wall-clock limit per check;
 - :mod:`~dspy_p2o.rewards.checker`: the cached check API (:func:`check_answer`, :func:`math_reward`);
-- :mod:`~dspy_p2o.rewards.metric`: DSPy/GEPA metrics (:func:`math_metric`, :func:`safe_metric`).
+- :mod:`~dspy_p2o.rewards.metric`: DSPy/GEPA metrics (:func:`math_metric`, :func:`safe_metric`,
+  :func:`check_metric`).
 """
 
 # Loaded on first use, so that ``text``, ``pool`` and ``worker`` import neither DSPy nor torch.
 _HOMES = {
     "DEFAULT_TIMEOUT": "checker", "check_answer": "checker", "math_reward": "checker", "verify_answer": "checker",
-    "MetricError": "metric", "math_metric": "metric", "safe_metric": "metric",
-    "Verdict": "pool", "shutdown_verifier": "pool", "warm_up_verifier": "pool",
+    "MetricError": "metric", "NotAScore": "metric", "check_metric": "metric", "math_metric": "metric",
+    "safe_metric": "metric",
+    "Verdict": "pool", "configure_verifier": "pool", "shutdown_verifier": "pool", "warm_up_verifier": "pool",
     "extract_boxed": "text", "normalize_gold": "text",
 }
 _MODULES = ("checker", "metric", "pool", "text", "worker")

@@ -17,8 +17,9 @@ start from any thread.
 A check costs a few ms, almost all of it sympy parsing; starting a worker (importing
 math-verify) ~1 s, on first use and after a worker is killed (benchmarks/RESULTS.md).
 
-Environment: ``DSPY_P2O_VERIFY_WORKERS`` (pool size, default min(4, CPUs)) and
-``DSPY_P2O_VERIFY_MEMORY_MB`` (per-worker address-space cap, default 4096; 0 = none).
+Settings: the pool size and the per-worker address-space cap are the run's
+(``P2OConfig.rewards.verify_workers`` / ``.verify_memory_mb``), handed to the pool by
+:func:`configure_verifier`; until then the pool uses their defaults.
 """
 
 from __future__ import annotations
@@ -33,16 +34,13 @@ import threading
 import time
 from typing import NamedTuple
 
+from dspy_p2o.config import RewardsConfig
 from dspy_p2o.rewards import worker as _worker_module
 
-__all__ = ["Verdict", "check_in_worker", "shutdown_verifier", "warm_up_verifier"]
+__all__ = ["Verdict", "check_in_worker", "configure_verifier", "shutdown_verifier", "warm_up_verifier"]
 
 #: Seconds a fresh worker may take to import math-verify (not part of a check's limit).
 WORKER_STARTUP_TIMEOUT = 120.0
-#: Default address-space cap of a worker (MiB): a pathological answer fails with
-#: MemoryError inside the worker instead of waking the OOM killer (which might
-#: pick the trainer).  Override with DSPY_P2O_VERIFY_MEMORY_MB (0 = no cap).
-WORKER_MEMORY_MB = 4096
 #: The worker, run by path (``-P``: its folder is not put on sys.path).
 WORKER_SCRIPT = _worker_module.__file__
 
@@ -67,10 +65,11 @@ class _WorkerDied(Exception):
 class _Worker:
     """One verifier subprocess, used by one thread at a time (the pool ensures it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_mb: int) -> None:
+        # The address-space cap: a pathological answer fails with MemoryError inside the worker
+        # instead of waking the OOM killer (which might pick the trainer).
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", WORKER_SCRIPT,
-             str(_env_int("DSPY_P2O_VERIFY_MEMORY_MB", WORKER_MEMORY_MB, minimum=0))],
+            [sys.executable, "-P", WORKER_SCRIPT, str(memory_mb)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
@@ -98,7 +97,7 @@ class _Worker:
             raise RuntimeError(
                 f"math-verify worker failed to start within {timeout:.0f}s "
                 f"(exit code {self.proc.returncode}; is math-verify installed for {sys.executable}? "
-                "If the memory cap is too small here, set DSPY_P2O_VERIFY_MEMORY_MB=0)"
+                "If the memory cap is too small here, set rewards.verify_memory_mb=0)"
             )
         self.ready = True
 
@@ -170,9 +169,9 @@ class _WorkerPool:
     never turns a correct answer into a zero.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, memory_mb: int) -> None:
         self.pid = os.getpid()
-        self.size = size
+        self.size, self.memory_mb = size, memory_mb
         self._lock = threading.Condition()
         self._workers: set[_Worker] = set()
         self._closed = False
@@ -244,7 +243,7 @@ class _WorkerPool:
             if replacing is not None:
                 replacing.kill()
                 self._workers.discard(replacing)
-            worker = _Worker()
+            worker = _Worker(self.memory_mb)
             self._workers.add(worker)
             return worker
 
@@ -265,19 +264,29 @@ class _WorkerPool:
 _POOL: _WorkerPool | None = None
 _POOL_LOCK = threading.Lock()
 _ATEXIT_REGISTERED = False
+# (workers, memory_mb) the next pool starts with: RewardsConfig's defaults until configure_verifier
+_SETTINGS: tuple[int | None, int] = (RewardsConfig.verify_workers, RewardsConfig.verify_memory_mb)
 
 
-def _env_int(name: str, default: int, minimum: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    if not value.strip().isdigit() or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def configure_verifier(*, workers: int | None = RewardsConfig.verify_workers,
+                       memory_mb: int = RewardsConfig.verify_memory_mb) -> None:
+    """Set the pool size (None: min(4, CPUs)) and each worker's address-space cap in MiB (0: none),
+    as `P2OConfig.rewards` gives them. A running pool with other settings is stopped; the next
+    check starts one with these."""
+    global _SETTINGS
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"verify_workers must be an integer >= 1 or None, got {workers!r}")
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0:
+        raise ValueError(f"verify_memory_mb must be an integer >= 0 (0: no cap), got {memory_mb!r}")
+    with _POOL_LOCK:
+        changed, _SETTINGS = (workers, memory_mb) != _SETTINGS, (workers, memory_mb)
+    if changed:
+        shutdown_verifier()
 
 
 def _pool_size() -> int:
-    return _env_int("DSPY_P2O_VERIFY_WORKERS", max(1, min(4, os.cpu_count() or 1)), minimum=1)
+    workers = _SETTINGS[0]
+    return workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
 
 
 def _get_pool() -> _WorkerPool:
@@ -290,7 +299,7 @@ def _get_pool() -> _WorkerPool:
             _POOL.abandon()  # inherited through a fork the at-fork hook did not see
             _POOL = None
         if _POOL is None:
-            _POOL = _WorkerPool(_pool_size())
+            _POOL = _WorkerPool(_pool_size(), _SETTINGS[1])
             if not _ATEXIT_REGISTERED:
                 atexit.register(shutdown_verifier)
                 _ATEXIT_REGISTERED = True

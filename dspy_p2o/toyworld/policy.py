@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from dspy_p2o.models import cache_dir
 from dspy_p2o.toyworld.task import (BASE_INSTRUCTION, DEFAULT_RULE, RULES, SYMBOLS, TAGS, ToyProgram, World,
                                     apply_rule, make_instruction, parse_instruction, parse_question,
                                     reasoning_text)
@@ -52,8 +53,8 @@ class PolicyConfig:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("DSPY_P2O_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dspy_p2o")
-    return Path(root) / "toyworld"
+    """Where base policies are cached: `dspy_p2o.models.cache_dir()/toyworld`."""
+    return cache_dir() / "toyworld"
 
 
 def policy_key(world: World, config: PolicyConfig) -> str:

@@ -150,7 +150,8 @@ def greedy_accuracy(engine: Any, program: dspy.Module, examples: Sequence[dspy.E
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Sizes of the world. Per split, each tag gets `per_tag` questions (distinct letters)."""
+    """Sizes of the world: each tag gets `train_per_tag` train and `test_per_tag` held-out questions
+    (distinct letters)."""
 
     num_easy: int = 3
     num_hard: int = 3

@@ -1,4 +1,4 @@
-"""The two-step toy world: P^2O on a COMPOUND DSPy program (issue 18, item 5).
+"""The two-step toy world: P^2O on a COMPOUND DSPy program (results: benchmarks/toyworld/RESULTS.md).
 
 The world, its rules, tags, beliefs, splits, metric and reflection LM are the one-step toy
 world's (task.py, reflection.py). The program has two predictors sharing the policy:
