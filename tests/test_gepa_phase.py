@@ -211,9 +211,9 @@ def test_compound_program_evolves_templates_per_predictor_and_assigns_them(tmp_p
     by_plan = {p["template"][PLAN]["instruction"]: p for p in out.pool if p["duplicate_of"] is None}
     assert DOUBLE in by_plan and TRIPLE in by_plan, list(by_plan)
     kind = {ex.id: ex.factor for ex in examples}
-    for instruction, factor in ((DOUBLE, 2), (TRIPLE, 3)):
-        entry = by_plan[instruction]
-        assert entry["template"] == Template({PLAN: instruction, SOLVE: seed[SOLVE]}).to_json() and entry["changed"] == [PLAN]
+    for plan_text, factor in ((DOUBLE, 2), (TRIPLE, 3)):
+        entry = by_plan[plan_text]
+        assert entry["template"] == Template({PLAN: plan_text, SOLVE: seed[SOLVE]}).to_json() and entry["changed"] == [PLAN]
         assert entry["on_front"] and entry["in_cover"] and entry["parent"] is not None
         assert [s == 1.0 for s in out.scores[entry["index"]]] == [kind[i] == factor for i in out.dev_ids]
     # every hard question, dev and train alike, gets K copies of the candidate program that solves it
