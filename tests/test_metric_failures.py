@@ -66,13 +66,13 @@ def test_a_metric_returning_no_score_is_one_line_with_exit_code_2_on_the_command
     assert not (tmp_path / "run").exists()
 
 
-def test_a_hanging_metric_call_times_out_after_rewards_metric_timeout_s_and_is_counted(tmp_path, tiny_model_dir):
+def test_a_hanging_metric_call_times_out_after_rewards_metric_timeout_s_and_is_counted(tmp_path, format_model_dir):
     from safety_fixtures import HangsOnEveryOther
 
     metric = HangsOnEveryOther()
     try:
         result = dspy_p2o.compile(dspy.ChainOfThought("question -> answer"), sum_examples(4, 0, "train"),
-                                  metric=metric, policy=tiny_model_dir, run_dir=tmp_path / "run",
+                                  metric=metric, policy=format_model_dir, run_dir=tmp_path / "run",
                                   **tiny_overrides(**SETTINGS, metric_timeout_s=0.5))
     finally:
         metric.release.set()

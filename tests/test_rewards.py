@@ -394,8 +394,6 @@ def test_a_value_that_is_no_score_is_a_metric_error_naming_the_metric_and_the_va
 
 
 def test_a_hanging_metric_call_times_out_scores_zero_and_is_counted():
-    from dspy_p2o.rollouts import MetricRewardFn
-
     release = __import__("threading").Event()
 
     def hangs_on_b(gold, pred):
@@ -405,13 +403,13 @@ def test_a_hanging_metric_call_times_out_scores_zero_and_is_counted():
 
     try:
         scorer = safe_metric(hangs_on_b, timeout_s=0.3)
-        reward = MetricRewardFn(None, scorer)
-        assert reward.score(dspy.Example(question="a"), dspy.Prediction(answer="1")) == (1.0, "Score: 1.")
+        first = scorer(dspy.Example(question="a"), dspy.Prediction(answer="1"))
+        assert (first.score, first.feedback) == (1.0, "Score: 1.") and not getattr(first, "metric_error", None)
         start = time.monotonic()
-        score, feedback = reward.score(dspy.Example(question="b", id="q/2"), dspy.Prediction(answer="1"))
+        hung = scorer(dspy.Example(question="b", id="q/2"), dspy.Prediction(answer="1"))
         assert time.monotonic() - start < 0.3 + MARGIN
-        assert (score, feedback) == (0.0, "metric timed out after 0.3 s")
-        assert reward.take_counts() == (2, 1, "timed out after 0.3 s")
+        assert (hung.score, hung.feedback) == (0.0, "metric timed out after 0.3 s")
+        assert "timed out after 0.3 s" in hung.metric_error  # what the collector counts as a failure
         assert safe_metric(scorer) is scorer and scorer.timeout_s == 0.3  # wrapped once, its limit kept
     finally:
         release.set()  # the abandoned call returns by itself

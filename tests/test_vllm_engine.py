@@ -279,7 +279,7 @@ def test_generated_api_keys_parse_as_flag_values(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--api-key")
     for n in range(300):
-        server = VLLMServer("m", VLLMServerOptions(server_command=["true"], log_path=str(tmp_path / f"{n}.log")))
+        server = VLLMServer(tmp_path, VLLMServerOptions(server_command=["true"], log_path=str(tmp_path / f"{n}.log")))
         assert parser.parse_args(["--api-key", server.api_key]).api_key == server.api_key
 
 
@@ -324,7 +324,7 @@ import importlib.util, os, signal, sys, time
 spec = importlib.util.spec_from_file_location("vllm_server", sys.argv[1])
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 options = mod.VLLMServerOptions(server_command=[sys.executable, "-c", sys.argv[2]], startup_timeout_s=60)
-server = mod.VLLMServer("m", options).start()
+server = mod.VLLMServer(os.path.dirname(sys.argv[1]), options).start()  # any directory: the server loads nothing
 print(server.process.pid, flush=True)
 how = sys.argv[3]
 if how == "exception":

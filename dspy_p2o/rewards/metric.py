@@ -4,9 +4,9 @@
 failing or hanging call, and :func:`check_metric`, the probe a run makes of its metric
 before it claims its run directory.
 
-Every metric call of a run -- the rollouts' rewards (``rollouts.MetricRewardFn``, from the
-loop's thread or the compound collector's) and GEPA's evaluations (its own threads) -- goes
-through one ``safe_metric`` wrapper: the one place a per-call time limit is enforced.
+Every metric call of a run -- the rollouts' rewards (``rollouts.collect_rollouts``) and GEPA's
+evaluations (its own threads) -- goes through one ``safe_metric`` wrapper: the one place a
+per-call time limit is enforced.
 """
 
 from __future__ import annotations
