@@ -21,9 +21,8 @@ import random
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-LEVELS = {1: "two-digit + two-digit", 2: "three-digit + three-digit", 3: "two-digit x one-digit",
-          4: "two-digit x two-digit"}
+LEVELS = {0: "one-digit + one-digit", 1: "two-digit + two-digit", 2: "three-digit + three-digit",
+          3: "two-digit x one-digit", 4: "two-digit x two-digit", 5: "two-digit + one-digit"}
 
 
 def demo(row: dict, worked: bool) -> dict:
@@ -72,7 +71,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--adapters", nargs="+", default=["chat", "json"])
-    parser.add_argument("--levels", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--levels", nargs="+", type=int, default=[0, 5, 1, 3], choices=sorted(LEVELS))
     parser.add_argument("--demos", nargs="+", default=["0", "labelled:2", "labelled:4", "worked:2", "worked:4"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -85,11 +84,12 @@ def main() -> None:
 
     torch.set_num_threads(2)
     engine = LocalEngine(materialize("smollm2-135m-instruct"), device="cpu", dtype="float32")
-    train = [json.loads(line) for line in (ROOT / "data/arithmetic/train.jsonl").read_text().splitlines()]
+    from arithmetic_data import make_rows  # benchmarks/ is the script's folder
+
     results = []
     for level in args.levels:
-        rows = [r for r in train if r["level"] == level][:args.questions]
-        pool = [r for r in train if r["level"] == level][args.questions:]  # demos: other questions of the kind
+        generated = make_rows(args.questions + 32, seed=0, levels=[level])  # the questions (arithmetic_data.py's)
+        rows, pool = generated[:args.questions], generated[args.questions:]  # demos: other questions of the kind
         for adapter in args.adapters:
             for spec in args.demos:
                 kind, _, n = spec.partition(":")

@@ -411,8 +411,10 @@ class P2OLoop:
                                   seed=derive_seed(cfg.seed, "validation"))
         scores = ProgramScores()
         scores.add(self.comm.gather([(r.example_id, r.reward) for r in collected.rollouts]))
-        failures = sum(self.comm.gather([collected.failures]))
-        out = {"val/pass@1": scores.pass_at(1), "val/metric_failures": failures}
+        failures, unparsed = map(sum, zip(*self.comm.gather([(collected.failures, collected.format_failures)])))
+        samples = sum(len(v) for v in scores.rewards.values())
+        out = {"val/pass@1": scores.pass_at(1), "val/parse_rate": 1 - unparsed / max(1, samples),
+               "val/metric_failures": failures}
         if cfg.eval_k > 1:
             out[f"val/pass@{cfg.eval_k}"] = scores.pass_at(cfg.eval_k)
         return out
