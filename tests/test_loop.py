@@ -44,16 +44,16 @@ def test_compile_two_epochs_with_prompt_phase(tmp_path, factor_policy):
                               **tiny_overrides(batch_size=6, min_hard=4, dev_size=4, budget=60, plain_per_group=1, temperature=0.5,
                                                max_tokens=12))
     assert [h["epoch"] for h in result.history] == [1, 2]
-    for name in ("config.yaml", "metrics.jsonl", "summary.md", "state.json", "templates/epoch-0.json",
-                 "templates/epoch-1.json", "hard/epoch-0.jsonl", "hard/epoch-1.jsonl", "plots/training.png",
+    for name in ("config.yaml", "metrics.jsonl", "summary.md", "state.json", "templates/epoch-1.json",
+                 "templates/epoch-2.json", "hard/epoch-1.jsonl", "hard/epoch-2.jsonl", "plots/training.png",
                  "plots/hard.png", "plots/templates.png"):
         assert (run_dir / name).exists(), name
     assert (result.checkpoint / "config.json").exists() and (result.checkpoint / "tokenizer_config.json").exists()
     assert any(p.name.startswith("checkpoint-") for p in (run_dir / "checkpoints").iterdir())
     # epoch 1: every question fails without a template -> all hard; GEPA finds DOUBLE and TRIPLE
-    hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
+    hard = [json.loads(line) for line in (run_dir / "hard/epoch-1.jsonl").read_text().splitlines()]
     assert len(hard) >= 10 and all(h["success_rate"] == 0 for h in hard)  # sampling at T=1 may luck out once
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert record["ran"] and script.requests
     front = {instruction(p["template"]) for p in record["pool"] if p["on_front"]}
     assert front & {world.DOUBLE, world.TRIPLE}  # a helpful template was found and kept
@@ -66,7 +66,7 @@ def test_compile_two_epochs_with_prompt_phase(tmp_path, factor_policy):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     batches = [m for m in metrics if "train/reward_mean" in m]
     assert len(batches) == 4  # 2 epochs x 2 batches
-    assert sum(m["train/steps"] for m in batches if m["train/epoch"] == 1) == 2
+    assert sum(m["train/steps"] for m in batches if m["train/epoch"] == 2) == 2
     assert any("epoch/val/pass@1" in m for m in metrics)
     # the returned program answers through DSPy with the trained weights and its ORIGINAL instruction
     assert result.program(question=world.question(3)).answer is not None
@@ -85,7 +85,7 @@ def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
     result = dspy_p2o.compile(program(), sum_examples(8, 0, "train"), metric=math_metric, policy=format_model_dir,
                               run_dir=run_dir, **tiny_overrides(**switch))
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     if switch.get("method") == "grpo":
         assert cfg["method"] == "grpo" and not record["ran"] and result.templates == {}
     if "distill" in switch:
@@ -94,7 +94,7 @@ def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
         assert cfg["prompt"]["same_template_in_group"] is True
         assert all(len({instruction(z) for z in zs}) == 1 for zs in record.get("assignments", {}).values())
     if switch.get("near_hard"):
-        hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
+        hard = [json.loads(line) for line in (run_dir / "hard/epoch-1.jsonl").read_text().splitlines()]
         assert all(h["success_rate"] <= 1 / 4 for h in hard)
     assert len(result.history) == 2
 

@@ -126,8 +126,8 @@ def test_compile_math_cot_on_real_math_questions_then_serve_through_dspy(smollm2
         min_hard=1, dev_size=1, budget=4, beam_width=1, num_threads=2, reflection_max_tokens=48,
         reflection_minibatch_size=1, plain_per_group=1)
     assert [h["epoch"] for h in result.history] == [1, 2]
-    hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    hard = [json.loads(line) for line in (run_dir / "hard/epoch-1.jsonl").read_text().splitlines()]
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert record["ran"] == (len(hard) >= 1)  # the prompt phase ran on whatever the real model could not solve
     if record["ran"]:
         assert record["pool"] and record["pool"][0]["template"] == demo_program().cot.predict.signature.instructions

@@ -95,7 +95,7 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
     hard = accuracy(result.engine, world.split("test", "hard"))
     easy = accuracy(result.engine, world.split("test", "easy"))
     gepa = 0
-    for epoch in range(config.epochs):
+    for epoch in range(1, config.epochs + 1):
         path = loop.run.templates_file(epoch)
         if path.exists():
             cost = json.loads(path.read_text()).get("cost", {})
