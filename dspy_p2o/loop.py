@@ -397,7 +397,7 @@ class P2OLoop:
         state.history.append(entry)
         display.line(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
                      f"hard {entry['hard']}, templated next {entry['templated_questions']}"
-                     + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
+                     + (f", val pass@1 (no template) {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
                      cfg.progress and self.is_main)
         state.epoch, state.phase, state.batch, state.metric_failures = epoch + 1, "train", 0, 0
         state.done = state.epoch >= cfg.epochs
