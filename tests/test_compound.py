@@ -184,7 +184,7 @@ def test_a_two_predictor_program_compiles_end_to_end_distilling_each_call(tmp_pa
                               run_dir=run_dir, **tiny_overrides(batch_size=6, min_hard=4, dev_size=4, budget=80,
                                                                 plain_per_group=1, temperature=0.5, max_tokens=12))
     # phase 2 ran on candidate programs: one instruction per predictor, the plan instruction evolved
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert record["ran"] and script.requests
     assert all(set(p["template"]) == {"plan", "solve"} for p in record["pool"])
     assert {world.DOUBLE, world.TRIPLE} & {p["template"]["plan"]["instruction"] for p in record["pool"] if p["on_front"]}
