@@ -59,11 +59,14 @@ class Spend:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float | None = None
+    seconds: float = 0.0  # wall time spent waiting for this LM (calls made side by side count once)
 
-    def add(self, calls: int, input_tokens: int, output_tokens: int, cost: float | None = None) -> None:
+    def add(self, calls: int, input_tokens: int, output_tokens: int, cost: float | None = None,
+            seconds: float = 0.0) -> None:
         self.calls += calls
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        self.seconds += seconds
         if cost is not None:
             self.cost_usd = (self.cost_usd or 0.0) + cost
 
@@ -83,9 +86,10 @@ class Bill:
     unpriced_calls: int = 0  # reflection calls of a priced model that litellm's map could not price
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def record_reflection(self, entries: Iterable[dict]) -> None:
-        """Add the DSPy history entries of reflection calls (one per call)."""
+    def record_reflection(self, entries: Iterable[dict], seconds: float = 0.0) -> None:
+        """Add the DSPy history entries of reflection calls (one per call) and the wall time they took."""
         with self._lock:
+            self.reflection.seconds += seconds
             for entry in entries:
                 tokens_in, tokens_out = entry_tokens(entry)
                 cost = None
@@ -95,9 +99,9 @@ class Bill:
                         self.unpriced_calls += 1
                 self.reflection.add(1, tokens_in, tokens_out, cost)
 
-    def record_student(self, calls: int, input_tokens: int, output_tokens: int) -> None:
+    def record_student(self, calls: int, input_tokens: int, output_tokens: int, seconds: float = 0.0) -> None:
         with self._lock:
-            self.student.add(calls, input_tokens, output_tokens)
+            self.student.add(calls, input_tokens, output_tokens, seconds=seconds)
 
     @property
     def cost_usd(self) -> float | None:
@@ -106,8 +110,9 @@ class Bill:
 
     def to_json(self) -> dict[str, Any]:
         out = {"reflection_lm": {**self.reflection.to_json(), "model": self.reflection_model},
-               "student_lm": {k: v for k, v in self.student.to_json().items() if k != "cost_usd"},
-               "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 8)}
+               "student_lm": {k: v for k, v in self.student.to_json().items() if k != "cost_usd"},  # the policy: no bill
+               "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 8),
+               "student_time_s": round(self.student.seconds, 3), "reflection_time_s": round(self.reflection.seconds, 3)}
         if self.unpriced_calls:
             out["reflection_lm"]["unpriced_calls"] = self.unpriced_calls
         return out

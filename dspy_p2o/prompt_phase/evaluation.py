@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -112,7 +113,8 @@ class PhaseAdapter(DspyAdapter):
                          failure_score=0.0, num_threads=num_threads, rng=rng, warn_on_score_mismatch=False,
                          reflection_minibatch_size=reflection_minibatch_size)
         self.propose_new_texts = None  # gepa asks the reflection strategy instead
-        self.program, self.metric, self.policy, self.seed, self.bill = program, metric, student, seed, bill  # DSPy's `student` is the program
+        # (DSPy's adapter calls the program `student`: the policy is `policy` here)
+        self.program, self.metric, self.policy, self.seed, self.bill = program, metric, student, seed, bill
         self.reflection = reflection  # its round counter is saved with gepa's state (get_adapter_state)
         self.evaluations = 0  # batched evaluations so far: each one's sampling seed
         self.batched = isinstance(student, PolicyStudent)
@@ -175,11 +177,12 @@ class PhaseAdapter(DspyAdapter):
 
         sampling = dataclasses.replace(student.sampling, seed=derive_seed(self.seed, "evaluation", self.evaluations))
         self.evaluations += 1
+        start = time.perf_counter()
         batch = collect_rollouts(student.engine, self.program, student.renderers, examples, metric, k=1,
                                  sampling=sampling, assignments=assignments, max_live=student.max_live)
         calls = [c for r in batch.rollouts for c in r.calls]
         self.bill.record_student(len(calls), sum(len(c.sampled_prompt_ids) for c in calls),
-                                 sum(len(c.completion_ids) for c in calls))
+                                 sum(len(c.completion_ids) for c in calls), time.perf_counter() - start)
         return list(batch.rollouts)
 
     # ------------------------------------------------------------------ batched evaluation

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -163,6 +164,7 @@ class ConcurrentReflection:
         return self.reflect_many([(candidate, reflective_dataset, components_to_update)])[0]
 
     def reflect_many(self, jobs: Sequence[tuple[dict[str, str], Mapping[str, Any], list[str]]]):
+        start = time.perf_counter()
         round_, self.rounds = self.rounds, self.rounds + 1
         lms = [self._task_lm(round_, j) for j in range(len(jobs))]
         contexts = [contextvars.copy_context() for _ in jobs]  # one per thread: a Context runs in one thread
@@ -179,6 +181,7 @@ class ConcurrentReflection:
             with ThreadPoolExecutor(max_workers=min(len(jobs), self.max_workers),
                                     thread_name_prefix="dspy-p2o-reflection") as pool:
                 results = list(pool.map(run, range(len(jobs))))
+        self.bill.record_reflection([], time.perf_counter() - start)
         out = []
         for lm, result in zip(lms, results):  # task order: counts and usage do not depend on timing
             self.bill.record_reflection(getattr(lm, "history", []))
