@@ -34,6 +34,7 @@ class Call:
     template: Prompt | str | None = None  # z_p for a templated call, None for a plain one
     completion_text: str = ""
     finish_reason: str = "stop"
+    inputs: dict[str, Any] | None = None  # the predictor's input fields of this call (what DSPy's trace records)
 
     @property
     def templated(self) -> bool:
@@ -47,6 +48,7 @@ class Rollout:
     reward: float  # the program-level metric's score of the execution
     template: Template | Any = None  # z the rollout was sampled under; None: plain
     feedback: str = ""  # the metric's feedback (GEPA's error feedback F)
+    prediction: Any = None  # the program's output (what the metric scored); None when the execution failed
 
     @property
     def templated(self) -> bool:

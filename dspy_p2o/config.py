@@ -35,6 +35,9 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 ADAPTERS = ("chat", "json", "xml")  # DSPy adapters that render, parse and serve the program (renderer.py)
 METHODS = ("p2o", "grpo")  # P^2O, or the GRPO baseline: the same trainer and rollout budget, no prompt phase
+# the prompt phase's candidate proposers: GEPA's reflective instructions, DSPy few-shot demo sets, or both pools
+PROMPT_OPTIMIZERS = ("gepa", "fewshot", "gepa+fewshot")
+FEWSHOT_SOURCES = ("labeled", "bootstrapped", "both")  # gold answers of training questions / the run's own successes
 LR_SCHEDULES = ("constant", "cosine", "linear")
 LOSS_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")  # trainer/losses.py
 TEMPLATE_RATIO_MODES = ("mask", "soft", "off")  # trainer/losses.py
@@ -207,6 +210,9 @@ class PromptPhaseConfig:
 
     __pydantic_config__ = _STRICT
 
+    # who proposes templates: GEPA (instructions), fewshot (demo sets: DSPy's LabeledFewShot over gold answers and
+    # the run's own successful rollouts), or gepa+fewshot (both pools, one budget: fewshot takes at most half)
+    optimizer: str = "gepa"
     min_hard: int = knob(100, check=AT_LEAST_1)  # GEPA runs only on at least this many hard questions (authors: 100)
     dev_size: int = knob(300, check=AT_LEAST_1)  # hard_dev size; half the hard set when it has fewer than 2 * dev_size
     budget: str | int = "heavy_4"  # light / medium / heavy (GEPA's auto), heavy_4 = 4 x heavy, or metric calls
@@ -224,10 +230,22 @@ class PromptPhaseConfig:
     use_merge: bool = False
     max_reflection_failures: int = knob(3, check=AT_LEAST_1)  # consecutive failed reflection calls that end the phase
     score_hard_train: bool = True  # score front + cover templates on hard_train to assign them too
+    fewshot_k: int = knob(2, check=AT_LEAST_1)  # demos per predictor in a fewshot candidate
+    fewshot_candidates: int = knob(8, check=AT_LEAST_1)  # demo sets proposed (each scored on hard_dev, within budget)
+    fewshot_source: str = "both"  # labeled (gold answers), bootstrapped (the run's own successful rollouts), both
+    # stop a prompt phase once the reflection LM's cost (litellm's price map, USD) reaches this; None: no cap.
+    # Templates found so far are kept; a model without a price never trips it
+    max_cost_usd: float | None = knob(None, resume=RESUMABLE, check=NON_NEGATIVE)
     gepa_kwargs: dict = field(default_factory=dict)  # passed on to gepa.optimize
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.optimizer not in PROMPT_OPTIMIZERS:
+            raise ValueError(f"PromptPhaseConfig.optimizer must be one of {', '.join(PROMPT_OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.fewshot_source not in FEWSHOT_SOURCES:
+            raise ValueError(f"PromptPhaseConfig.fewshot_source must be one of {', '.join(FEWSHOT_SOURCES)}, "
+                             f"got {self.fewshot_source!r}")
         if isinstance(self.budget, str) and self.budget not in BUDGET_PRESETS:
             raise ValueError(f"PromptPhaseConfig.budget must be one of {sorted(BUDGET_PRESETS)} or a number of "
                              f"metric calls, got {self.budget!r}")

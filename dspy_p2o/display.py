@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("dspy_p2o")
 
@@ -81,19 +81,33 @@ def line(text: str, enabled: bool) -> None:
 
 class GEPAProgress:
     """The prompt phase's live line, as a gepa callback (`gepa.optimize(callbacks=[...])`):
-    metric calls used of the budget, and the best mean score on hard_dev so far."""
+    metric calls used of the budget (calls spent outside GEPA, scoring fewshot candidates, count
+    through `advance`), the best mean score on hard_dev so far, and what `spend()` reports (the
+    student's and the reflection LM's tokens, the teacher's bill)."""
 
-    def __init__(self, budget: int, *, desc: str, enabled: bool) -> None:
+    def __init__(self, budget: int, *, desc: str, enabled: bool,
+                 spend: Callable[[], dict[str, str]] | None = None) -> None:
         self.bar = live(budget, desc=desc, unit="call", enabled=enabled)
         self.best = 0.0
+        self.spend = spend
+        self.offset = 0  # metric calls spent outside GEPA
+
+    def _draw(self, used: int) -> None:
+        self.bar.n = min(int(used), self.bar.total or int(used))
+        self.bar.set_postfix({"best": f"{self.best:.3f}", **(self.spend() if self.spend else {})})
+
+    def advance(self, calls: int, best: float | None = None) -> None:
+        self.offset += calls
+        if best is not None:
+            self.best = max(self.best, best)
+        self._draw(self.offset)
 
     def on_budget_updated(self, event: dict[str, Any]) -> None:
-        self.bar.n = min(int(event["metric_calls_used"]), self.bar.total or event["metric_calls_used"])
-        self.bar.refresh()
+        self._draw(self.offset + int(event["metric_calls_used"]))
 
     def on_valset_evaluated(self, event: dict[str, Any]) -> None:
         self.best = max(self.best, float(event.get("average_score") or 0.0))
-        self.bar.set_postfix(best=f"{self.best:.3f}")
+        self._draw(self.bar.n)
 
     def close(self) -> None:
         self.bar.close()

@@ -48,6 +48,8 @@ from dspy_p2o.metrics import MetricsLogger, check_trackers, read_metrics
 from dspy_p2o.models import ModelPackageMissing
 from dspy_p2o.passk import mean_pass_at_k
 from dspy_p2o.program_eval import ProgramScores
+from dspy_p2o.prompt_phase.evaluation import PolicyStudent
+from dspy_p2o.prompt_phase.fewshot import POOL_CAP, bootstrap_record
 from dspy_p2o.prompt_phase.gepa_phase import run_prompt_phase
 from dspy_p2o.prompt_phase.hard import mine_hard
 from dspy_p2o.renderer import make_adapter, program_input_fields, program_renderers, servable_predictors
@@ -304,6 +306,8 @@ class P2OLoop:
         state.metric_failures += failures
         batch = GlobalBatch.gather(collected.rollouts, self.comm.rank, self.comm.gather)
         self._record_rewards(state, batch)
+        if cfg.method == "p2o" and cfg.prompt.optimizer != "gepa" and cfg.prompt.fewshot_source != "labeled":
+            self._keep_demos(state, collected.rollouts)
         after_step = self.resources.sync if cfg.trainer.sync == "step" else None
         metrics = self.trainer.train_on(collected.rollouts, batch, after_step=after_step)
         metrics.update(self.resources.take_sync_stats())
@@ -342,6 +346,20 @@ class P2OLoop:
             state.rewards.setdefault(o.example_id, []).append(o.reward)
             state.templated.setdefault(o.example_id, []).append(o.templated)
 
+    def _keep_demos(self, state: LoopState, rollouts: list[Any]) -> None:
+        """The batch's successful plain rollouts as few-shot demo records (every process's, one per
+        question, at most fewshot.POOL_CAP per epoch): the bootstrapped pool of the prompt phase."""
+        inputs, threshold = program_input_fields(self.program), self.config.prompt.solved_threshold
+        mine: dict[str, dict[str, Any]] = {}
+        for r in rollouts:
+            if r.example_id not in mine and r.example_id not in state.demos:
+                record = bootstrap_record(r, self.by_id[r.example_id], self.renderers, inputs, threshold)
+                if record is not None:
+                    mine[r.example_id] = record
+        for record in self.comm.gather(list(mine.values())):
+            if len(state.demos) < POOL_CAP:
+                state.demos.setdefault(record["id"], record)
+
     def _phase2(self, state: LoopState) -> None:
         cfg, epoch = self.config, state.epoch
         number = epoch + 1  # as the console and the run directory's files name it
@@ -360,27 +378,33 @@ class P2OLoop:
         elif len(hard) < cfg.prompt.min_hard:
             record["reason"] = f"hard set {len(hard)} < min_hard {cfg.prompt.min_hard}"
         elif self.is_main:  # GEPA runs once, on the main process (with the local engine: its replica)
-            record = self._run_gepa(epoch, hard)
+            record = self._run_gepa(state, hard)
         record = self.comm.from_main(record)
         if self.is_main:
             write_json(self.run.templates_file(number), record)
         state.assignments = record.get("assignments", {})
         state.prompt_phase_skipped_last = record.get("reason") == LAST_EPOCH
 
-    def _run_gepa(self, epoch: int, hard: list[str]) -> dict[str, Any]:
-        """The prompt phase after epoch `epoch` (0-based, as the seeds count it; its files and record
-        name it epoch + 1), on the main process."""
-        cfg, number = self.config, epoch + 1
-        student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-        program = self.program.deepcopy()  # the student LM comes from the context (an LM does not deep-copy)
+    def _run_gepa(self, state: LoopState, hard: list[str]) -> dict[str, Any]:
+        """The prompt phase on the policy engine (every evaluation a batched collection, as phase 1's);
+        few-shot demos come from the training set's gold answers and this epoch's successful rollouts
+        on questions that are not hard."""
+        cfg, epoch = self.config, state.epoch
+        number = epoch + 1  # as the files and records name it
+        student = PolicyStudent(self.engine, self.renderers,
+                                SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                               max_tokens=cfg.max_tokens),
+                                max_live=cfg.max_concurrent_executions)
+        hard_set = set(hard)
         with dspy.context(adapter=self.adapter):  # GEPA sees the format that is trained
             result = run_prompt_phase(
-                program, [self.by_id[i] for i in hard], student_lm=student,
-                reflection_lm=self.resources.reflection_lm(), metric=self.metric, config=cfg.prompt,
-                k=cfg.k - cfg.plain_per_group, seed=derive_seed(cfg.seed, "prompt phase", epoch),
-                log_dir=self.run.gepa_dir(number), epoch=number, progress=cfg.progress)
-        self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
-                        step=self.trainer.global_step)
+                self.program.deepcopy(), [self.by_id[i] for i in hard], student=student,
+                reflection_lm=self.resources.reflection_lm() if cfg.prompt.optimizer != "fewshot" else None,
+                metric=self.metric, config=cfg.prompt, k=cfg.k - cfg.plain_per_group,
+                seed=derive_seed(cfg.seed, "prompt phase", epoch), log_dir=self.run.gepa_dir(number), epoch=number,
+                progress=cfg.progress, labeled_demos=self.trainset,
+                bootstrapped_demos=[r for i, r in state.demos.items() if i not in hard_set])
+        self.logger.log(_numbers(result.cost, "gepa/"), step=self.trainer.global_step)
         return {"epoch": number, "hard": len(hard), **result.to_json()}
 
     def _end_epoch(self, state: LoopState) -> None:
@@ -402,7 +426,7 @@ class P2OLoop:
         state.epoch, state.phase, state.batch, state.metric_failures = epoch + 1, "train", 0, 0
         state.done = state.epoch >= cfg.epochs
         if not state.done:  # a finished run keeps its last epoch's rewards: a resume with more epochs mines them
-            state.rewards, state.templated = {}, {}
+            state.rewards, state.templated, state.demos = {}, {}, {}
         self._checkpoint(state)
         if self.is_main:
             self._write_reports(state)
@@ -478,6 +502,18 @@ LAST_EPOCH = "last epoch: no later epoch would use new templates"
 
 
 # ---------------------------------------------------------------------- helpers
+def _numbers(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The numbers of a (nested) record under flat keys (`gepa/reflection_lm/cost_usd`); a None stays
+    (an unpriced cost is null, not 0); text is left out."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}/"))
+        elif value is None or isinstance(value, (int, float)):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 

@@ -23,6 +23,8 @@ class LoopState:
     batch: int = 0  # the next batch of phase 1
     rewards: dict[str, list[float]] = field(default_factory=dict)  # this epoch's reward of every rollout, per question
     templated: dict[str, list[bool]] = field(default_factory=dict)  # ... and whether that rollout was templated
+    # this epoch's successful plain rollouts as few-shot demo records, one per question (prompt.optimizer fewshot)
+    demos: dict[str, dict[str, Any]] = field(default_factory=dict)
     assignments: dict[str, list[Any]] = field(default_factory=dict)  # per hard question: its templates (JSON)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished epoch
     checkpoint: str | None = None  # the latest trainer checkpoint directory
@@ -57,7 +59,7 @@ class LoopState:
             self.epoch, self.phase, self.prompt_phase_skipped_last = self.epoch - 1, "prompt", False
             self.history.pop()
         else:
-            self.rewards, self.templated = {}, {}
+            self.rewards, self.templated, self.demos = {}, {}, {}
         self.done = False
 
     def to_json(self) -> dict[str, Any]:

@@ -147,6 +147,7 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
                  h.get("metric_failures", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", *COLUMNS]
+    lines += prompt_phase_lines(run, [h["epoch"] for h in history])
     distinct = {json.dumps(z, sort_keys=True): z for zs in assignments.values() for z in zs}  # dicts: not hashable
     templates = [distinct[key] for key in sorted(distinct)]
     if templates:
@@ -158,7 +159,6 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
     lines += ["", "Plots: `plots/training.png`, `plots/hard.png`, `plots/templates.png`. "
               "Per-step metrics: `metrics.jsonl`. Templates and scores per epoch: `templates/`."]
     (run.path / "summary.md").write_text("\n".join(lines) + "\n")
-
 
 COLUMNS = [
     "Columns (epochs numbered from 1, as the console and the files under `templates/`, `hard/` and `rewards/`):",
@@ -174,6 +174,35 @@ COLUMNS = [
     "over the weights: context distillation closes it.",
     "- **metric failures**: metric calls that raised or timed out (scored 0).",
 ]
+
+
+def prompt_phase_lines(run: RunDir, epochs: list[int]) -> list[str]:
+    """summary.md's table of the prompt phases that ran: what they proposed, spent and cost
+    (templates/epoch-N.json)."""
+    rows = []
+    for number in epochs:
+        path = run.templates_file(number)
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if not record.get("ran"):
+            continue
+        cost, pool = record.get("cost", {}), record.get("pool", [])
+        student, reflection = cost.get("student_lm", {}), cost.get("reflection_lm", {})
+        sources = {s: sum(1 for p in pool if p.get("source") == s) for s in ("gepa", "fewshot")}
+        usd = cost.get("cost_usd")
+        calls = cost.get("metric_calls_gepa", 0) + cost.get("metric_calls_fewshot", 0)
+        cells = [number, cost.get("optimizer", "gepa"), record.get("hard", "-"),
+                 f"{sources['gepa']} / {sources['fewshot']}", cost.get("questions_assigned", 0),
+                 f"{calls} / {cost.get('metric_calls_budget', '-')}",
+                 student.get("input_tokens", 0) + student.get("output_tokens", 0),
+                 f"{reflection.get('calls', 0)} / {reflection.get('input_tokens', 0) + reflection.get('output_tokens', 0)}",
+                 "-" if usd is None else f"{usd:.4f}", cost.get("wall_time_s", "-"),
+                 "" if record.get("reason") == "ok" else record.get("reason", "")]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if not rows:
+        return []
+    header = ("| after epoch | optimizer | hard | candidates gepa / fewshot | questions assigned | metric calls / budget "
+              "| student tokens | reflection calls / tokens | teacher USD | seconds | stopped |")
+    return ["", "## Prompt phases", "", header, "|---|---|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _fmt(value: Any) -> str:

@@ -254,7 +254,7 @@ class _RecordingPredict:
         self._check_length(sampled)
         c = self.rounds.ask(execution.index, sampled)
         execution.calls.append(Call(name, list(x), list(sampled), list(c.token_ids), list(c.logprobs), z, c.text,
-                                    c.finish_reason))
+                                    c.finish_reason, dict(inputs)))
         fields = self.renderer.parse(c.text)
         if fields is None:
             raise _FormatError(type(self.renderer.adapter).__name__, self.renderer.signature, c.text,
@@ -355,5 +355,6 @@ def _score(executions: Sequence[_Execution], examples: Sequence[Any], metric: Ca
                 batch.failures += 1
                 batch.last_failure = str(result.metric_error)
             score, feedback = float(result.score), str(getattr(result, "feedback", "") or "")
-        batch.rollouts.append(Rollout(example_id(example, e.example_index), e.calls, score, e.template, feedback))
+        batch.rollouts.append(Rollout(example_id(example, e.example_index), e.calls, score, e.template, feedback,
+                                      e.prediction if e.error is None else None))
     return batch

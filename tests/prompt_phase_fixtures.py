@@ -29,12 +29,19 @@ def question(n: int) -> str:
     return f"What is the factor of {n}?"
 
 
-def hard_examples() -> list[dspy.Example]:
+WORDS = {1: "one", 2: "two", 3: "three"}  # the fewshot world's answers: a distinct token a demo can show
+
+
+def answer_of(factor: int, words: bool = False) -> str:
+    return WORDS[factor] if words else str(factor)
+
+
+def hard_examples(words: bool = False) -> list[dspy.Example]:
     out = []
     for kind, factor in (("d", 2), ("t", 3)):
         for n in NUMBERS:
-            out.append(dspy.Example(id=f"{kind}{n}", question=question(n), answer=str(factor), factor=factor,
-                                    n=n).with_inputs("question"))
+            out.append(dspy.Example(id=f"{kind}{n}", question=question(n), answer=answer_of(factor, words),
+                                    factor=factor, n=n).with_inputs("question"))
     return out
 
 
@@ -47,8 +54,10 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
                                                f"the {word} of {gold.n}.")
 
 
-def build_policy(out_dir, steps: int = 60):
-    """Fine-tune a tiny model to follow the cue; returns a LocalEngine on it."""
+def build_policy(out_dir, steps: int | None = None, demos: bool = False):
+    """Fine-tune a tiny model to follow the cue; returns a LocalEngine on it. With `demos` (the fewshot
+    world) it answers in words and also follows a demonstration: shown one demo (another question with
+    its answer) it answers what the demo answered, so a double question's demo solves the doubles."""
     import random
 
     from dspy_p2o.engines import LocalEngine
@@ -59,24 +68,28 @@ def build_policy(out_dir, steps: int = 60):
     adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
     sig = program.signature
     rules = [(sig.instructions, 1), (DOUBLE, 2), (TRIPLE, 3)]
-    texts = []
-    for instruction, factor in rules:
-        for n in NUMBERS:
-            msgs = adapter.format(sig.with_instructions(instruction), [], {"question": question(n)})
-            texts.append("".join(m["content"] for m in msgs)
-                         + adapter.format_assistant_message_content(sig, {"answer": str(factor)}))
+    calls = [(question(n), instruction, None, factor) for instruction, factor in rules for n in NUMBERS]
+    if demos:  # the instruction rules as often as the demos: the plain answer must stay "one"
+        examples = hard_examples(words=True)
+        calls = calls * 7 + [(q.question, sig.instructions, d, d.factor) for q in examples for d in examples
+                             if d.id != q.id]
+    texts, pairs = [], []
+    for q, instruction, demo, factor in calls:
+        msgs = adapter.format(sig.with_instructions(instruction), [demo] if demo else [], {"question": q})
+        texts.append("".join(m["content"] for m in msgs)
+                     + adapter.format_assistant_message_content(sig, {"answer": answer_of(factor, demos)}))
     model_dir = build_tiny_model(out_dir, texts * 4, vocab_size=1024, hidden_size=64, num_layers=2)
     engine = LocalEngine(model_dir)
     renderer = Renderer(program, engine.tokenizer)
-    pairs = []
-    for instruction, factor in rules:
-        for n in NUMBERS:
-            prompt = renderer.render({"question": question(n)}, instruction=instruction).token_ids
-            text = adapter.format_assistant_message_content(sig, {"answer": str(factor)})
-            pairs.append((prompt, engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-                          + [engine.tokenizer.eos_token_id]))
+    for q, instruction, demo, factor in calls:
+        prompt = renderer.render({"question": q}, instruction=instruction, demos=[demo] if demo else []).token_ids
+        text = adapter.format_assistant_message_content(sig, {"answer": answer_of(factor, demos)})
+        pairs.append((prompt, engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+                      + [engine.tokenizer.eos_token_id]))
     random.Random(0).shuffle(pairs)
-    supervised_finetune(engine.model, pairs, steps=steps, lr=5e-3, batch_size=8, pad_id=engine.pad_id)
+    # demo-following (an induction over ~60 tokens) needs a gentler, longer run than the instruction cue
+    supervised_finetune(engine.model, pairs, steps=steps or (300 if demos else 60), lr=2e-3 if demos else 5e-3,
+                        batch_size=8, pad_id=engine.pad_id)
     return engine
 
 
@@ -122,3 +135,40 @@ class ScriptedReflection:
 def scripted_reflection_lm(**kwargs) -> tuple[dspy.LM, ScriptedReflection]:
     engine = ScriptedReflection(**kwargs)
     return dspy.LM("local/scripted-reflection", engine=engine, cache=False), engine
+
+
+class SamplingReflection:
+    """A reflection LM that SAMPLES its proposal -- from `random.Random(request seed)` when the request
+    carries a seed, from an unseeded generator otherwise -- and takes a random time to answer, so calls
+    made side by side finish in any order. It records the highest number of calls in flight at once."""
+
+    CHOICES = (DOUBLE, TRIPLE, "Answer with the factor.", "Think step by step.")
+
+    def __init__(self) -> None:
+        self.seeds: list[int | None] = []
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+
+    def complete(self, request):
+        import random
+        import time
+
+        seed = request.config.seed
+        with self._lock:
+            self.seeds.append(seed)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(random.random() * 0.05)  # unseeded: the finishing order varies from run to run
+            proposal = (random.Random(seed) if seed is not None else random.Random()).choice(self.CHOICES)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        content = f"[[ ## new_instruction ## ]]\n{proposal}\n\n[[ ## completed ## ]]"
+        return Response(id=None, model=request.model, message=Message.assistant(content), finish_reason="stop",
+                        usage=Usage(input_tokens=100, output_tokens=10, total_tokens=110))
+
+
+def sampling_reflection_lm() -> tuple[dspy.LM, SamplingReflection]:
+    engine = SamplingReflection()
+    return dspy.LM("local/sampling-reflection", engine=engine, cache=False, temperature=1.0), engine

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dspy_p2o.config import MOVED, ConfigError, P2OConfig, parse_overrides
+from dspy_p2o.config import MOVED, ConfigError, P2OConfig, PromptPhaseConfig, parse_overrides
 from dspy_p2o.run_dir import config_changes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,3 +209,20 @@ def test_the_rewards_section_holds_the_metric_time_limit_and_the_verifier_settin
         with pytest.raises(ConfigError, match=message):
             P2OConfig.load(None, override)
     assert resume_rule("rewards.metric_timeout_s") == resume_rule("rewards.verify_workers") == RESUMABLE
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prompt.optimizer=dspy", "invalid config section 'prompt': PromptPhaseConfig.optimizer must be one of gepa, "
+                              "fewshot, gepa+fewshot, got 'dspy'"),
+    ("fewshot_source=gold", "invalid config section 'prompt': PromptPhaseConfig.fewshot_source must be one of "
+                            "labeled, bootstrapped, both, got 'gold'"),
+    ("max_cost_usd=-0.5", "invalid config section 'prompt': PromptPhaseConfig.max_cost_usd must be >= 0 or null, "
+                          "got -0.5"),
+    ("fewshot_k=0", "invalid config section 'prompt': PromptPhaseConfig.fewshot_k must be >= 1, got 0"),
+])
+def test_the_prompt_optimizer_its_demo_source_and_cost_cap_are_checked(override, message):
+    with pytest.raises(ConfigError) as info:
+        P2OConfig.load(None, parse_overrides([override]))
+    assert str(info.value) == message
+    cfg = P2OConfig.load(None, parse_overrides(["optimizer=gepa+fewshot", "max_cost_usd=2.5"]))
+    assert (cfg.prompt.optimizer, cfg.prompt.max_cost_usd, PromptPhaseConfig().optimizer) == ("gepa+fewshot", 2.5, "gepa")

@@ -10,7 +10,10 @@ import pytest
 from dspy_p2o.prompt_phase.gepa_phase import (
     RESULT_FILE, PromptPhaseConfig, metric_call_budget, program_with, run_prompt_phase, split_hard_set, template_of,
 )
+from dspy_p2o.engines.base import SamplingParams
+from dspy_p2o.prompt_phase import PolicyStudent
 from dspy_p2o.prompt_phase.reflection import make_reflection_lm
+from dspy_p2o.renderer import program_renderers
 from prompt_phase_fixtures import (DOUBLE, TRIPLE, build_policy, hard_examples, make_program, metric, question,
                                    scripted_reflection_lm)
 from dspy_p2o.template import Template
@@ -23,16 +26,30 @@ def small_config(**kw):
     return PromptPhaseConfig(**{**base, **kw})
 
 
+ADAPTER = dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+
+def batched(engine, temperature=0.0, program=None):
+    """The policy as the phase's student on the batched path: every evaluation one collection."""
+    renderers = program_renderers(program or make_program(), engine.tokenizer, ADAPTER)
+    return PolicyStudent(engine, renderers, SamplingParams(temperature=temperature, max_tokens=16))
+
+
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def engine(tmp_path_factory):
     engine = build_policy(tmp_path_factory.mktemp("pp") / "model")
-    yield engine.dspy_lm(temperature=0.0, max_tokens=16)
+    yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def policy(engine):
+    return batched(engine)
 
 
 def test_too_small_hard_set_does_not_run(tmp_path):
     lm, _ = scripted_reflection_lm()
-    out = run_prompt_phase(make_program(), hard_examples()[:3], student_lm=lm, reflection_lm=lm, metric=metric,
+    out = run_prompt_phase(make_program(), hard_examples()[:3], student=lm, reflection_lm=lm, metric=metric,
                            config=small_config(), k=3, log_dir=tmp_path, epoch=2)
     assert not out.ran and out.reason == "hard set 3 < min_hard 4" and out.assignments == {}
 
@@ -57,7 +74,7 @@ def test_duplicate_ids_are_rejected(tmp_path):
     lm, _ = scripted_reflection_lm()
     exs = hard_examples()
     with pytest.raises(ValueError, match="duplicate ids"):
-        run_prompt_phase(make_program(), exs + exs[:1], student_lm=lm, reflection_lm=lm, metric=metric,
+        run_prompt_phase(make_program(), exs + exs[:1], student=lm, reflection_lm=lm, metric=metric,
                          config=small_config(), k=3, log_dir=tmp_path)
 
 
@@ -65,7 +82,7 @@ def test_duplicate_ids_are_rejected(tmp_path):
 def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp_path):
     reflection, script = scripted_reflection_lm()
     examples = hard_examples()
-    out = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+    out = run_prompt_phase(make_program(), examples, student=policy, reflection_lm=reflection, metric=metric,
                            config=small_config(), k=3, log_dir=tmp_path, epoch=1)
     assert out.ran, out.reason
     # the reflection LM saw the policy's failures with their feedback and proposed from it
@@ -92,7 +109,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
                                                                                 for p in saved["pool"]]
 
     # rerun: the finished phase is loaded, nothing runs
-    again = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+    again = run_prompt_phase(make_program(), examples, student=policy, reflection_lm=reflection, metric=metric,
                              config=small_config(), k=3, log_dir=tmp_path, epoch=1)
     assert again.assignments == out.assignments and "loaded_from" in again.cost
     n_requests = len(script.requests)
@@ -100,7 +117,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
     # crash after GEPA finished but before the result was written: GEPA resumes from its state,
     # neither re-evaluating the seed nor reflecting again (its budget is spent)
     (tmp_path / RESULT_FILE).unlink()
-    resumed = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+    resumed = run_prompt_phase(make_program(), examples, student=policy, reflection_lm=reflection, metric=metric,
                                config=small_config(), k=3, log_dir=tmp_path, epoch=1)
     assert len(script.requests) == n_requests
     assert [p["template"] for p in resumed.pool] == [p["template"] for p in out.pool]
@@ -110,7 +127,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
 
     # a larger budget continues the same run instead of starting over
     (tmp_path / RESULT_FILE).unlink()
-    more = run_prompt_phase(make_program(), examples, student_lm=policy, reflection_lm=reflection, metric=metric,
+    more = run_prompt_phase(make_program(), examples, student=policy, reflection_lm=reflection, metric=metric,
                             config=small_config(budget=cost["metric_calls_gepa"] + 20), k=3, log_dir=tmp_path, epoch=1)
     assert [p["template"] for p in more.pool][: len(out.pool)] == [p["template"] for p in out.pool]
     assert more.cost["metric_calls_gepa"] > cost["metric_calls_gepa"]
@@ -120,7 +137,7 @@ def test_phase_finds_keeps_and_assigns_helpful_templates_and_resumes(policy, tmp
 @pytest.mark.slow  # builds and fine-tunes the tiny policy (~1-2 min on a loaded 2-core box)
 def test_teacher_failing_mid_phase_ends_cleanly(policy, tmp_path):
     reflection, script = scripted_reflection_lm(fail_after=1)
-    out = run_prompt_phase(make_program(), hard_examples(), student_lm=policy, reflection_lm=reflection,
+    out = run_prompt_phase(make_program(), hard_examples(), student=policy, reflection_lm=reflection,
                            metric=metric, config=small_config(budget=500, beam_width=1, max_reflection_failures=2), k=3,
                            log_dir=tmp_path)
     assert out.ran and "reflection LM failed 2 times in a row" in out.reason
@@ -138,7 +155,7 @@ def test_unreachable_http_teacher_ends_cleanly(policy, tmp_path, monkeypatch, ca
     reflection = make_reflection_lm("teacher:openai/teacher", api_base=f"http://127.0.0.1:{port}/v1",
                                     api_key_env="P2O_TEST_TEACHER_KEY", num_retries=0)
     caplog.set_level("DEBUG")
-    out = run_prompt_phase(make_program(), hard_examples(), student_lm=policy, reflection_lm=reflection,
+    out = run_prompt_phase(make_program(), hard_examples(), student=policy, reflection_lm=reflection,
                            metric=metric, config=small_config(budget=500, max_reflection_failures=1), k=3,
                            log_dir=tmp_path)
     assert out.ran and "reflection LM failed" in out.reason and len(out.pool) == 1
@@ -196,7 +213,7 @@ def test_compound_program_evolves_templates_per_predictor_and_assigns_them(tmp_p
     student, engine = scripted_student_lm()
     reflection, script = scripted_reflection_lm()
     examples, seed = hard_examples(), template_of(TwoStep())
-    out = run_prompt_phase(TwoStep(), examples, student_lm=student, reflection_lm=reflection, metric=metric,
+    out = run_prompt_phase(TwoStep(), examples, student=student, reflection_lm=reflection, metric=metric,
                            config=small_config(budget="light"), k=3, log_dir=tmp_path, epoch=1)
     assert out.ran, out.reason
     assert budgets == [("light", len(out.dev_ids), 2)]
@@ -223,7 +240,7 @@ def test_compound_program_evolves_templates_per_predictor_and_assigns_them(tmp_p
     assert out.cost["templates_assigned"] == 2 and out.cost["metric_calls_hard_train"] > 0
     saved = json.loads((tmp_path / RESULT_FILE).read_text())
     assert saved["assignments"] == out.to_json()["assignments"] and saved["pool"] == out.pool
-    again = run_prompt_phase(TwoStep(), examples, student_lm=student, reflection_lm=reflection, metric=metric,
+    again = run_prompt_phase(TwoStep(), examples, student=student, reflection_lm=reflection, metric=metric,
                              config=small_config(budget="light"), k=3, log_dir=tmp_path, epoch=1)
     assert again.assignments == out.assignments and "loaded_from" in again.cost
 
@@ -235,7 +252,7 @@ def test_every_predictor_evolves_and_merge_stays_off(tmp_path):
     PromptPhaseConfig.use_merge stays off. (Should gepa fix that, this test says so.)"""
     student, _ = scripted_student_lm(plan_triples=False, solve_triples=True)
     reflection, _ = scripted_reflection_lm()
-    out = run_prompt_phase(TwoStep(), hard_examples(), student_lm=student, reflection_lm=reflection, metric=metric,
+    out = run_prompt_phase(TwoStep(), hard_examples(), student=student, reflection_lm=reflection, metric=metric,
                            config=small_config(), k=3, log_dir=tmp_path / "default")
     assert out.ran and not PromptPhaseConfig().use_merge
     cover = {tuple(p["changed"]): p["template"] for p in out.pool if p["in_cover"]}
@@ -243,7 +260,7 @@ def test_every_predictor_evolves_and_merge_stays_off(tmp_path):
     assert cover[(PLAN,)] == Template({PLAN: DOUBLE, SOLVE: seed[SOLVE]}).to_json()
     assert cover[(SOLVE,)] == Template({PLAN: seed[PLAN], SOLVE: TRIPLE}).to_json()
     with pytest.raises(ValueError, match="Total of weights must be greater than zero"):
-        run_prompt_phase(TwoStep(), hard_examples(), student_lm=student, reflection_lm=reflection, metric=metric,
+        run_prompt_phase(TwoStep(), hard_examples(), student=student, reflection_lm=reflection, metric=metric,
                          config=small_config(use_merge=True), k=3, log_dir=tmp_path / "merge")
 
 
@@ -286,3 +303,144 @@ def test_the_proposer_reads_each_predictors_reply_on_its_own():
                        components_to_update=[PLAN, SOLVE])
     assert out == {PLAN: f"Sure! {DOUBLE}", SOLVE: f"Sure! {TRIPLE}"} and len(engine.requests) == 2
     assert (proposer.unformatted, proposer.total_failures) == (2, 0)
+
+
+# --------------------------------------------------------------------------- the batched path
+
+
+class CountingEngine:
+    """The policy engine, counting its generate calls (the batched path's engine calls)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+        self.tokenizer, self.context_length = engine.tokenizer, engine.context_length
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.engine.generate(*args, **kwargs)
+
+
+@pytest.mark.slow  # builds and fine-tunes the tiny policy (~1-2 min on a loaded 2-core box)
+def test_batched_evaluation_reproduces_dspys_own_path(engine, tmp_path):
+    """The same phase, once through the batched collector and once through DSPy's own evaluation (the
+    engine's DSPy LM, one call at a time), greedy and with the same seed: the same rewards, the same
+    reflection prompts, templates, scores and assignments -- in far fewer engine calls."""
+    counting = CountingEngine(engine)
+    runs = {}
+    for name, student in (("batched", batched(counting)), ("dspy", engine.dspy_lm(temperature=0.0, max_tokens=16))):
+        reflection, script = scripted_reflection_lm()
+        with dspy.context(adapter=ADAPTER):
+            out = run_prompt_phase(make_program(), hard_examples(), student=student, reflection_lm=reflection,
+                                   metric=metric, config=small_config(), k=3, seed=7, log_dir=tmp_path / name)
+        runs[name] = (out, script.requests)
+    (fast, fast_requests), (slow, slow_requests) = runs["batched"], runs["dspy"]
+    assert fast.ran and {DOUBLE, TRIPLE} <= {instruction(p["template"]) for p in fast.pool}
+    assert fast_requests == slow_requests  # the same minibatches, outputs and feedback reached the reflection LM
+    assert fast.pool == slow.pool and fast.scores == slow.scores
+    assert fast.to_json()["assignments"] == slow.to_json()["assignments"]
+    for key in ("metric_calls_gepa", "metric_calls_hard_train", "student_lm", "reflection_lm"):
+        assert fast.cost[key] == slow.cost[key], key
+    # one engine call per evaluation (a one-predictor program is one round), not one per metric call
+    assert 0 < counting.calls * 3 <= fast.cost["metric_calls_gepa"] + fast.cost["metric_calls_hard_train"]
+
+
+# --------------------------------------------------------------------------- concurrent reflection
+
+
+FEEDBACK = [{"Inputs": {"question": question(2)}, "Generated Outputs": {"answer": "1"},
+             "Feedback": "Incorrect: the correct answer is 4, the double of 2."}]
+
+
+def test_concurrent_reflection_runs_a_rounds_tasks_side_by_side_with_seeded_outcomes():
+    """W reflection tasks in W threads, each under its own seed: the proposals come back in task order
+    and are the same on every run, however the threads finish; usage is booked per call."""
+    from dspy_p2o.prompt_phase.bill import Bill
+    from dspy_p2o.prompt_phase.gepa_phase import ConcurrentReflection, reflection_proposer
+    from prompt_phase_fixtures import sampling_reflection_lm
+
+    lm, engine = sampling_reflection_lm()
+    jobs = [({"self": "Answer."}, {"self": FEEDBACK}, ["self"])] * 6
+    runs = []
+    for _ in range(3):
+        bill = Bill()
+        strategy = ConcurrentReflection(reflection_proposer(), lm, bill=bill, seed=5, max_workers=6)
+        rounds = [strategy.reflect_many(jobs) for _ in range(2)]
+        runs.append([[proposal.new_texts["self"] for proposal, _ in r] for r in rounds])
+        assert (bill.reflection.calls, bill.reflection.input_tokens, bill.reflection.output_tokens) == (12, 1200, 120)
+        assert bill.cost_usd is None and strategy.total_cost == 0.0  # an in-process LM has no price
+    assert runs[0] == runs[1] == runs[2]
+    assert len({text for r in runs[0] for text in r}) > 1  # the tasks drew different proposals
+    assert engine.max_in_flight > 1  # side by side
+    assert None not in engine.seeds and len(set(engine.seeds)) == 12  # one seed per (round, task)
+
+
+def test_a_phase_with_a_sampling_reflection_lm_is_reproducible(tmp_path):
+    """A whole phase whose reflection LM samples, with 4 reflection calls per round in flight together:
+    the same seed gives the same pool, scores and assignments."""
+    from prompt_phase_fixtures import sampling_reflection_lm
+
+    outs, engines = [], []
+    for run in range(2):
+        student, _ = scripted_student_lm()
+        reflection, engine = sampling_reflection_lm()
+        out = run_prompt_phase(TwoStep(), hard_examples(), student=student, reflection_lm=reflection, metric=metric,
+                               config=small_config(beam_width=4, budget=150), k=3, seed=3, log_dir=tmp_path / str(run))
+        outs.append((out.pool, out.scores, out.to_json()["assignments"], sorted(engine.seeds)))
+        engines.append(engine)
+    assert outs[0] == outs[1]
+    assert len(outs[0][0]) > 1 and max(e.max_in_flight for e in engines) > 1
+
+
+# --------------------------------------------------------------------------- the teacher's bill
+
+
+STUB_TEACHER = "openai/p2o-stub-teacher"  # a model litellm does not know: priced by the test's own table
+STUB_PRICES = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+
+
+def register_stub_prices():
+    import litellm
+
+    litellm.register_model({STUB_TEACHER: {**STUB_PRICES, "litellm_provider": "openai", "mode": "chat"}})
+
+
+def test_the_bill_prices_each_teacher_call_from_litellms_cost_map():
+    from dspy_p2o.prompt_phase.bill import Bill, priced_model
+
+    register_stub_prices()
+    bill = Bill(reflection_model=STUB_TEACHER)
+    bill.record_reflection([{"usage": {"prompt_tokens": 1000, "completion_tokens": 200}},
+                            {"usage": {"input_tokens": 10, "output_tokens": 5}}])
+    bill.record_student(3, 300, 30)
+    assert (bill.reflection.calls, bill.reflection.input_tokens, bill.reflection.output_tokens) == (2, 1010, 205)
+    assert bill.cost_usd == pytest.approx(1010 * 1e-6 + 205 * 2e-6)
+    record = bill.to_json()
+    assert record["reflection_lm"]["model"] == STUB_TEACHER and record["cost_usd"] == pytest.approx(bill.cost_usd)
+    assert record["student_lm"] == {"calls": 3, "input_tokens": 300, "output_tokens": 30}
+    unknown = Bill(reflection_model="openai/p2o-no-such-model")  # no price: null, never a made-up 0
+    unknown.record_reflection([{"usage": {"prompt_tokens": 10, "completion_tokens": 1}}])
+    assert unknown.cost_usd is None and unknown.to_json()["reflection_lm"]["unpriced_calls"] == 1
+    assert priced_model(dspy.LM(STUB_TEACHER, api_key="unused")) == STUB_TEACHER
+    assert priced_model(scripted_reflection_lm()[0]) is None  # an in-process LM: no provider bill
+
+
+def test_max_cost_usd_stops_the_phase_and_keeps_its_templates(tmp_path):
+    """A priced teacher (litellm's mock response, the test's price table): the phase records the
+    teacher's tokens and USD, and stops once the bill reaches prompt.max_cost_usd, keeping what it found."""
+    register_stub_prices()
+    teacher = dspy.LM(STUB_TEACHER, engine="litellm", api_key="unused", cache=False, num_retries=0,
+                      mock_response=f"[[ ## new_instruction ## ]]\n{DOUBLE}\n\n[[ ## completed ## ]]")
+    student, _ = scripted_student_lm()
+    config = small_config(budget=1000, beam_width=1, max_cost_usd=1e-4)
+    out = run_prompt_phase(TwoStep(), hard_examples(), student=student, reflection_lm=teacher, metric=metric,
+                           config=config, k=3, log_dir=tmp_path)
+    reflection = out.cost["reflection_lm"]
+    price = reflection["input_tokens"] * STUB_PRICES["input_cost_per_token"] + \
+        reflection["output_tokens"] * STUB_PRICES["output_cost_per_token"]
+    assert out.cost["cost_usd"] == pytest.approx(price) and reflection["cost_usd"] == pytest.approx(price)
+    assert out.cost["cost_usd"] >= 1e-4 > out.cost["cost_usd"] - price / reflection["calls"]  # stopped at the cap
+    assert "reached prompt.max_cost_usd" in out.reason and out.cost["metric_calls_gepa"] < 1000
+    assert DOUBLE in {p["template"][PLAN]["instruction"] for p in out.pool} and out.assignments  # kept and assigned
+    uncapped = run_prompt_phase(TwoStep(), hard_examples(), student=student, reflection_lm=teacher, metric=metric,
+                                config=small_config(budget=300, beam_width=1), k=3, log_dir=tmp_path / "uncapped")
+    assert uncapped.cost["reflection_lm"]["calls"] > reflection["calls"] and "max_cost_usd" not in uncapped.reason

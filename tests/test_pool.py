@@ -137,6 +137,15 @@ def test_same_template_in_group():
     assert len(out["q"]) == 6 and len(set(out["q"])) == 1
 
 
+def test_a_question_is_never_assigned_an_excluded_template():
+    """Hygiene for demo templates: a question's excluded templates (those showing its own answer) are
+    left out of what it solved and of the covering set it falls back on."""
+    rng = random.Random(0)
+    out = assign_templates(["q", "r", "s"], {"q": [0, 1], "r": [], "s": []}, ["a", "b", "c"], [1.0, 1.0, 1.0], [1, 2],
+                           k=4, rng=rng, excluded={"q": [1], "r": [1], "s": [1, 2]})
+    assert out == {"q": ["a"] * 4, "r": ["c"] * 4}  # s: nothing left but what it may not get
+
+
 def test_nothing_solved_anything_assigns_nothing():
     assert assign_templates(["q"], {"q": []}, ["a"], [0.0], [], k=3, rng=random.Random(0)) == {}
 

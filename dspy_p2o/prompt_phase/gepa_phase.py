@@ -1,26 +1,36 @@
-"""Phase 2 of P^2O: evolve templates for the hard set with DSPy's own `dspy.GEPA`.
+"""Phase 2 of P^2O: evolve templates for the hard set with GEPA (and/or DSPy's few-shot machinery).
 
-A *template* is one GEPA candidate program (`template.Template`: {predictor name: instruction},
-one entry for every predictor, for one predictor or many alike), read by `template_of` and
-applied by `program_with`. For a compound program the pool, Pareto front and assignment (Alg. 2/4)
-work on whole candidate programs, so a hard question is rolled out with a consistent set of
-instructions for all its predictors.
+A *template* is a candidate program (`template.Template`: per predictor, an instruction and, for a
+few-shot candidate, demos; one entry for every predictor, for one predictor or many alike), read by
+`template_of` and applied by `program_with`. For a compound program the pool, Pareto front and
+assignment (Alg. 2/4) work on whole candidate programs, so a hard question is rolled out with a
+consistent set of instructions (and demos) for all its predictors.
 
-What GEPA does unchanged: reflective mutation of the predictors' instructions (one predictor
-per proposal, round-robin over the predictors), its per-dev-example score bookkeeping,
-persistence and resume (`log_dir`). (Not its merge: see `PromptPhaseConfig.use_merge`.)
-What P^2O adds:
+Who proposes candidates (`PromptPhaseConfig.optimizer`):
+- `gepa`: GEPA (`gepa.optimize` with DSPy's own GEPA adapter, `evaluation.PhaseAdapter`):
+  reflective mutation of the predictors' instructions (one predictor per proposal, round-robin
+  over the predictors), its per-dev-example score bookkeeping, persistence and resume (`log_dir`).
+  (Not its merge: see `PromptPhaseConfig.use_merge`.)
+- `fewshot`: demo sets from `dspy.LabeledFewShot` over gold answers and the run's own successful
+  rollouts (`fewshot.py`), scored on hard_dev under the same metric-call budget;
+- `gepa+fewshot`: both pools; the few-shot candidates take at most half of the budget, GEPA the rest.
 
+What P^2O adds around them:
 - a hard_train / hard_dev split of the hard set (GEPA reflects on hard_train minibatches
   and keeps per-example scores on hard_dev);
+- evaluation on the batched rollout path: every evaluation GEPA asks for (a minibatch, the W
+  parents or children of a round, the dev set) is one collection of the policy engine
+  (`evaluation.PhaseAdapter`), as phase 1's rollouts are;
 - beam exploration: every GEPA iteration proposes from W parents taken from the Pareto
-  front of paper Alg. 4 (gepa 0.1.4's multi-proposal `sampling_strategy`); proposals of a
-  round are evaluated concurrently (DSPy's `batch_evaluate` shares `num_threads`), the
-  W reflection calls of a round run one after another (DspyAdapter proposes per task);
-- stoppers: a template perfect on dev (`stop_at_score`) or a reflection LM that keeps
-  failing (the teacher is unreachable: the phase ends with the templates it has);
+  front of paper Alg. 4 (gepa 0.1.4's multi-proposal `sampling_strategy`); the W reflection
+  calls of a round run concurrently (`proposer.ConcurrentReflection`), results in task order;
+- stoppers: a template perfect on dev (`stop_at_score`), a reflection LM that keeps failing
+  (the teacher is unreachable), or the teacher's bill reaching `max_cost_usd`: the phase ends
+  with the templates it has;
+- the bill: the student's and the reflection LM's calls and tokens, the teacher's cost in USD (`bill.py`);
 - the whole pool, its dev score matrix, the Pareto front, the greedy cover and the K
-  templates assigned to every hard question (paper Alg. 2), saved as readable JSON.
+  templates assigned to every hard question (paper Alg. 2), saved as readable JSON; a question
+  is never scored with, nor assigned, a demo of its own gold answer (fewshot.py's hygiene).
 
 Every random choice of the phase is seeded from the phase's one `seed` (`seeds.derive_seed`).
 """
@@ -32,15 +42,13 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import dspy
-from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
-from dspy.utils.exceptions import AdapterParseError
+from dspy.teleprompt.gepa.gepa_utils import LoggerAdapter
 from gepa.strategies.eval_policy import FullEvaluationPolicy
 from gepa.strategies.proposal_sampling import ProposalTask
 from gepa.utils.stop_condition import ScoreThresholdStopper
@@ -48,8 +56,12 @@ from gepa.utils.stop_condition import ScoreThresholdStopper
 from dspy_p2o import display
 from dspy_p2o.config import BUDGET_PRESETS, PromptPhaseConfig
 from dspy_p2o.jsonio import write_json
+from dspy_p2o.prompt_phase.bill import Bill, priced_model
+from dspy_p2o.prompt_phase.evaluation import PhaseAdapter, PolicyStudent, program_with, template_of  # noqa: F401
+from dspy_p2o.prompt_phase.fewshot import demo_ids, for_question, has_demos, propose_demo_sets, too_long
 from dspy_p2o.prompt_phase.pool import assign_templates, greedy_cover, mean_scores, pareto_front, solved_by
-from dspy_p2o.renderer import predictors_of
+from dspy_p2o.prompt_phase.proposer import ConcurrentReflection, ReflectionFailureStopper, reflection_proposer
+from dspy_p2o.renderer import program_input_fields
 from dspy_p2o.rewards import safe_metric
 from dspy_p2o.seeds import derive_seed
 from dspy_p2o.template import Template
@@ -80,7 +92,7 @@ class PromptPhaseResult:
                 "assignments": {q: [Template.from_json(z).to_json() for z in zs] for q, zs in self.assignments.items()}}
 
     @classmethod
-    def from_json(cls, data: dict) -> "PromptPhaseResult":
+    def from_json(cls, data: dict) -> PromptPhaseResult:
         assignments = {q: [Template.from_json(z) for z in zs] for q, zs in data["assignments"].items()}
         return cls(ran=data["ran"], reason=data["reason"], assignments=assignments, pool=data["pool"],
                    dev_ids=data["dev_ids"], train_ids=data.get("train_ids", []), scores=data["scores"],
@@ -148,90 +160,6 @@ class ResumingEvaluationPolicy(FullEvaluationPolicy):
         return ids[:1] if os.path.exists(os.path.join(self.run_dir, "gepa_state.bin")) else ids
 
 
-class GuardedInstructionProposer(InstructionProposer):
-    """DSPy's built-in proposer that (a) counts consecutive reflection failures, so a stopper can
-    end the phase when the reflection LM (a remote teacher) stays unreachable, and (b) takes a
-    reply that misses DSPy's output format as the instruction itself (`instruction_from_text`),
-    as GEPA's own proposer reads its reply leniently: a small self-reflecting model rarely writes
-    the format, and GEPA scores every proposal on hard_dev before anything keeps it.
-
-    One reflection call per component (predictor), each read on its own: GEPA's default
-    round-robin selector asks for one component per proposal, and a selector asking for several
-    gets each reply that missed the format read as that component's instruction."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.consecutive_failures = 0
-        self.total_failures = 0
-        self.unformatted = 0  # proposals read from a reply that missed the format
-        self.last_error: str | None = None
-
-    def __call__(self, candidate, reflective_dataset, components_to_update):
-        out = {}
-        for name in components_to_update:
-            try:
-                out.update(super().__call__(candidate=candidate, reflective_dataset=reflective_dataset,
-                                            components_to_update=[name]))
-            except AdapterParseError as exc:
-                text = instruction_from_text(exc.lm_response or "")
-                if not text:
-                    self._failed(exc)
-                    raise
-                self.unformatted += 1
-                out[name] = text
-            except Exception as exc:
-                self._failed(exc)
-                raise
-        self.consecutive_failures = 0
-        return out
-
-    def _failed(self, exc: Exception) -> None:
-        self.consecutive_failures += 1
-        self.total_failures += 1
-        self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        logger.warning("reflection LM call failed (%d in a row): %s", self.consecutive_failures, self.last_error)
-
-
-_FIELD_HEADER = re.compile(r"^\s*\[\[\s*##\s*(\w+)\s*##\s*\]\]\s*$", re.MULTILINE)
-
-
-def instruction_from_text(reply: str) -> str:
-    """The new instruction in a reflection reply that missed DSPy's format: the `new_instruction`
-    field when the reply has one (chat headers or a JSON key), else the text inside its code
-    fence (GEPA's own proposer), else the whole reply without field headers. "" when nothing is left."""
-    text = reply.strip()
-    sections = _FIELD_HEADER.split(text)  # [before, name1, body1, name2, body2, ...]
-    named = dict(zip(sections[1::2], sections[2::2]))
-    if named.get("new_instruction", "").strip():
-        text = named["new_instruction"]
-    elif (match := re.search(r'"new_instruction"\s*:\s*"((?:[^"\\]|\\.)*)', text)) is not None:
-        text = match.group(1).replace('\\n', '\n').replace('\\"', '"')
-    elif text.count("```") >= 2:
-        text = text.split("```", 1)[1].rsplit("```", 1)[0]
-        text = text.split("\n", 1)[1] if re.match(r"[\w-]*\n", text) else text  # a language tag line
-    text = _FIELD_HEADER.sub("", text)
-    return text.strip()
-
-
-def reflection_proposer() -> GuardedInstructionProposer:
-    """The phase's proposer. The reflection LM is asked in DSPy's chat format, not in the run's
-    adapter, which is the STUDENT's trained format and is set in the context around the phase
-    (a small self-reflecting model cannot write the JSON object). No second call in JSON on a
-    parse failure: the proposer reads a reply that missed the format itself."""
-    return GuardedInstructionProposer(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
-
-
-class ReflectionFailureStopper:
-    def __init__(self, proposer: GuardedInstructionProposer, max_failures: int) -> None:
-        self.proposer, self.max_failures = proposer, max_failures
-        self.fired = False
-
-    def __call__(self, state) -> bool:
-        if self.proposer.consecutive_failures >= self.max_failures:
-            self.fired = True
-        return self.fired
-
-
 # --------------------------------------------------------------------------- the phase
 
 
@@ -275,87 +203,133 @@ def _history_ids(lm: dspy.BaseLM) -> set[int]:
     return {id(e) for e in getattr(lm, "history", [])}
 
 
-def _usage_since(lm: dspy.BaseLM, before: set[int]) -> dict:
-    """Calls and tokens an LM recorded in its DSPy history since `before`. (dspy.track_usage
-    cannot be used: DSPy's ParallelExecutor gives each worker thread a private copy of the
-    tracker, so GEPA's threaded evaluations would not be counted.)"""
-    new = [e for e in getattr(lm, "history", []) if id(e) not in before]
-    tok = lambda *names: sum(int((e.get("usage") or {}).get(n) or 0) for e in new for n in names)  # noqa: E731
-    out = {"calls": len(new), "input_tokens": tok("input_tokens", "prompt_tokens"),
-           "output_tokens": tok("output_tokens", "completion_tokens")}
+def _record_student_lm(bill: Bill, lm: dspy.BaseLM, before: set[int]) -> None:
+    """The student DSPy LM's calls and tokens since `before` (its DSPy history; dspy.track_usage cannot
+    be used: DSPy's ParallelExecutor gives each worker thread a private copy of the tracker)."""
+    from dspy_p2o.prompt_phase.bill import entry_tokens
+
+    tokens = [entry_tokens(e) for e in getattr(lm, "history", []) if id(e) not in before]
+    bill.record_student(len(tokens), sum(t[0] for t in tokens), sum(t[1] for t in tokens))
     if len(getattr(lm, "history", [])) >= dspy.settings.max_history_size:
-        out["note"] = f"lower bound: the LM history is capped at {dspy.settings.max_history_size} entries"
+        logger.warning("the student LM's history is capped at %d entries: its usage is a lower bound",
+                       dspy.settings.max_history_size)
+
+
+# --------------------------------------------------------------------------- few-shot candidates
+
+FEWSHOT_FILE = "fewshot.json"
+
+
+@dataclass
+class FewshotPool:
+    """The few-shot candidates of a phase and their dev scores (saved in the phase's log_dir)."""
+
+    templates: list[Template] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)  # candidate x dev
+    metric_calls: int = 0
+    refused: list[str] = field(default_factory=list)  # why candidates were refused (too long for the context)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"templates": [t.to_json() for t in self.templates], "scores": self.scores,
+                "metric_calls": self.metric_calls, "refused": self.refused, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FewshotPool:
+        return cls([Template.from_json(t) for t in data["templates"]], data["scores"], data["metric_calls"],
+                   data.get("refused", []), data.get("seconds", 0.0))
+
+
+def _fewshot_pool(program: dspy.Module, adapter: PhaseAdapter, cfg: PromptPhaseConfig, *, devset, hard_examples,
+                  calls: int, labeled: Sequence[Any], bootstrapped: Sequence[Any], seed: int, path: Path,
+                  live: display.GEPAProgress) -> FewshotPool:
+    """Propose demo sets (`fewshot.propose_demo_sets`), refuse those that do not fit the context on some hard
+    question, and score at most `calls // |dev|` of them on hard_dev (each dev question without its own demos)."""
+    if path.exists():
+        return FewshotPool.from_json(json.loads(path.read_text()))
+    start = time.perf_counter()
+    pools = {"labeled": [labeled], "bootstrapped": [bootstrapped], "both": [labeled, bootstrapped]}[cfg.fewshot_source]
+    proposed = propose_demo_sets(program, pools, k=cfg.fewshot_k, n=cfg.fewshot_candidates, seed=seed)
+    out = FewshotPool()
+    student = adapter.policy
+    for template in proposed:
+        long = None
+        if isinstance(student, PolicyStudent):
+            long = too_long(template, hard_examples, student.renderers, program_inputs=program_input_fields(program),
+                            context_length=getattr(student.engine, "context_length", None),
+                            max_tokens=student.sampling.max_tokens)
+        if long is not None:
+            out.refused.append(f"question {long[0]!r} renders to {long[1]} prompt tokens with {cfg.fewshot_k} "
+                               f"demo(s) per predictor + max_tokens {student.sampling.max_tokens} > the policy's "
+                               f"context ({student.engine.context_length} tokens)")
+            continue
+        out.templates.append(template)
+    if out.refused:
+        logger.warning("prompt phase: %d of %d fewshot candidates refused (demos count against the context): %s",
+                       len(out.refused), len(proposed), out.refused[0])
+    out.templates = out.templates[:max(0, calls // max(1, len(devset)))]
+    if out.templates:
+        pairs = [(for_question(t, ex.id), ex) for t in out.templates for ex in devset]
+        flat = adapter.score(pairs)
+        out.scores = [flat[i * len(devset):(i + 1) * len(devset)] for i in range(len(out.templates))]
+        out.metric_calls = len(pairs)
+    out.seconds = round(time.perf_counter() - start, 3)
+    live.advance(out.metric_calls, max(mean_scores(out.scores), default=0.0))
+    write_json(path, out.to_json())
     return out
 
 
-# --------------------------------------------------------------------------- templates
+# --------------------------------------------------------------------------- the phase
 
 
-def _named_predictors(program: dspy.Module) -> list[tuple[str, dspy.Predict]]:
-    named = predictors_of(program)
-    if not named:
-        raise ValueError(f"{type(program).__name__} has no predictors; the prompt phase evolves predictor instructions")
-    return named
+class CostCap:
+    """The phase's cost cap, read from the bill (stopping is gepa's `max_reflection_cost` stopper)."""
+
+    def __init__(self, bill: Bill, cap: float | None) -> None:
+        self.bill, self.cap = bill, cap
+
+    @property
+    def reached(self) -> bool:
+        return self.cap is not None and self.bill.cost_usd is not None and self.bill.cost_usd >= self.cap
 
 
-def template_of(program: dspy.Module) -> Template:
-    """The template a (candidate) program carries: every predictor's instruction, in `named_predictors()` order."""
-    return Template.from_candidate({name: pred.signature.instructions for name, pred in _named_predictors(program)})
+def _spend_line(bill: Bill) -> Callable[[], dict[str, str]]:
+    """The live line's spend: the student's tokens, the reflection LM's calls and tokens, the teacher's USD."""
+    def spend() -> dict[str, str]:
+        out = {"student_tok": f"{(bill.student.input_tokens + bill.student.output_tokens) / 1000:.1f}k"}
+        if bill.reflection.calls:
+            out["reflection"] = (f"{bill.reflection.calls} calls "
+                                 f"{(bill.reflection.input_tokens + bill.reflection.output_tokens) / 1000:.1f}k tok")
+        if bill.cost_usd is not None:
+            out["usd"] = f"{bill.cost_usd:.4f}"
+        return out
+    return spend
 
 
-def program_with(program: dspy.Module, template: Template) -> dspy.Module:
-    """A deep copy of `program` with the template's instructions (and demos, where it sets them) on its
-    predictors and every predictor's `lm` set to None: all of them run on the student LM of the
-    surrounding `dspy.context` (an LM object does not deep-copy). The template must name exactly
-    the program's predictors."""
-    names = [name for name, _ in _named_predictors(program)]
-    if not isinstance(template, Template):
-        raise ValueError(f"a template is a dspy_p2o.template.Template, got {type(template).__name__}")
-    missing, unknown = [n for n in names if n not in template], [n for n in template if n not in names]
-    if missing or unknown:
-        raise ValueError(f"template does not match {type(program).__name__}'s predictors {names}: "
-                         f"missing {missing}, unknown {unknown}")
-    prog = program.deepcopy()
-    for name, pred in predictors_of(prog):
-        pred.signature = pred.signature.with_instructions(template[name].instruction)
-        if template[name].demos is not None:
-            pred.demos = [dspy.Example(**d) for d in template[name].demos]
-        pred.lm = None
-    return prog
+def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example], *,
+                     student: PolicyStudent | dspy.BaseLM, reflection_lm: dspy.BaseLM | None, metric: Callable,
+                     config: PromptPhaseConfig | None = None, k: int = 6, seed: int = 0, log_dir: str | os.PathLike,
+                     epoch: int = 1, progress: bool = False, labeled_demos: Sequence[dspy.Example] | None = None,
+                     bootstrapped_demos: Sequence[dict] = ()) -> PromptPhaseResult:
+    """Propose templates for the hard set with the current policy as student and assign `k` templates per hard question.
 
-
-def score_templates(program: dspy.Module, templates: Sequence[Template], examples: Sequence[dspy.Example], *,
-                    lm: dspy.BaseLM, metric: Callable, num_threads: int) -> list[list[float]]:
-    """templates x examples scores of the program with each template (`program_with`; metric failures score 0)."""
-    rows = []
-    for template in templates:
-        evaluate = dspy.Evaluate(devset=list(examples), metric=metric, num_threads=num_threads,
-                                 failure_score=0.0, display_progress=False, max_errors=10 ** 9)
-        with dspy.context(lm=lm):
-            result = evaluate(program_with(program, template))
-        rows.append([float(getattr(score, "score", score) or 0.0) for _, _, score in result.results])
-    return rows
-
-
-def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example], *, student_lm: dspy.BaseLM,
-                     reflection_lm: dspy.BaseLM, metric: Callable, config: PromptPhaseConfig | None = None,
-                     k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 1,
-                     progress: bool = False) -> PromptPhaseResult:
-    """Run GEPA on the hard set with the current policy as student and assign `k` templates per hard question.
-
-    `program` may have one predictor or several; all of them run on `student_lm`. A template
-    (in `assignments` and in the pool) is then the instruction string, or for several predictors
-    a dict {predictor name: instruction} naming every predictor (`template_of`); a compound
-    pool entry also lists the predictors GEPA `changed` from the seed program. The GEPA budget
-    preset scales with the number of predictors (GEPA's auto budget).
+    `student` is the policy: a `PolicyStudent` (its engine, renderers and sampling: every evaluation a
+    batched engine call, the loop's way) or a DSPy LM (DSPy's own evaluation, one call at a time).
+    `program` may have one predictor or several; all of them run on the student. A template (in
+    `assignments` and in the pool) names every predictor (`template_of`); a compound pool entry also
+    lists the predictors GEPA `changed` from the seed program. The GEPA budget preset scales with the
+    number of predictors (GEPA's auto budget).
 
     `k` is the number of templated rollouts per group (the run's k - plain_per_group) and
     `seed` the phase's seed (the loop derives it from the run's seed and the epoch); `epoch` the number (from
     1) of the epoch the phase follows, as logs and records name it. `progress` shows the
-    phase's live line (metric calls of the budget; dspy_p2o.display).
+    phase's live line (metric calls of the budget, tokens, cost; dspy_p2o.display). The few-shot
+    optimizer draws demos from `labeled_demos` (training questions with gold answers; default: the
+    hard questions themselves) and `bootstrapped_demos` (records of the run's successful rollouts,
+    `fewshot.bootstrap_record`).
 
     Resumable: a finished phase in `log_dir` is loaded, not rerun; an interrupted GEPA run
-    continues from its saved state (`log_dir/gepa`).
+    continues from its saved state (`log_dir/gepa`), scored few-shot candidates are read back.
     """
     cfg = config or PromptPhaseConfig()
     if k < 1:
@@ -373,63 +347,96 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
             return done
         raise ValueError(f"{result_path} is a finished prompt phase for a different hard set; "
                          "use a fresh log_dir per epoch")
-    names = [name for name, _ in _named_predictors(program)]  # a clear error before any work
+    names = list(template_of(program))  # a clear error before any work
+    use_gepa, use_fewshot = cfg.optimizer in ("gepa", "gepa+fewshot"), cfg.optimizer in ("fewshot", "gepa+fewshot")
+    if use_gepa and reflection_lm is None:
+        raise ValueError(f"prompt.optimizer {cfg.optimizer!r} needs a reflection LM")
     metric = safe_metric(metric)
     by_id = dict(zip(ids, hard_examples))
     train_ids, dev_ids = _load_split(log_dir, ids, cfg.dev_size, derive_seed(seed, "split"))
     trainset, devset = [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
     max_calls = metric_call_budget(cfg.budget, len(devset), num_components=len(names))
 
-    # GEPA deep-copies the program per candidate; every predictor's LM comes from the context
-    student = program_with(program, template_of(program))
+    bill = Bill(reflection_model=priced_model(reflection_lm) if use_gepa else None)
     proposer = reflection_proposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
-    gepa_dir = str(log_dir / "gepa")
-    live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch}: GEPA on {len(ids)} hard", enabled=progress)
-    gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(derive_seed(seed, "beam"))),
-                   "stop_callbacks": [ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
-                   "use_cloudpickle": True, "val_evaluation_policy": ResumingEvaluationPolicy(gepa_dir),
-                   **cfg.gepa_kwargs, "callbacks": [live, *cfg.gepa_kwargs.get("callbacks", [])]}
-    optimizer = dspy.GEPA(metric=metric, max_metric_calls=max_calls, reflection_lm=reflection_lm,
-                          instruction_proposer=proposer, reflection_minibatch_size=cfg.reflection_minibatch_size,
-                          use_merge=cfg.use_merge, num_threads=cfg.num_threads, log_dir=gepa_dir,
-                          track_stats=True, seed=derive_seed(seed, "gepa"), warn_on_score_mismatch=False,
-                          gepa_kwargs=gepa_kwargs)
+    reflection = (ConcurrentReflection(proposer, reflection_lm, bill=bill, seed=derive_seed(seed, "reflection"),
+                                       max_workers=cfg.beam_width) if use_gepa else None)
+    adapter = PhaseAdapter(program, metric, student=student, seed=derive_seed(seed, "evaluation"),
+                           rng=random.Random(derive_seed(seed, "gepa")), num_threads=cfg.num_threads, bill=bill,
+                           reflection_minibatch_size=cfg.reflection_minibatch_size, reflection=reflection)
+    cap = CostCap(bill, cfg.max_cost_usd)
+    what = {"gepa": "GEPA", "fewshot": "few-shot", "gepa+fewshot": "GEPA + few-shot"}[cfg.optimizer]
+    live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch}: {what} on {len(ids)} hard",
+                                enabled=progress, spend=_spend_line(bill))
+    student_lm = None if isinstance(student, PolicyStudent) else student
+    logger.info("prompt phase epoch %d: %s on %d hard_train / %d hard_dev questions, %d predictor(s), budget %d "
+                "metric calls, beam %d, merge %s, %s evaluation", epoch, what, len(trainset), len(devset), len(names),
+                max_calls, cfg.beam_width, "on" if cfg.use_merge else "off",
+                "batched" if student_lm is None else "DSPy LM")
     start = time.time()
-    logger.info("prompt phase epoch %d: GEPA on %d hard_train / %d hard_dev questions, %d predictor(s), budget %d "
-                "metric calls, beam %d, merge %s", epoch, len(trainset), len(devset), len(names), max_calls,
-                cfg.beam_width, "on" if cfg.use_merge else "off")
-    student_before, reflection_before = _history_ids(student_lm), _history_ids(reflection_lm)
-    with dspy.context(lm=student_lm), display.quiet_libraries(), contextlib.closing(live):
-        optimized = optimizer.compile(student, trainset=trainset, valset=devset)
-        details = optimized.detailed_results
-        templates = [template_of(c) for c in details.candidates]
-        scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
+    student_before = _history_ids(student_lm) if student_lm is not None else set()
+    in_student = dspy.context(lm=student_lm) if student_lm is not None else contextlib.nullcontext()
+    with in_student, display.quiet_libraries(), contextlib.closing(live):
+        seed_template = template_of(program)
+        fewshot = FewshotPool()
+        if use_fewshot:
+            share = max_calls // 2 if use_gepa else max_calls - len(devset)  # fewshot alone: the seed is scored too
+            fewshot = _fewshot_pool(program, adapter, cfg, devset=devset, hard_examples=list(hard_examples),
+                                    calls=share, labeled=list(hard_examples) if labeled_demos is None else labeled_demos,
+                                    bootstrapped=bootstrapped_demos, seed=derive_seed(seed, "fewshot"),
+                                    path=log_dir / FEWSHOT_FILE, live=live)
+        gepa_start = time.perf_counter()
+        if use_gepa:
+            details = _run_gepa(adapter, reflection, cfg, seed_template=seed_template, trainset=trainset,
+                                devset=devset, max_calls=max_calls - fewshot.metric_calls,
+                                stoppers=[ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
+                                gepa_dir=str(log_dir / "gepa"), seed=seed, live=live)
+            templates = [Template.from_candidate(c) for c in details.candidates]
+            scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
+            parents = [next((p for p in (ps or []) if p is not None), None) for ps in details.parents]
+            gepa_calls = details.total_metric_calls
+        else:  # the seed program is candidate 0, as in GEPA's pool
+            templates, parents = [seed_template], [None]
+            scores = [adapter.score([(seed_template, ex) for ex in devset])]
+            gepa_calls = 0
+            live.advance(len(devset), mean_scores(scores)[0])
+        gepa_seconds = time.perf_counter() - gepa_start
+        sources = ["gepa" if use_gepa else "seed"] * len(templates) + ["fewshot"] * len(fewshot.templates)
+        templates += fewshot.templates
+        scores += fewshot.scores
+        parents += [None] * len(fewshot.templates)
+
         front = pareto_front(scores, None, random.Random(derive_seed(seed, "front")))
         cover = greedy_cover(scores, front, cfg.solved_threshold)
         means = mean_scores(scores)
         solved = solved_by(scores, dev_ids, threshold=cfg.solved_threshold)
+        train_start = time.perf_counter()
         train_scored = sorted(set(front) | set(cover)) if cfg.score_hard_train and trainset else []
         if train_scored:
-            train_scores = score_templates(program, [templates[c] for c in train_scored], trainset, lm=student_lm,
-                                           metric=metric, num_threads=cfg.num_threads)
+            flat = adapter.score([(for_question(templates[c], ex.id), ex) for c in train_scored for ex in trainset])
             # train score rows are templates (candidates), columns are hard_train questions
+            train_scores = [flat[i * len(trainset):(i + 1) * len(trainset)] for i in range(len(train_scored))]
             solved.update(solved_by(train_scores, train_ids, candidates=train_scored,
                                     threshold=cfg.solved_threshold))
+        train_seconds = time.perf_counter() - train_start
+    if student_lm is not None:
+        _record_student_lm(bill, student_lm, student_before)
     wall = time.time() - start
 
     rng = random.Random(derive_seed(seed, "assignment"))
+    own_demos = [demo_ids(t) for t in templates]  # hygiene: a question is never assigned its own gold answer
+    excluded = {q: [c for c, ids_ in enumerate(own_demos) if q in ids_] for q in ids}
     assignments = assign_templates(dev_ids + train_ids, solved, templates, means, cover, k=k, rng=rng,
-                                   same_template_in_group=cfg.same_template_in_group)
+                                   same_template_in_group=cfg.same_template_in_group, excluded=excluded)
     pool = []
     for c, template in enumerate(templates):
-        entry = {"index": c, "template": template.to_json(), "mean_dev_score": means[c],
-                 "parent": next((p for p in (details.parents[c] or []) if p is not None), None),
-                 "on_front": c in front, "in_cover": c in cover,
+        entry = {"index": c, "template": template.to_json(), "source": sources[c], "mean_dev_score": means[c],
+                 "parent": parents[c], "on_front": c in front, "in_cover": c in cover,
                  "solved_dev": sum(1 for s in scores[c] if s >= cfg.solved_threshold),
                  # GEPA dedupes proposals within a round only: the same text may come back later
                  "duplicate_of": templates.index(template) if templates.index(template) != c else None}
-        if len(template) > 1:  # a compound program: the predictors GEPA evolved from the seed (index 0)
+        if len(template) > 1 and not has_demos(template):  # a compound program: the predictors GEPA evolved
             entry["changed"] = [name for name in template if template[name] != templates[0][name]]
         pool.append(entry)
     assigned = {t for ts in assignments.values() for t in ts}
@@ -438,21 +445,35 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
         reason = (f"reflection LM failed {cfg.max_reflection_failures} times in a row ({proposer.last_error}); "
                   f"stopped early with {len(templates)} templates")
         logger.warning("prompt phase epoch %d: %s", epoch, reason)
+    elif cap.reached:
+        reason = (f"the reflection LM's cost ${bill.cost_usd:.4f} reached prompt.max_cost_usd ${cfg.max_cost_usd:g}; "
+                  f"stopped early with {len(templates)} templates (kept)")
+        logger.warning("prompt phase epoch %d: %s", epoch, reason)
+        display.line(f"prompt phase {epoch}: {reason}", progress)
     elif max(means, default=0.0) >= cfg.stop_at_score:
         reason = f"a template reached mean dev score {max(means):.3f} >= stop_at_score {cfg.stop_at_score}"
     cost = {
-        "metric_calls_gepa": details.total_metric_calls,
+        "optimizer": cfg.optimizer,
+        "metric_calls_gepa": gepa_calls,
+        "metric_calls_fewshot": fewshot.metric_calls,
         "metric_calls_budget": max_calls,
         "metric_calls_hard_train": len(train_scored) * len(trainset),
-        "student_lm": _usage_since(student_lm, student_before),
-        "reflection_lm": _usage_since(reflection_lm, reflection_before),
+        **bill.to_json(),
+        "max_cost_usd": cfg.max_cost_usd,
         "reflection_failures": proposer.total_failures,
         "reflection_unformatted": proposer.unformatted,
         "templates_accepted": len(templates) - 1,
+        "fewshot_candidates": len(fewshot.templates),
+        "fewshot_refused": len(fewshot.refused),
         "templates_assigned": sum(1 for e in pool if e["duplicate_of"] is None and templates[e["index"]] in assigned),
         "questions_assigned": len(assignments),
+        "gepa_time_s": round(gepa_seconds, 3),
+        "fewshot_time_s": fewshot.seconds,
+        "hard_train_time_s": round(train_seconds, 3),
         "wall_time_s": round(wall, 3),
     }
+    if fewshot.refused:
+        cost["fewshot_refused_first"] = fewshot.refused[0]
     result = PromptPhaseResult(ran=True, reason=reason, assignments=assignments, pool=pool, dev_ids=dev_ids,
                                train_ids=train_ids, scores=scores, cost=cost, epoch=epoch)
     result.save(result_path)
@@ -460,3 +481,24 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
                 "%d questions assigned, %.1fs", epoch, len(templates), len(front), len(cover),
                 max(means, default=0.0), len(assignments), wall)
     return result
+
+
+def _run_gepa(adapter: PhaseAdapter, reflection: ConcurrentReflection, cfg: PromptPhaseConfig, *,
+              seed_template: Template, trainset, devset, max_calls: int, stoppers: list, gepa_dir: str, seed: int,
+              live: display.GEPAProgress):
+    """gepa.optimize with the phase's adapter and reflection strategy: what `dspy.GEPA.compile` calls, with
+    P^2O's beam sampling, stoppers, resume policy, cost cap and live line."""
+    from gepa import optimize
+
+    gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(derive_seed(seed, "beam"))),
+                   "stop_callbacks": stoppers, "use_cloudpickle": True,
+                   "val_evaluation_policy": ResumingEvaluationPolicy(gepa_dir),
+                   **cfg.gepa_kwargs, "callbacks": [live, *cfg.gepa_kwargs.get("callbacks", [])]}
+    return optimize(seed_candidate=seed_template.instructions(), trainset=list(trainset), valset=list(devset),
+                    adapter=adapter, reflection_strategy=reflection, candidate_selection_strategy="pareto",
+                    skip_perfect_score=True, reflection_minibatch_size=cfg.reflection_minibatch_size,
+                    module_selector="round_robin", perfect_score=1.0, use_merge=cfg.use_merge,
+                    max_merge_invocations=5, max_metric_calls=max_calls, max_reflection_cost=cfg.max_cost_usd,
+                    logger=LoggerAdapter(logger), run_dir=gepa_dir, track_best_outputs=False,
+                    display_progress_bar=False, raise_on_exception=True, seed=derive_seed(seed, "gepa"),
+                    **gepa_kwargs)

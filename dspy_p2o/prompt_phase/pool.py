@@ -3,7 +3,7 @@
 Pure functions over a score matrix `scores[c][j]`: candidate template c on dev example j.
 A template *solves* an example when its score reaches `threshold` (1.0 under the strict
 binary reward). Templates are opaque here (an instruction, or one per predictor of a compound
-program: gepa_phase.template_of); only their indices and scores matter.
+program: evaluation.template_of; with demos for a few-shot candidate); only their indices and scores matter.
 """
 
 from __future__ import annotations
@@ -125,11 +125,13 @@ def sample_k(choices: Sequence[int], weights: Sequence[float], k: int, rng: rand
 
 def assign_templates(question_ids: Sequence[str], solved: Mapping[str, Sequence[int]], templates: Sequence[T],
                      mean_dev_scores: Sequence[float], cover: Sequence[int], *, k: int, rng: random.Random,
-                     same_template_in_group: bool = False) -> dict[str, list[T]]:
+                     same_template_in_group: bool = False,
+                     excluded: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[T]]:
     """K templates per hard question (paper Alg. 2).
 
     A question draws from the templates that solved it, else from the covering set,
-    weighted by mean dev score. `same_template_in_group` (ablation) draws one template and
+    weighted by mean dev score; never from its `excluded` templates (those whose demos show
+    the question's own answer). `same_template_in_group` (ablation) draws one template and
     uses it for all K rollouts. A question with neither (nothing solved anything) gets no
     entry: it is rolled out on its plain input.
     """
@@ -142,7 +144,8 @@ def assign_templates(question_ids: Sequence[str], solved: Mapping[str, Sequence[
             raise ValueError(f"template index {c} is outside the pool of {len(templates)} templates")
     assignments: dict[str, list[T]] = {}
     for qid in question_ids:
-        choices = sorted(set(solved.get(qid) or [])) or list(cover)
+        banned = set((excluded or {}).get(qid) or ())
+        choices = (sorted(set(solved.get(qid) or []) - banned)) or [c for c in cover if c not in banned]
         if not choices:
             continue
         weights = [mean_dev_scores[c] for c in choices]

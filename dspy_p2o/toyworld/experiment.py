@@ -99,7 +99,8 @@ def run_arm(arm: str, world: World, policy_dir: Path, run_dir: Path, config: P2O
         path = loop.run.templates_file(epoch)
         if path.exists():
             cost = json.loads(path.read_text()).get("cost", {})
-            gepa += int(cost.get("metric_calls_gepa", 0)) + int(cost.get("metric_calls_hard_train", 0))
+            gepa += sum(int(cost.get(key, 0)) for key in ("metric_calls_gepa", "metric_calls_fewshot",
+                                                          "metric_calls_hard_train"))
     history = result.history
     return ArmResult(
         hard_acc=hard, easy_acc=easy, hard_per_epoch=[int(h["hard"]) for h in history],

@@ -51,21 +51,24 @@ class ToyReflection:
 
     def __init__(self, seed: int = 0, noise: ReflectionNoise | None = None) -> None:
         self.noise = noise or ReflectionNoise()
+        self.seed = seed
         self._rng = random.Random(f"toy-reflection-{seed}")
         self._lock = threading.Lock()  # DSPy may call from several threads; the rng is shared
         self.calls = 0
 
-    def reply(self, prompt: str) -> str:
+    def reply(self, prompt: str, call_seed: int | None = None) -> str:
         """The answer in the format the prompt asks for: DSPy's JSON or chat fields, or gepa's code block."""
-        instruction = self.propose(prompt)
+        instruction = self.propose(prompt, call_seed)
         if "Respond with a JSON object" in prompt and '"new_instruction"' in prompt:
             return json.dumps({"new_instruction": instruction})
         if _OUTPUT_FIELD in prompt:
             return f"{_OUTPUT_FIELD}\n{instruction}\n\n[[ ## completed ## ]]"
         return f"```\n{instruction}\n```"
 
-    def propose(self, prompt: str) -> str:
-        """A new instruction for GEPA's reflection prompt."""
+    def propose(self, prompt: str, call_seed: int | None = None) -> str:
+        """A new instruction for GEPA's reflection prompt. A call that carries a seed (the prompt phase seeds
+        each reflection task, which run side by side) draws from its own generator, so what it proposes
+        does not depend on the order of the calls; an unseeded call draws from the shared one."""
         # the last match: DSPy's system message first shows the field with a "{current_instruction}" placeholder
         fields = [f for f in _CURRENT_FIELD.findall(prompt) if f.strip() != "{current_instruction}"]
         blocks = _CODE_BLOCK.findall(prompt)
@@ -75,7 +78,8 @@ class ToyReflection:
             failed.setdefault(tag, []).append((letter, gold))
         with self._lock:
             self.calls += 1
-            rng, noise = self._rng, self.noise
+            rng = self._rng if call_seed is None else random.Random(f"toy-reflection-{self.seed}-{call_seed}")
+            noise = self.noise
             if not failed or rng.random() < noise.unchanged:
                 return current
             tag = rng.choice(sorted(failed))
@@ -91,7 +95,7 @@ class ToyReflection:
         from dspy_p2o.engines.dspy_lm import request_messages
 
         prompt = "\n".join(m["content"] for m in request_messages(request))
-        text = self.reply(prompt)
+        text = self.reply(prompt, request.config.seed)
         return Response(id=None, model=request.model, message=Message.assistant(text), finish_reason="stop",
                         usage=Usage(input_tokens=len(prompt.split()), output_tokens=len(text.split())))
 
