@@ -278,7 +278,6 @@ def test_self_reflection_in_a_lora_run_is_the_policy_module_with_its_adapter_dis
         loop.release()
 
 
-@pytest.mark.slow  # two epochs with the prompt phase: ~1 min on 2 cores
 def test_lora_compile_runs_both_phases_and_serves_the_adapter(tmp_path):
     """The prompt-phase world (test_loop.py) with an adapter and the KL term: GEPA finds the helpful
     templates, epoch 2 trains on them, the checkpoint is the adapter and the program serves it."""
