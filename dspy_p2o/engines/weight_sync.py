@@ -135,7 +135,9 @@ class WeightSync:
     def _transfer(self, source: Any, path: str, how: str) -> None:
         if how == "adapter":
             self._load_adapter(path)
-        elif how == "nccl":
+            return
+        self._drop_adapter()  # full weights are served under the base name
+        if how == "nccl":
             self._nccl_sync(source)
         else:
             self._reload_from_disk(path)
@@ -158,6 +160,14 @@ class WeightSync:
             self._lora_request("/v1/unload_lora_adapter", {"lora_name": previous[0]})
             if previous[1] != path:
                 shutil.rmtree(previous[1], ignore_errors=True)
+
+    def _drop_adapter(self) -> None:
+        """Requests go to the base name again; the adapter loaded last is unloaded."""
+        if self._live_adapter is not None:
+            name, path = self._live_adapter
+            self._live_adapter, self.engine.served_model_name = None, self.engine.base_model_name
+            self._lora_request("/v1/unload_lora_adapter", {"lora_name": name})
+            shutil.rmtree(path, ignore_errors=True)
 
     def _lora_request(self, route: str, body: dict) -> None:
         try:
