@@ -345,3 +345,18 @@ def test_a_lora_run_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path,
     done_resumed, steps_resumed = final(run_dir)
     done_fresh, steps_fresh = final(fresh_dir)
     assert done_resumed and done_fresh and steps_resumed == steps_fresh > 0
+
+
+def test_under_bf16_compute_the_frozen_base_is_bf16_and_the_adapter_fp32(trainer_model_dir):
+    """No fp32 master copy of weights that never change: half the base's memory on GPU (here: CPU bf16 autocast)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # one mixed precision per process: this test's differs from the others'
+    try:
+        trainer = _trained(trainer_model_dir, steps=1, dtype="bf16")
+    finally:
+        AcceleratorState._reset_state()
+    params = dict(trainer.model.named_parameters())
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.bfloat16}
+    assert any(p.abs().max() > 0 for n, p in params.items() if ".lora_B." in n)

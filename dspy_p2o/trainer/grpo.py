@@ -82,7 +82,9 @@ class GRPOTrainer:
     Args:
         model: a model dir / hub id, or a loaded `PreTrainedModel` (kept in its dtype).
             Loaded from a path, weights are fp32 (AdamW master weights); the compute dtype
-            comes from `config.dtype` through accelerate's mixed precision.
+            comes from `config.dtype` through accelerate's mixed precision. With a LoRA
+            adapter the frozen base is loaded in the compute dtype (it needs no fp32 master
+            copy; bf16 on GPU: half the memory) and the adapter is fp32.
         tokenizer: required with a module; loaded with a path otherwise.
         temperature: the sampling temperature; log-probs are taken at it (the run's
             `P2OConfig.temperature`; paper: 0.6).
@@ -104,7 +106,11 @@ class GRPOTrainer:
         self.temperature = temperature
         set_seed(seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
-        module, self.tokenizer = _load(model, tokenizer)
+        base_dtype = torch.float32
+        if config.lora is not None:  # the frozen base needs no fp32 master copy
+            base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
+                                                                              torch.float32)
+        module, self.tokenizer = _load(model, tokenizer, base_dtype)
         if self.tokenizer is None:
             raise ValueError("GRPOTrainer(model=<module>) needs the tokenizer too")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -547,7 +553,7 @@ def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeou
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
 
 
-def _load(model: Any, tokenizer: Any):
+def _load(model: Any, tokenizer: Any, dtype: torch.dtype = torch.float32):
     if isinstance(model, torch.nn.Module):
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -555,7 +561,7 @@ def _load(model: Any, tokenizer: Any):
     from dspy_p2o.engines.hf import check_model_path
 
     source = check_model_path(model)
-    module = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    module = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return module, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
 
 
