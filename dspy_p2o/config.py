@@ -350,7 +350,9 @@ class VLLMOptions(VLLMServerOptions):
 
     `reference` is the frozen server of the initial weights that self-reflection
     (reflection=self) asks; unset, it is these options minus the policy-only fields
-    (a managed server named "reference" beside the policy's). Set, it is used as written."""
+    (a managed server named "reference" beside the policy's). Set, it is used as written.
+    A LoRA run (trainer.lora) needs none: the policy's server serves the base model under its own
+    name beside the adapter, and that is pi_init (unless the adapter is synced as merged weights)."""
 
     request_timeout_s: float = knob(3600.0, check=POSITIVE)  # per-request read timeout (long generations take minutes)
     max_concurrency: int = knob(64, check=AT_LEAST_1)  # requests in flight at once (vLLM schedules them together)
