@@ -296,7 +296,7 @@ def test_lora_compile_runs_both_phases_and_serves_the_adapter(tmp_path):
                               **tiny_overrides(batch_size=6, min_hard=4, dev_size=4, budget=60, plain_per_group=1,
                                                temperature=0.5, max_tokens=12, beta=0.05))
     assert [h["epoch"] for h in result.history] == [1, 2]
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert record["ran"] and script.requests and record["assignments"]
     assert result.history[1]["templated/pass@1"] > result.history[1].get("plain/pass@1", 0.0)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -438,7 +438,7 @@ def test_lora_compile_syncs_adapters_into_the_real_server_and_reflects_with_its_
         assert not [p for p in started if "vllm" in " ".join(p.cmdline())]  # no second server
         steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/sync_logprob_diff" in r]
         assert steps and all(r["train/sync_logprob_diff"] < 1e-4 for r in steps), steps
-        record = json.loads((tmp_path / "run" / "templates" / "epoch-0.json").read_text())
+        record = json.loads((tmp_path / "run" / "templates" / "epoch-1.json").read_text())
         assert record["ran"] is True, record.get("reason")  # GEPA reflected through the base name
         assert result.engine.served_model_name != result.engine.base_model_name  # the program serves the adapter
         assert result.engine.served_model_name in _served_names(lora_engine)
