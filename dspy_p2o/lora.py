@@ -144,7 +144,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     try:
         source = check_model_path(base)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (the adapter's base model{'' if base != recorded else '; pass --base'})") from None
+        hint = "" if base != recorded else "; pass --base"
+        raise FileNotFoundError(f"{exc} (the adapter's base model{hint})") from None
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32),
                                       str(adapter_dir))
     state = merged_state_dict(model)

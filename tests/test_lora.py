@@ -70,7 +70,8 @@ def test_the_lora_block_reaches_the_config_from_yaml_overrides_compile_and_p2o(t
             seen.append(config)
 
         def run_loop(self):
-            return dspy_p2o.CompileResult(program=None, checkpoint=Path("."), history=[], templates={}, run_dir=Path("."))
+            return dspy_p2o.CompileResult(program=None, checkpoint=Path("."), history=[], templates={},
+                                          run_dir=Path("."))
 
     monkeypatch.setattr("dspy_p2o.api.P2OLoop", Loop)
     dspy_p2o.compile(None, [], metric=None, policy="p", lora={"r": 4, "target_modules": "all-linear"})
@@ -203,7 +204,8 @@ def test_the_merge_command_writes_a_model_equal_to_the_adapted_one(trainer_model
     torch.testing.assert_close(_logprobs(merged, prompts, completions), _logprobs(trainer.model, prompts, completions),
                                atol=1e-5, rtol=0)
     # errors: one line each, exit 2
-    for argv, message in ((["--adapter", str(trainer_model_dir), "--out", str(tmp_path / "x")], "is not a LoRA adapter"),
+    not_adapter = ["--adapter", str(trainer_model_dir), "--out", str(tmp_path / "x")]
+    for argv, message in ((not_adapter, "is not a LoRA adapter"),
                           (["--adapter", str(adapter), "--out", str(out)], "is not empty"),
                           (["--adapter", str(adapter), "--out", str(tmp_path / "y"), "--base", str(tmp_path / "no")],
                            "does not exist")):
@@ -219,7 +221,8 @@ def test_the_merge_command_writes_a_model_equal_to_the_adapted_one(trainer_model
 def test_merged_weights_leave_the_live_module_as_it_was(trainer_model_dir):
     from dspy_p2o.lora import merged_state_dict, vllm_unservable
 
-    trainer = _trained(trainer_model_dir, steps=1, lora=LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "lm_head"]))
+    head = LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "lm_head"])
+    trainer = _trained(trainer_model_dir, steps=1, lora=head)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     state = merged_state_dict(trainer.model)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())

@@ -178,7 +178,8 @@ class WeightSync:
             raise VLLMRequestError(
                 f"the vLLM server at {self.client.url} does not load LoRA adapters at run time ({route}: HTTP "
                 f"{exc.status}); start it with --enable-lora --max-lora-rank <at least trainer.lora.r> and "
-                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (a managed server of a LoRA run is)", status=exc.status) from None
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (a managed server of a LoRA run is)",
+                status=exc.status) from None
 
     def _verify(self, source: Any, path: str, how: str) -> tuple[float | None, int]:
         """(max log-prob difference, transfers made): one more transfer when the first is off."""

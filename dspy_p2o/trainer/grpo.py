@@ -435,10 +435,10 @@ class GRPOTrainer:
     def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None, *,
                         prune: bool = True) -> Path:
         """Write `directory/checkpoint-<step>` (model + tokenizer -- with LoRA the adapter + tokenizer --,
-        optimizer, scheduler, RNG, step, `extra_state`) and, with `prune`, delete all but the last `keep_last_checkpoints`. A caller
-        that records the new checkpoint elsewhere (the loop's state.json) passes prune=False and
-        calls `prune_checkpoints` only once that record is saved: a kill in between must leave
-        the recorded checkpoint on disk."""
+        optimizer, scheduler, RNG, step, `extra_state`) and, with `prune`, delete all but the last
+        `keep_last_checkpoints`. A caller that records the new checkpoint elsewhere (the loop's
+        state.json) passes prune=False and calls `prune_checkpoints` only once that record is saved:
+        a kill in between must leave the recorded checkpoint on disk."""
         acc = self.accelerator
         root = Path(directory)
         final = root / ckpt.checkpoint_name(self.global_step)
