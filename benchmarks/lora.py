@@ -106,7 +106,7 @@ def run_arm(arm: str, model_dir: Path, batch_file: Path, args) -> dict:
     # the vLLM server, as a run starts it (before the trainer takes the memory)
     lora_block = LORA if arm == "lora" else None
     config = P2OConfig.load(None, {"engine": "vllm", "trainer.lora": lora_block, "vllm": {
-        "enforce_eager": True, "kv_cache_memory_bytes": 512 << 20, "max_model_len": 2048, "startup_timeout_s": 1800,
+        "enforce_eager": True, "kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048, "startup_timeout_s": 1800,
         "env": {"VLLM_CACHE_ROOT": str(Path(tempfile.mkdtemp(prefix="lora-bench-vllm-cache-")))}}})
     t0 = time.perf_counter()
     server = make_engine(config, str(model_dir))
