@@ -13,6 +13,7 @@ _LAZY = {
     "P2O": ("dspy_p2o.api", "P2O"),
     "P2OConfig": ("dspy_p2o.config", "P2OConfig"),
     "CompileResult": ("dspy_p2o.loop", "CompileResult"),
+    "merge_adapter": ("dspy_p2o.lora", "merge_adapter"),
 }
 
 
@@ -27,4 +28,4 @@ def __getattr__(name):  # heavy modules (torch, dspy) load on first use, keeping
     raise AttributeError(f"module 'dspy_p2o' has no attribute {name!r}")
 
 
-__all__ = ["compile", "P2O", "P2OConfig", "CompileResult"]
+__all__ = ["compile", "P2O", "P2OConfig", "CompileResult", "merge_adapter"]

@@ -2,8 +2,10 @@
 names, the newest complete one, pruning, the state file; torch-free, so the run directory can
 find a checkpoint without loading the trainer, which writes them).
 
-Each holds `model/` (save_pretrained model + tokenizer: what an engine or a user loads),
-`state/` (accelerate's save_state: model, optimizer, scheduler, RNG states) and
+Each holds `model/` (save_pretrained model + tokenizer: what an engine or a user loads; a LoRA
+run's is the adapter + tokenizer, loadable with peft or vLLM's --lora-modules, merged into a
+model directory by `dspy-p2o merge`), `state/` (accelerate's save_state: model -- a LoRA run's
+adapter only --, optimizer, scheduler, RNG states) and
 `trainer_state.json` (step, the caller's extra state). A checkpoint is written under a
 temporary name and renamed when complete, so a run killed mid-save never leaves a
 half-written checkpoint behind for resume to trip on.

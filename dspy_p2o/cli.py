@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "eval": ("dspy_p2o.evaluation.cli", "evaluate a model on the maths benchmarks"),
     "score": ("dspy_p2o.evaluation.score_cli", "score existing generations on a benchmark (no model)"),
     "model": ("dspy_p2o.model_cli", "a packaged real model (e.g. smollm2-135m-instruct) as a model directory, offline"),
+    "merge": ("dspy_p2o.merge_cli", "merge a LoRA run's adapter into its base model: one plain model directory"),
     "demo": ("dspy_p2o.toyworld.cli", "the toy-world experiment: P^2O vs GRPO on CPU in minutes"),
 }
 

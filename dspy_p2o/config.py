@@ -142,6 +142,35 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
+LORA_ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
+
+
+@dataclass
+class LoraConfig:
+    """Train a LoRA adapter instead of every weight (`TrainerConfig.lora`; peft's LoraConfig under
+    the hood). Only the adapter gets gradients and optimiser state; pi_init (the KL reference and
+    Self-Ref's reflection) is the base model with the adapter disabled, never a second copy; a vLLM
+    engine is synced with the adapter alone (dspy_p2o/lora.py, engines/weight_sync.py)."""
+
+    __pydantic_config__ = _STRICT
+
+    r: int = knob(16, check=Range(1, 512))  # the adapter's rank (vLLM serves ranks up to 512)
+    alpha: float = knob(32.0, check=POSITIVE)  # peft's lora_alpha: the update is scaled by alpha / r
+    # on the adapter's input in every trainer pass, so pi_theta / pi_old carries dropout noise (TRL disables dropout)
+    dropout: float = knob(0.0, check=Range(0, 1, high_open=True))
+    # "all-linear" (every linear layer but the output head, as peft spells it) or module names, e.g.
+    # [q_proj, v_proj]; lm_head / embed_tokens are trained too, then vLLM is synced with merged weights
+    target_modules: list[str] | str = LORA_ALL_LINEAR
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if isinstance(self.target_modules, str) and self.target_modules != LORA_ALL_LINEAR:
+            raise ValueError(f"LoraConfig.target_modules must be {LORA_ALL_LINEAR!r} or a list of module names, "
+                             f"got {self.target_modules!r}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"LoraConfig.target_modules must name at least one module, got {self.target_modules!r}")
+
+
 @dataclass
 class TrainerConfig:
     """Hyper-parameters of the GRPO trainer (`P2OConfig.trainer`). Defaults follow the paper
@@ -184,6 +213,8 @@ class TrainerConfig:
     keep_last_checkpoints: int = knob(2, resume=RESUMABLE, check=NON_NEGATIVE)  # older ones are deleted; 0 keeps all
     # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
     process_timeout_s: float = knob(6 * 3600.0, check=POSITIVE)
+    # a LoRA adapter instead of every weight (LoraConfig); None = full fine-tuning
+    lora: LoraConfig | None = knob(None, resume=IDENTITY)
 
     def __post_init__(self) -> None:
         def choice(name: str, options: tuple) -> None:
@@ -322,6 +353,9 @@ class VLLMServerOptions:
     log_path: str | None = knob(None, policy_only=True)  # the managed server's stdout+stderr; None: a temp file
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. {CUDA_VISIBLE_DEVICES: "1"}
     server_command: list[str] | None = None  # the launch prefix; None: vLLM's own CLI (any vLLM build)
+    # set: --enable-lora --max-lora-rank (this, rounded up to a rank vLLM offers) and runtime adapter
+    # loading; a LoRA run sets it from trainer.lora.r
+    max_lora_rank: int | None = knob(None, policy_only=True, check=Range(1, 512))
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -334,7 +368,9 @@ class VLLMOptions(VLLMServerOptions):
 
     `reference` is the frozen server of the initial weights that self-reflection
     (reflection=self) asks; unset, it is these options minus the policy-only fields
-    (a managed server named "reference" beside the policy's). Set, it is used as written."""
+    (a managed server named "reference" beside the policy's). Set, it is used as written.
+    A LoRA run (trainer.lora) needs none: the policy's server serves the base model under its own
+    name beside the adapter, and that is pi_init (unless the adapter is synced as merged weights)."""
 
     request_timeout_s: float = knob(3600.0, check=POSITIVE)  # per-request read timeout (long generations take minutes)
     max_concurrency: int = knob(64, check=AT_LEAST_1)  # requests in flight at once (vLLM schedules them together)
@@ -679,7 +715,9 @@ def _field_paths(cls: type, prefix: tuple[str, ...] = (), *, optional_sections: 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     node = data
     for part in path[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an unset optional section (trainer.lora: null) is set key by key too
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not a section")
     node[path[-1]] = value

@@ -67,7 +67,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class CompileResult:
     """What `compile` returns. `program` answers with the trained weights, its ORIGINAL instructions
-    and the run's adapter (no `dspy.context` needed)."""
+    and the run's adapter (no `dspy.context` needed). `checkpoint` is the last checkpoint's model
+    directory; in a LoRA run (trainer.lora) the trained LoRA adapter, loadable with peft or vLLM's
+    --lora-modules and merged into a model directory by `dspy-p2o merge` (`dspy_p2o.merge_adapter`)."""
 
     program: dspy.Module
     checkpoint: Path
@@ -490,7 +492,7 @@ class P2OLoop:
         write_summary(self.run, self.config, state.history, state.assignments, state.checkpoint)
 
     def _result(self, state: LoopState) -> CompileResult:
-        checkpoint = Path(state.checkpoint) / "model"  # save_pretrained model + tokenizer
+        checkpoint = Path(state.checkpoint) / "model"  # save_pretrained model (LoRA: adapter) + tokenizer
         program = self.program.deepcopy()  # ORIGINAL instructions: no template at inference
         program.set_lm(self.engine.dspy_lm(temperature=0.0, max_tokens=self.config.max_tokens))
         return CompileResult(program=serve_with_adapter(program, self.adapter), checkpoint=checkpoint,

@@ -6,7 +6,9 @@ reflection LM, and the weight syncs between trainer and engine.
   nothing), a vLLM engine serves a copy that `sync()` replaces. Every weight sync of a run starts
   here, from the loop: after optimiser steps, after an epoch, after a resume.
 - The reflection LM (GEPA's proposer) is built on first use; self-reflection loads a second, frozen
-  engine on the INITIAL weights (pi_init), closed when the loop ends. A teacher is checked at start.
+  engine on the INITIAL weights (pi_init), closed when the loop ends -- except in a LoRA run, where
+  pi_init is the policy engine's base model with the adapter disabled (`Engine.without_adapter`:
+  the trainer's own module, or the base name on the policy's vLLM server). A teacher is checked at start.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import dspy
 
-from dspy_p2o import display
+from dspy_p2o import display, lora
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.engines import Engine, make_engine, make_reference_engine
 from dspy_p2o.prompt_phase.reflection import close_reflection_lm, make_reflection_lm, preflight
@@ -93,8 +95,13 @@ class RunResources:
                                                            else "preflight off; ") + limits, show and is_main)
 
     def _initial_policy_engine(self) -> Engine:
-        """pi_init for self-reflection: a second, frozen engine on the initial weights, never the policy."""
-        return make_reference_engine(self.config, self.policy)
+        """pi_init for self-reflection, never the policy: with a LoRA adapter the policy engine's base
+        model (adapter disabled; no second copy), else a second, frozen engine on the initial weights.
+        A vLLM server that is sent merged weights (an adapter it cannot serve) no longer serves the base."""
+        cfg = self.config
+        if cfg.trainer.lora is not None and (cfg.engine == "local" or lora.vllm_unservable(self.trainer.model) is None):
+            return self.engine.without_adapter()
+        return make_reference_engine(cfg, self.policy)
 
     def close_reflection_lm(self) -> None:
         """The pi_init engine (a second model or vLLM server) is needed only inside the loop."""

@@ -6,7 +6,7 @@
     resumes.jsonl          one line per resume: the accepted config changes
     state.json             where the loop is (epoch, phase, next batch) + the latest checkpoint
     metrics.jsonl          one JSON object per optimiser step / epoch / evaluation
-    checkpoints/checkpoint-N/  model/ (save_pretrained) + accelerate state (optimiser, scheduler, RNG)
+    checkpoints/checkpoint-N/  model/ (save_pretrained; LoRA: the adapter) + accelerate state (optimiser, scheduler, RNG)
     templates/epoch-N.json the prompt phase after epoch N: pool, score matrix, assignment (used in epoch N+1)
     rewards/epoch-N.jsonl  every question's rollout rewards of epoch N (what hard mining saw)
     hard/epoch-N.jsonl     ids and success rates of the hard questions of epoch N

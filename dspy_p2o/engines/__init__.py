@@ -7,6 +7,7 @@ Each engine takes its options from the run's config (`config.LocalOptions`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dspy_p2o.config import ConfigError, LocalOptions, VLLMOptions
@@ -49,12 +50,16 @@ def open_engine(kind: str, model: Any, options: LocalOptions | VLLMOptions | Non
 
 def make_engine(config: "P2OConfig", model: Any, *, tokenizer: Any = None, processes: int = 1) -> "Engine":
     """The policy engine of a run: `config.engine` with its section's options. Under several
-    processes a vLLM policy must be one shared server (`vllm.url`)."""
+    processes a vLLM policy must be one shared server (`vllm.url`). A LoRA run's managed vLLM
+    server serves adapters of rank trainer.lora.r, loaded at run time (`max_lora_rank`)."""
     if config.engine == "vllm" and processes > 1 and not config.vllm.url:
         raise ConfigError(f"engine='vllm' under {processes} processes needs a shared server (vllm.url; "
                           "benchmarks/gpu/run.sh starts one): a managed server per rank would load the policy "
                           "once per rank")
-    return open_engine(config.engine, model, config.engine_options, tokenizer=tokenizer)
+    options = config.engine_options
+    if config.engine == "vllm" and config.trainer.lora is not None:
+        options = dataclasses.replace(options, max_lora_rank=max(options.max_lora_rank or 0, config.trainer.lora.r))
+    return open_engine(config.engine, model, options, tokenizer=tokenizer)
 
 
 def make_reference_engine(config: "P2OConfig", model: Any) -> "Engine":

@@ -70,7 +70,8 @@ class SyncReport:
     save_seconds: float = 0.0  # writing the weights where the server reloads them
     reload_seconds: float = 0.0  # the transfer: pause -> reload -> reset cache -> resume
     attempts: int = 1  # transfers made (2 when the first one's check failed)
-    weights_path: str | None = None  # what the server reloaded
+    weights_path: str | None = None  # what the server reloaded (a LoRA adapter's directory: the adapter)
+    bytes_written: int = 0  # what the sync wrote for the server to read (0: nothing written)
 
 
 class Engine(abc.ABC):
@@ -126,6 +127,11 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release processes, servers and memory. Idempotent."""
+
+    def without_adapter(self) -> "Engine":
+        """pi_init of a LoRA policy: this engine's base model with the adapter disabled, sharing the
+        weights (and server) with this engine instead of loading a second copy. Frozen."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve a LoRA policy's base model")
 
     @abc.abstractmethod
     def dspy_lm(self, **defaults: Any):

@@ -29,6 +29,9 @@ def check_model_path(path: str | os.PathLike) -> str:
     looks_local = path.startswith((".", "/", "~")) or path.strip("/").count("/") > 1 or Path(path).exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"model directory {path!r} does not exist")
+    if looks_local and (Path(path).expanduser() / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path!r} is a LoRA adapter, not a model directory; merge it into its base model "
+                                f"first: dspy-p2o merge --adapter {path} --out MERGED_DIR")
     if looks_local:
         return str(Path(path).expanduser())
     check_hub_model(path)

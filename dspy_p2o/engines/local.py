@@ -4,12 +4,14 @@ A hand-written sampling loop (rather than `model.generate`) so that the log-prob
 every sampled token under the *processed* distribution (temperature, top-k, top-p) is
 exact -- these are the behaviour log-probs the trainer compares against -- and so that
 n samples of a prompt share one prefill. The engine may share the trainer's module:
-then syncing weights costs nothing.
+then syncing weights costs nothing. With a LoRA policy (a peft module) `without_adapter()`
+is pi_init at no cost: the same module sampled with its adapter disabled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import time
@@ -82,6 +84,18 @@ class LocalEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         # One model, many threads (DSPy calls the LM from a thread pool): one forward at a time.
         self._lock = threading.RLock()
+        self._adapter_disabled = False  # `without_adapter()`: sample the base weights of a LoRA module
+
+    def without_adapter(self) -> "LocalEngine":
+        """This engine sampling the base model of a LoRA policy: the same module run inside peft's
+        `disable_adapter()` (pi_init, no second copy of the weights). It shares this engine's lock,
+        so no call of either samples while the other has the adapter switched."""
+        if not hasattr(self.model, "disable_adapter"):
+            raise TypeError(f"{self.name!r} has no adapter to disable: it is not a peft (LoRA) model")
+        view = copy.copy(self)
+        view._adapter_disabled = True
+        view.name = f"{self.name}-base"
+        return view
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
@@ -95,7 +109,7 @@ class LocalEngine(Engine):
         per_chunk = max(1, self.max_batch_size // n)
         chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", leave=False, disable=not progress)
-        with self._lock, self._inference_mode():
+        with self._lock, self._inference_mode(), self._adapter_state():
             for chunk in chunks:
                 done = self._sample_chunk([prompts[i] for i in chunk], n, params, generator)
                 for i, completions in zip(chunk, done):
@@ -114,6 +128,10 @@ class LocalEngine(Engine):
                 yield
         finally:
             self.model.train(was_training)
+
+    def _adapter_state(self):
+        """peft's disable_adapter() for a `without_adapter()` engine, else nothing (under the lock)."""
+        return self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
 
     def _sample_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams, generator) -> list[list[Completion]]:
         device = self.device

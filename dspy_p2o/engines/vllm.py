@@ -13,11 +13,15 @@
 - **DSPy LM**: litellm's `hosted_vllm/` provider on `/v1/chat/completions`, which sends
   a real `n` (DSPy's default route sends n separate requests), cache off.
 - **Weight sync**: `weight_sync.WeightSync` (reload from safetensors, tied head included, or
-  NCCL; verified against the trainer's own log-probs).
+  NCCL; verified against the trainer's own log-probs). A LoRA policy is synced adapter-only:
+  each sync loads the adapter under a new name and rollouts go to that name
+  (`served_model_name`); the base model stays served under its own name (`base_model_name`),
+  which is pi_init (`without_adapter()`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -63,13 +67,16 @@ class VLLMEngine(Engine):
         self.max_concurrency = int(options.max_concurrency)
         self.last_sync: SyncReport | None = None
         self._closed, self.server, self.client, self.weights = False, None, None, None
+        self._view = False  # a `without_adapter()` view: it shares the server and client, and closes nothing
         self.server = self._start_server() if options.url is None else None
         self.url, self.api_key = self._address()
         self.client = VLLMClient(self.url, self.api_key, timeout_s=options.request_timeout_s,
                                  max_connections=self.max_concurrency, max_retries=options.max_retries,
                                  server=self.server)
         try:
+            # requests name `served_model_name`: the base model's name, or the newest LoRA adapter's after a sync
             self.served_model_name, self.max_model_len = self._discover_model()
+            self.base_model_name = self.served_model_name
             self.context_length = self.max_model_len
         except BaseException:
             self.close()
@@ -211,9 +218,16 @@ class VLLMEngine(Engine):
         self.last_sync = self.weights.sync(source)
         return self.last_sync
 
+    def without_adapter(self) -> "VLLMEngine":
+        """pi_init of a LoRA run: the base model, which the server serves under its own name beside
+        the adapter -- the same server and client, no second server. Frozen; closing it closes nothing."""
+        view = copy.copy(self)
+        view.served_model_name, view.frozen, view._view = self.base_model_name, True, True
+        return view
+
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        if self._closed:
+        if self._closed or self._view:
             return
         self._closed = True
         try:

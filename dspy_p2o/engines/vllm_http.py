@@ -24,7 +24,11 @@ _RETRY_STATUS = {502, 503, 504}
 
 
 class VLLMRequestError(RuntimeError):
-    """The vLLM server rejected a request or could not be reached after retries."""
+    """The vLLM server rejected a request (`status`: its HTTP status) or could not be reached after retries."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class VLLMClient:
@@ -50,7 +54,8 @@ class VLLMClient:
 
     def request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
                 retries: int | None = None) -> dict:
-        """One HTTP call with retries on connection failures and 502/503/504; JSON body back ({} if empty)."""
+        """One HTTP call with retries on connection failures and 502/503/504; JSON body back ({} if empty,
+        {"text": ...} for a plain-text body)."""
         attempts = 1 + (self.max_retries if retries is None else retries)
         for attempt in range(attempts):
             self.check_server()
@@ -73,8 +78,14 @@ class VLLMClient:
                 continue
             if response.status_code >= 400:
                 raise VLLMRequestError(
-                    f"{method} {self.url}{path} -> HTTP {response.status_code}: {_error_message(response)}")
-            return response.json() if response.content else {}
+                    f"{method} {self.url}{path} -> HTTP {response.status_code}: {_error_message(response)}",
+                    status=response.status_code)
+            if not response.content:
+                return {}
+            try:
+                return response.json()
+            except ValueError:  # a plain-text answer (vLLM's LoRA routes: "Success: LoRA adapter ...")
+                return {"text": response.text}
         raise AssertionError("unreachable")
 
     def _backoff(self, attempt: int, attempts: int, why: str, path: str) -> None:

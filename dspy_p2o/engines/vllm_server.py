@@ -52,6 +52,8 @@ HOST = "127.0.0.1"
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 #: KV cache on CPU when none is given (vLLM would reserve a fraction of host RAM).
 CPU_KV_CACHE_BYTES = 1 << 30
+#: The values vLLM's --max-lora-rank takes (vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -95,7 +97,17 @@ def serve_arguments(model: str, options: VLLMServerOptions, *, port: int, served
         args.append("--enforce-eager")
     if weight_transfer_backend is not None:
         args += ["--weight-transfer-config", '{"backend": "%s"}' % weight_transfer_backend]
+    if options.max_lora_rank is not None:  # LoRA adapters served beside the base, loaded at run time
+        args += ["--enable-lora", "--max-lora-rank", str(lora_rank_bound(options.max_lora_rank))]
     return args + [str(a) for a in options.extra_args]
+
+
+def lora_rank_bound(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM offers that serves adapters of `rank`."""
+    for bound in VLLM_LORA_RANKS:
+        if bound >= rank:
+            return bound
+    raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, not {rank}")
 
 
 def read_tail(path: str | os.PathLike, lines: int = 40) -> str:
@@ -236,6 +248,8 @@ class VLLMServer:
         self.env["VLLM_API_KEY"] = self.api_key  # the environment, not argv: `ps` shows argv to everyone
         if dev_mode:
             self.env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        if self.options.max_lora_rank is not None:  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+            self.env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
         self.process: subprocess.Popen | None = None
         self._log_file = None
         self._lock = threading.Lock()

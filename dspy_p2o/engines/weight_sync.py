@@ -11,13 +11,21 @@ trainer's weights, and checks that it does.
   process left it behind.
 - **nccl** (`weight_sync="nccl"`): vLLM's NCCL weight-transfer API (see `NCCLWeightSync`);
   it needs GPUs, so here only its API surface is tested against the installed vLLM.
+- **adapter** (a LoRA policy, a peft module): only the adapter moves. It is saved (safetensors,
+  a few MB) and loaded under a NEW name each sync (`POST /v1/load_lora_adapter`; the server runs
+  with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING, see `VLLMServerOptions.max_lora_rank`),
+  rollouts go to that name (`engine.served_model_name`) and the previous name is unloaded. A name
+  never names other weights: vLLM keys its prefix cache by adapter name. An adapter vLLM cannot
+  serve at run time (`lora.vllm_unservable`: DoRA, modules_to_save, biases, the embeddings or the
+  head) is synced as merged full weights by reload instead, said once in the log.
 - **Verified**: after a sync from a module, a fixed probe completion is sampled from the
   server and its served log-probs are compared with the module's own log-probs of the same
   tokens (one forward pass). "The output changed" is not "the output is right": a stale head
   changes the output too. Above `sync_tolerance` the transfer is retried once, then
   `WeightSyncError`; the difference is `SyncReport.logprob_diff` (a training metric).
 - **Several trainer ranks** share one server: rank 0 syncs (its `source` must hold the FULL
-  weights), the others wait at a torch.distributed barrier.
+  weights), the others wait at a torch.distributed barrier and then take the name rank 0 serves
+  the weights under (a new adapter's).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import atexit
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -34,6 +43,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+from dspy_p2o import lora
 from dspy_p2o.config import VLLMOptions
 from dspy_p2o.engines.base import SyncReport
 from dspy_p2o.engines.vllm_http import VLLMClient, VLLMRequestError
@@ -65,6 +75,11 @@ class WeightSync:
         self.reload_kwargs = dict(options.reload_kwargs)
         self.weights_dir = WeightDir(options.sync_dir)
         self._nccl: NCCLWeightSync | None = None
+        # LoRA: adapters are loaded as <served name>-lora-<random>-v<n>, unique to this engine
+        self._adapter_prefix = f"{engine.served_model_name}-lora-{secrets.token_hex(3)}"
+        self._adapter_saves = self._adapter_loads = 0
+        self._live_adapter: tuple[str, str] | None = None  # (name, directory) the server serves now
+        self._merged_said = False
 
     def sync(self, source: Any) -> SyncReport:
         """Serve `source` (a module, a state dict or a saved model dir); under torch.distributed
@@ -76,28 +91,97 @@ class WeightSync:
         import torch.distributed as dist
 
         dist.barrier()
+        served = [self.engine.served_model_name]
+        dist.broadcast_object_list(served, src=0)  # every rank's rollouts go where rank 0 synced to
+        self.engine.served_model_name = served[0]
         return report
 
     def _sync(self, source: Any) -> SyncReport:
         start = time.perf_counter()
-        path = "<nccl>" if self.mode == "nccl" else self.materialise(source)
+        how = self._how(_unwrap(source))
+        written = 0
+        if how == "adapter":
+            path, written = self._save_adapter(_unwrap(source))
+        elif how == "nccl":
+            path = "<nccl>"
+        else:
+            path = self.materialise(source)
+            if self.weights_dir.holds(path):
+                written = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
         save_s = time.perf_counter() - start
-        self._transfer(source, path)
+        self._transfer(source, path, how)
         reload_s = time.perf_counter() - start - save_s
-        diff, attempts = self._verify(source, path)
+        diff, attempts = self._verify(source, path, how)
         report = SyncReport(seconds=time.perf_counter() - start, logprob_diff=diff, save_seconds=save_s,
-                            reload_seconds=reload_s, attempts=attempts, weights_path=str(path))
-        logger.info("vLLM weight sync: %.2f s (save %.2f s, reload %.2f s), log-prob diff %s", report.seconds,
-                    save_s, reload_s, "n/a" if diff is None else f"{diff:.2e}")
+                            reload_seconds=reload_s, attempts=attempts, weights_path=str(path), bytes_written=written)
+        logger.info("vLLM weight sync (%s): %.2f s (save %.2f s, %.1f MB; load %.2f s), log-prob diff %s", how,
+                    report.seconds, save_s, written / 1e6, reload_s, "n/a" if diff is None else f"{diff:.2e}")
         return report
 
-    def _transfer(self, source: Any, path: str) -> None:
-        if self.mode == "nccl":
+    def _how(self, module: Any) -> str:
+        """"adapter" (a LoRA adapter vLLM serves), else the configured weight_sync ("reload" or
+        "nccl"); a LoRA adapter vLLM cannot serve goes as merged weights by "reload"."""
+        if not lora.is_adapted(module):
+            return self.mode
+        reason = lora.vllm_unservable(module)
+        if reason is None:
+            return "adapter"
+        if not self._merged_said:
+            logger.warning("vLLM cannot serve this LoRA adapter at run time (%s): every weight sync sends the merged "
+                           "full weights instead (reload)", reason)
+            self._merged_said = True
+        return "reload"
+
+    def _transfer(self, source: Any, path: str, how: str) -> None:
+        if how == "adapter":
+            self._load_adapter(path)
+            return
+        self._drop_adapter()  # full weights are served under the base name
+        if how == "nccl":
             self._nccl_sync(source)
         else:
             self._reload_from_disk(path)
 
-    def _verify(self, source: Any, path: str) -> tuple[float | None, int]:
+    def _save_adapter(self, module: Any) -> tuple[str, int]:
+        """The adapter alone, saved to a fresh directory of its own: (directory, bytes written)."""
+        self._adapter_saves += 1
+        target = self.weights_dir.fresh() / f"adapter-{self._adapter_saves}"
+        shutil.rmtree(target, ignore_errors=True)
+        return str(target), lora.save_pretrained(module, target)
+
+    def _load_adapter(self, path: str) -> None:
+        """Load the adapter at `path` under a new name, route requests to it, unload the previous one."""
+        self._adapter_loads += 1
+        name = f"{self._adapter_prefix}-v{self._adapter_loads}"
+        self._lora_request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        previous, self._live_adapter = self._live_adapter, (name, path)
+        self.engine.served_model_name = name
+        if previous is not None:
+            self._lora_request("/v1/unload_lora_adapter", {"lora_name": previous[0]})
+            if previous[1] != path:
+                shutil.rmtree(previous[1], ignore_errors=True)
+
+    def _drop_adapter(self) -> None:
+        """Requests go to the base name again; the adapter loaded last is unloaded."""
+        if self._live_adapter is not None:
+            name, path = self._live_adapter
+            self._live_adapter, self.engine.served_model_name = None, self.engine.base_model_name
+            self._lora_request("/v1/unload_lora_adapter", {"lora_name": name})
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _lora_request(self, route: str, body: dict) -> None:
+        try:
+            self.client.request("POST", route, json=body, retries=0)
+        except VLLMRequestError as exc:
+            if exc.status not in (404, 405):
+                raise
+            raise VLLMRequestError(
+                f"the vLLM server at {self.client.url} does not load LoRA adapters at run time ({route}: HTTP "
+                f"{exc.status}); start it with --enable-lora --max-lora-rank <at least trainer.lora.r> and "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (a managed server of a LoRA run is)",
+                status=exc.status) from None
+
+    def _verify(self, source: Any, path: str, how: str) -> tuple[float | None, int]:
         """(max log-prob difference, transfers made): one more transfer when the first is off."""
         module = _unwrap(source)
         if not (self.verify and _verifiable(source, module)):
@@ -106,7 +190,7 @@ class WeightSync:
         if diff > self.tolerance:  # one more transfer: a transient failure must not end a run
             attempts = 2
             logger.warning("weight sync: served log-probs differ from the trainer's by %.3g; syncing again", diff)
-            self._transfer(source, path)
+            self._transfer(source, path, how)
             diff = self.served_logprob_diff(module)
         if diff > self.tolerance:
             raise WeightSyncError(
@@ -144,7 +228,9 @@ class WeightSync:
             source = _load_for_sync(path)  # tied and saved without lm_head.weight: write the full state dict
         target = self.weights_dir.fresh()
         module = _unwrap(source)
-        if hasattr(module, "state_dict") and hasattr(module, "config"):
+        if lora.is_adapted(module):  # base + adapter, merged: what a plain model of the adapted weights holds
+            _save_state_dict(lora.merged_state_dict(module), target, config=module.get_base_model().config)
+        elif hasattr(module, "state_dict") and hasattr(module, "config"):
             # the full state dict, NOT save_pretrained: a tied model's save omits lm_head.weight
             _save_state_dict(module.state_dict(), target, config=module.config)
         elif isinstance(source, Mapping):
@@ -224,6 +310,10 @@ class WeightDir:
         for stale in self.path.glob("*.safetensors*"):  # a smaller save must not leave old shards behind
             stale.unlink()
         return self.path
+
+    def holds(self, path: str | os.PathLike) -> bool:
+        """Whether `path` is (inside) this dir: written by a sync, not a model dir synced from."""
+        return self.path is not None and Path(path).resolve().is_relative_to(self.path.resolve())
 
     def remove(self) -> None:
         if self.owned and self.path is not None:

@@ -23,6 +23,9 @@ processes each process trains on its own share of the batch's rollouts (whole GR
 groups); what every process must agree on -- advantages, which groups carry signal, the
 mini-batches, the loss normalisers -- is computed from the gathered global batch, so
 N processes take the same optimiser step as one process on the whole batch.
+With `config.lora` the policy is wrapped in a peft LoRA adapter (dspy_p2o/lora.py): only the
+adapter trains, pi_init for the KL term is the same module with its adapter disabled, and
+checkpoints hold the adapter and its optimiser state.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 
 from dspy_p2o.config import DTYPES, TrainerConfig
 from dspy_p2o import checkpoints as ckpt
+from dspy_p2o import lora
 from dspy_p2o.batch import Call, CallShape, GlobalBatch, Rollout
 from dspy_p2o.trainer.advantages import group_advantages
 from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
@@ -89,7 +93,9 @@ class GRPOTrainer:
     Args:
         model: a model dir / hub id, or a loaded `PreTrainedModel` (kept in its dtype).
             Loaded from a path, weights are fp32 (AdamW master weights); the compute dtype
-            comes from `config.dtype` through accelerate's mixed precision.
+            comes from `config.dtype` through accelerate's mixed precision. With a LoRA
+            adapter the frozen base is loaded in the compute dtype (it needs no fp32 master
+            copy; bf16 on GPU: half the memory) and the adapter is fp32.
         tokenizer: required with a module; loaded with a path otherwise.
         temperature: the sampling temperature; log-probs are taken at it (the run's
             `P2OConfig.temperature`; paper: 0.6).
@@ -111,7 +117,11 @@ class GRPOTrainer:
         self.temperature = temperature
         set_seed(seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
-        module, self.tokenizer = _load(model, tokenizer)
+        base_dtype = torch.float32
+        if config.lora is not None:  # the frozen base needs no fp32 master copy
+            base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
+                                                                              torch.float32)
+        module, self.tokenizer = _load(model, tokenizer, base_dtype)
         if self.tokenizer is None:
             raise ValueError("GRPOTrainer(model=<module>) needs the tokenizer too")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -119,17 +129,22 @@ class GRPOTrainer:
             raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
         if config.gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora is not None:  # only the adapter trains; pi_init is this module with it disabled
+            module = lora.wrap(module, config.lora)
         module.train()
-        self._logits_to_keep = supports_logits_to_keep(module)
+        self._logits_to_keep = supports_logits_to_keep(module.get_base_model() if config.lora else module)
         self.template_ratio = TemplateRatio(config.template_ratio, config.template_ratio_bounds, config.template_clip,
                                             config.epsilon_high)
         self.ref_model = None
-        if config.beta > 0:
+        if config.beta > 0 and config.lora is None:
             reference = copy.deepcopy(module).eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
         self._model, self.optimizer = self.accelerator.prepare(module, optimizer)
+        if config.lora is not None:  # checkpoints hold the adapter and its optimiser state, not the base weights
+            self.accelerator.register_save_state_pre_hook(_keep_trainable_weights)
+            self.accelerator.register_load_state_pre_hook(_check_trainable_weights)
         # Registered rather than prepared: a prepared scheduler steps once per process.
         self.scheduler = make_scheduler(self.optimizer, config.lr_schedule, config.warmup_ratio, total_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
@@ -254,12 +269,19 @@ class GRPOTrainer:
         tilde = self._templated_logprobs(chosen)
         weights, kept = self._token_weights(chosen, old, tilde)
         upper = self._clip_ceiling(chosen, old, tilde)
-        ref = (self._logprobs(self.accelerator.unwrap_model(self.ref_model), prompts, completions)
-               if self.ref_model is not None else None)
+        ref = self._reference_logprobs(prompts, completions) if self.config.beta > 0 else None
         seqs = _Sequences(prompts=tuple(prompts), completions=tuple(completions), advantages=advantages,
                           old=_frozen(old), weights=tuple(weights), kept=tuple(kept), upper=_frozen(upper),
                           ref=_frozen(ref))
         return seqs, tilde
+
+    def _reference_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        """log pi_ref(y_t | p, y_<t), pi_ref = pi_init for the KL term: the frozen copy of the initial
+        weights or, with a LoRA adapter, this very module with its adapter disabled (no second copy)."""
+        if self.ref_model is not None:
+            return self._logprobs(self.accelerator.unwrap_model(self.ref_model), prompts, completions)
+        with self.model.disable_adapter():
+            return self._logprobs(self._scoring_model, prompts, completions)
 
     def _old_is_current(self, chosen: list[Call], n_steps: int) -> bool:
         """On-policy, pi_old = pi_theta: with one optimiser step and nothing that needs pi_old before
@@ -412,11 +434,11 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ sync, checkpoints
     def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None, *,
                         prune: bool = True) -> Path:
-        """Write `directory/checkpoint-<step>` (model + tokenizer, optimizer, scheduler, RNG, step,
-        `extra_state`) and, with `prune`, delete all but the last `keep_last_checkpoints`. A caller
-        that records the new checkpoint elsewhere (the loop's state.json) passes prune=False and
-        calls `prune_checkpoints` only once that record is saved: a kill in between must leave
-        the recorded checkpoint on disk."""
+        """Write `directory/checkpoint-<step>` (model + tokenizer -- with LoRA the adapter + tokenizer --,
+        optimizer, scheduler, RNG, step, `extra_state`) and, with `prune`, delete all but the last
+        `keep_last_checkpoints`. A caller that records the new checkpoint elsewhere (the loop's
+        state.json) passes prune=False and calls `prune_checkpoints` only once that record is saved:
+        a kill in between must leave the recorded checkpoint on disk."""
         acc = self.accelerator
         root = Path(directory)
         final = root / ckpt.checkpoint_name(self.global_step)
@@ -433,7 +455,7 @@ class GRPOTrainer:
         if acc.is_main_process:
             import shutil
 
-            self.model.save_pretrained(tmp / "model", state_dict=state_dict)
+            lora.save_pretrained(self.model, tmp / "model", state_dict=state_dict)  # with LoRA: the adapter
             self.tokenizer.save_pretrained(tmp / "model")
             ckpt.write_state(tmp, {"global_step": self.global_step, "extra_state": extra_state or {},
                                    "config": asdict(self.config)})
@@ -453,7 +475,8 @@ class GRPOTrainer:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint; returns its extra_state."""
         directory = Path(directory)
         state = ckpt.read_state(directory)
-        self.accelerator.load_state(str(directory / "state"))
+        # with LoRA the saved state holds the adapter's weights only (the base comes from the policy)
+        self.accelerator.load_state(str(directory / "state"), **({"strict": False} if self.config.lora else {}))
         self.global_step = int(state["global_step"])
         return state.get("extra_state", {})
 
@@ -470,6 +493,31 @@ def _quiet_tied_weight_warning():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+    """accelerate's save_state hook of a LoRA trainer: each model's saved weights are its trainable
+    parameters (the adapter), not the frozen base it was loaded from."""
+    for model, state in zip(models, weights):
+        keep = lora.trainable_names(model)
+        for key in [k for k in state if k not in keep]:
+            del state[key]
+
+
+def _check_trainable_weights(models: list[torch.nn.Module], input_dir: str) -> None:
+    """accelerate's load_state hook of a LoRA trainer: the saved weights must hold every trainable
+    parameter (they load with strict=False, which would skip a missing one silently)."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        path = Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors"
+        if not path.is_file():
+            continue
+        with safe_open(str(path), "pt") as handle:
+            missing = sorted(lora.trainable_names(model) - set(handle.keys()))
+        if missing:
+            raise ValueError(f"{path} is not a checkpoint of this LoRA adapter: it lacks {len(missing)} of its "
+                             f"weights, e.g. {missing[0]!r}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float,
@@ -514,7 +562,7 @@ def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeou
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
 
 
-def _load(model: Any, tokenizer: Any):
+def _load(model: Any, tokenizer: Any, dtype: torch.dtype = torch.float32):
     if isinstance(model, torch.nn.Module):
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -522,7 +570,7 @@ def _load(model: Any, tokenizer: Any):
     from dspy_p2o.engines.hf import check_model_path
 
     source = check_model_path(model)
-    module = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    module = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return module, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
 
 
