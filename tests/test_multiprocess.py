@@ -308,6 +308,33 @@ def test_fsdp2_run_with_gepa_killed_in_epoch_two_resumes_under_two_or_one_proces
     _assert_finished(copy, processes=1)
 
 
+@pytest.mark.slow  # a 2-process run against an in-process test server: ~1-2 min on 2 cores
+def test_fsdp2_run_attached_to_a_shared_vllm_server_syncs_the_gathered_weights(tiny_run):
+    """engine: vllm with vllm.url under FSDP2: both ranks sample from the one server; after every
+    optimiser step the shards are gathered onto rank 0, which reloads the server (the other rank waits):
+    at the end the server serves exactly the final checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    from dspy_p2o.testing.fake_vllm import FakeVLLMServer
+
+    root, config = tiny_run
+    run_dir, key = root / "fsdp2-vllm", "test-key"
+    with FakeVLLMServer(tiny_run_policy(config), api_key=key) as server:
+        _run(_train(2, config, run_dir, "method=grpo", "epochs=1", "engine=vllm", f"vllm.url={server.url}",
+                    f"vllm.api_key={key}", "trainer.sharding=fsdp2"))
+        paths = [path for _, path in server.request_log]
+        served = {k: v.detach().clone() for k, v in server.engine.model.state_dict().items()}
+    assert paths.count("/collective_rpc") == _final_step(run_dir) > 0  # one reload per optimiser step
+    trained = load_file(str(_final_checkpoint(run_dir) / "model" / "model.safetensors"))
+    assert all(torch.equal(served[name], tensor) for name, tensor in trained.items())
+
+
+def tiny_run_policy(config: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["policy"]
+
+
 def test_gpu_accelerate_configs_load_and_fsdp_wraps_the_policys_decoder_layer(trainer_model_dir):
     """What can be checked of the GPU recipe's accelerate configs on CPU (accelerate 1.15 runs no FSDP
     here): they load, DDP is the default's type, and FSDP's wrap class is the Qwen3 decoder layer."""

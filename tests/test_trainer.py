@@ -311,6 +311,30 @@ def test_full_disk_while_writing_a_checkpoint_removes_it_and_keeps_the_earlier_o
     assert GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3)).load_checkpoint(first) == {}
 
 
+def test_sharding_refuses_what_it_cannot_shard_in_one_line(trainer_model_dir):
+    """FSDP2 needs a process group (torchrun / accelerate launch), is not applied to a peft (LoRA) model,
+    and is turned on by trainer.sharding, not by accelerate's FSDP plugin (accelerate shards only on GPUs,
+    so that path would run untested code)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    from dspy_p2o.config import ConfigError
+    from dspy_p2o.trainer.grpo import _refuse_accelerate_fsdp
+    from dspy_p2o.trainer.sharding import shard_module
+
+    with pytest.raises(ConfigError, match="launch it with torchrun or accelerate launch"):
+        GRPOTrainer(trainer_model_dir, config=TrainerConfig(sharding="fsdp2"))
+    model = AutoModelForCausalLM.from_pretrained(trainer_model_dir)
+    model.peft_config = {"default": None}  # what peft's PeftModel carries
+    with pytest.raises(ConfigError, match="does not shard a peft \\(LoRA\\) model"):
+        shard_module(model, device=torch.device("cpu"), compute_dtype=None)
+    with pytest.raises(ConfigError, match="set trainer.sharding: fsdp2"):
+        _refuse_accelerate_fsdp(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    _refuse_accelerate_fsdp(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
 def _adam_steps(trainer) -> int:
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert len(steps) == 1

@@ -33,11 +33,11 @@ def shard_module(module: torch.nn.Module, *, device: torch.device, compute_dtype
 
     from dspy_p2o.config import ConfigError
 
+    if hasattr(module, "peft_config"):
+        raise ConfigError("trainer.sharding fsdp2 does not shard a peft (LoRA) model; use sharding: none with LoRA")
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("trainer.sharding fsdp2 shards over the processes of a run: launch it with torchrun or "
                           "accelerate launch (torchrun --nproc_per_node 1 for one process)")
-    if hasattr(module, "peft_config"):
-        raise ConfigError("trainer.sharding fsdp2 does not shard a peft (LoRA) model; use sharding: none with LoRA")
     layers = decoder_layers(module)
     if not layers:
         raise ConfigError(f"trainer.sharding fsdp2: {type(module).__name__} names no decoder layer class "
