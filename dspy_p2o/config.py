@@ -187,8 +187,8 @@ class TrainerConfig:
     checkpoint_optimizer: bool = knob(True, resume=RESUMABLE)
     # "none": every process holds the whole model, gradients and AdamW state (DDP); "fsdp2": each of N
     # processes holds 1/N of them (PyTorch FSDP2 `fully_shard` on every decoder layer and the model;
-    # launch with torchrun or accelerate launch; the checkpoint layout differs, so fixed for a run)
-    sharding: str = "none"
+    # launch with torchrun or accelerate launch). Checkpoints are alike either way: a resume may change it
+    sharding: str = knob("none", resume=RESUMABLE)
     # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
     process_timeout_s: float = knob(6 * 3600.0, check=POSITIVE)
 

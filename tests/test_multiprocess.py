@@ -153,6 +153,17 @@ def test_checkpoint_is_renamed_only_after_every_process_wrote_and_a_full_disk_le
     state = checkpoints / "checkpoint-00000001" / "state"
     assert {"random_states_0.pkl", "random_states_1.pkl", "scheduler.bin"} <= {p.name for p in state.iterdir()}
     assert (state / "optimizer" / ".metadata").is_file()
+    # written by 2 processes (sharded or not), it loads into one unsharded process: weights and AdamW state
+    from safetensors.torch import load_file
+
+    from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
+
+    one = GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3))
+    one.load_checkpoint(checkpoints / "checkpoint-00000001")
+    saved = load_file(str(checkpoints / "checkpoint-00000001" / "model" / "model.safetensors"))
+    assert all(torch.equal(one.model.state_dict()[name], tensor) for name, tensor in saved.items())
+    adam = one.optimizer.state_dict()["state"]
+    assert len(adam) == len(list(one.model.parameters())) and {int(s["step"]) for s in adam.values()} == {1}
 
 
 # ---------------------------------------------------------------------- the CLI under torchrun

@@ -579,7 +579,7 @@ class GRPOTrainer:
 
     def load_checkpoint(self, directory: str | os.PathLike) -> dict:
         """Restore weights, optimizer, scheduler, RNG and step from a checkpoint (written under any
-        number of processes); returns its extra_state. A checkpoint without optimizer state
+        number of processes, sharded or not); returns its extra_state. A checkpoint without optimizer state
         (`checkpoint_optimizer: false`) restarts AdamW's moments: `optimizer_restarted` says so."""
         directory = Path(directory)
         state = ckpt.read_state(directory)
