@@ -18,17 +18,21 @@ import random
 from pathlib import Path
 
 LEVELS = {
+    0: ("+", (1, 9), (1, 9)),
     1: ("+", (10, 99), (10, 99)),
     2: ("+", (100, 999), (100, 999)),
     3: ("*", (11, 99), (2, 9)),
     4: ("*", (11, 99), (11, 99)),
+    5: ("+", (10, 99), (1, 9)),
 }
+DEFAULT_LEVELS = (1, 2, 3, 4)  # benchmarks/data/arithmetic (the laptop recipe)
 
 
-def make_rows(n_per_level: int, seed: int) -> list[dict]:
+def make_rows(n_per_level: int, seed: int, levels=DEFAULT_LEVELS) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for level, (op, (a_lo, a_hi), (b_lo, b_hi)) in LEVELS.items():
+    for level in levels:
+        op, (a_lo, a_hi), (b_lo, b_hi) = LEVELS[level]
         for _ in range(n_per_level):
             a, b = rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi)
             value = a + b if op == "+" else a * b
@@ -43,12 +47,13 @@ def main() -> None:
     parser.add_argument("--train-per-level", type=int, default=64)
     parser.add_argument("--val-per-level", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--levels", type=int, nargs="+", default=list(DEFAULT_LEVELS), choices=sorted(LEVELS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    train = make_rows(args.train_per_level, args.seed)
+    train = make_rows(args.train_per_level, args.seed, args.levels)
     seen = {r["question"] for r in train}
-    val = [r for r in make_rows(args.val_per_level * 2, args.seed + 1) if r["question"] not in seen]
-    val = [r for level in LEVELS for r in [x for x in val if x["level"] == level][:args.val_per_level]]
+    val = [r for r in make_rows(args.val_per_level * 2, args.seed + 1, args.levels) if r["question"] not in seen]
+    val = [r for level in args.levels for r in [x for x in val if x["level"] == level][:args.val_per_level]]
     for name, rows in (("train", train), ("val", val)):
         path = args.out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -83,7 +83,7 @@ def run(processes: int, config: Path, run_dir: Path) -> dict:
     total = time.perf_counter() - start
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in metrics if "epoch/epoch" in m]
-    batches = [m for m in metrics if "train/reward_mean" in m and m["train/epoch"] == 1]
+    batches = [m for m in metrics if "train/reward_mean" in m and m["train/epoch"] == 2]
     epoch_s = epochs[1]["time"] - epochs[0]["time"]
     out = {"processes": processes, "total_s": total, "epoch_s": epoch_s,
            "rollouts": sum(m["train/rollouts"] for m in batches),

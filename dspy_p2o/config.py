@@ -478,6 +478,19 @@ class P2OConfig:
             if not ok:
                 raise ConfigError(message)
 
+    def grpo_only_reason(self, train_size: int) -> str | None:
+        """Why a P^2O run of this config on `train_size` questions can never train with a template (it is
+        then GRPO), and how to change that; None when it can (or the method is GRPO anyway)."""
+        if self.method != "p2o":
+            return None
+        if self.epochs < 2:
+            return ("epochs=1: the prompt phase runs after an epoch and only a later epoch uses its templates; "
+                    "set epochs >= 2")
+        if self.prompt.min_hard > train_size:
+            return (f"prompt.min_hard={self.prompt.min_hard} but the trainset has {train_size} questions: the prompt "
+                    f"phase needs at least min_hard hard questions; set prompt.min_hard <= {train_size}")
+        return None
+
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

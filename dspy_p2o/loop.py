@@ -103,6 +103,9 @@ def with_ids(examples: list[dspy.Example], prefix: str) -> list[dspy.Example]:
 
 
 class P2OLoop:
+    #: say at start (and in summary.md) where the run writes and what each checkpoint costs on disk
+    announces_disk = True
+
     def __init__(self, program: dspy.Module, trainset: list[dspy.Example], *, metric: Callable, policy: str,
                  config: P2OConfig, run_dir: str | Path, valset: list[dspy.Example] | None = None,
                  reflection_lm: dspy.BaseLM | None = None) -> None:
@@ -133,6 +136,9 @@ class P2OLoop:
             self.release()
             raise
         self.batches_per_epoch = -(-len(self.trainset) // config.batch_size)
+        reason = config.grpo_only_reason(len(self.trainset))
+        if reason and self.is_main:
+            log.warning("this P^2O run will train as GRPO, without templates: %s", reason)
         self.logger: MetricsLogger | None = None  # opened when the run starts (nothing is written before)
 
     @staticmethod
@@ -240,7 +246,8 @@ class P2OLoop:
         try:
             if self.is_main:
                 self.run.start(self.config, self.identity, self.resuming)
-                display.line(self._disk_line(), self.config.progress)
+                if self.announces_disk:
+                    display.line(self._disk_line(), self.config.progress)
             self.comm.barrier()
             self.logger = MetricsLogger(self.run.metrics_file, accelerator=self.accelerator,
                                         trackers=tuple(self.config.trackers), config=self.config.to_dict())
@@ -306,7 +313,7 @@ class P2OLoop:
         after_step = self.resources.sync if cfg.trainer.sync == "step" else None
         metrics = self.trainer.train_on(collected.rollouts, batch, after_step=after_step)
         metrics.update(self.resources.take_sync_stats())
-        metrics.update(epoch=epoch, batch=b, time_rollout=t_rollout, time_wait=self.comm.wait_s - waited,
+        metrics.update(epoch=epoch + 1, batch=b, time_rollout=t_rollout, time_wait=self.comm.wait_s - waited,
                        metric_failures=failures)
         return metrics
 
@@ -343,14 +350,15 @@ class P2OLoop:
 
     def _phase2(self, state: LoopState) -> None:
         cfg, epoch = self.config, state.epoch
+        number = epoch + 1  # as the console and the run directory's files name it
         hard = mine_hard(state.mining_rewards(cfg.hardness_on), tau=cfg.tau, near_hard=cfg.near_hard)
         if self.is_main:
-            write_jsonl(self.run.rewards_file(epoch), ({"id": i, "rewards": r, "templated": state.templated[i]}
+            write_jsonl(self.run.rewards_file(number), ({"id": i, "rewards": r, "templated": state.templated[i]}
                                                        for i, r in state.rewards.items()))
-            write_jsonl(self.run.hard_file(epoch), ({"id": i, "success_rate": sum(state.rewards[i]) / len(state.rewards[i]),
+            write_jsonl(self.run.hard_file(number), ({"id": i, "success_rate": sum(state.rewards[i]) / len(state.rewards[i]),
                                                      "rewards": state.rewards[i]} for i in hard))
         state.hard_count = len(hard)
-        record: dict[str, Any] = {"epoch": epoch, "ran": False, "hard": len(hard)}
+        record: dict[str, Any] = {"epoch": number, "ran": False, "hard": len(hard)}
         if cfg.method == "grpo":
             record["reason"] = "prompt phase disabled (GRPO baseline)"
         elif epoch == cfg.epochs - 1:
@@ -361,12 +369,14 @@ class P2OLoop:
             record = self._run_gepa(epoch, hard)
         record = self.comm.from_main(record)
         if self.is_main:
-            write_json(self.run.templates_file(epoch), record)
+            write_json(self.run.templates_file(number), record)
         state.assignments = record.get("assignments", {})
         state.prompt_phase_skipped_last = record.get("reason") == LAST_EPOCH
 
     def _run_gepa(self, epoch: int, hard: list[str]) -> dict[str, Any]:
-        cfg = self.config
+        """The prompt phase after epoch `epoch` (0-based, as the seeds count it; its files and record
+        name it epoch + 1), on the main process."""
+        cfg, number = self.config, epoch + 1
         student = self.engine.dspy_lm(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
         program = self.program.deepcopy()  # the student LM comes from the context (an LM does not deep-copy)
         with dspy.context(adapter=self.adapter):  # GEPA sees the format that is trained
@@ -374,10 +384,10 @@ class P2OLoop:
                 program, [self.by_id[i] for i in hard], student_lm=student,
                 reflection_lm=self.resources.reflection_lm(), metric=self.metric, config=cfg.prompt,
                 k=cfg.k - cfg.plain_per_group, seed=derive_seed(cfg.seed, "prompt phase", epoch),
-                log_dir=self.run.gepa_dir(epoch), epoch=epoch, progress=cfg.progress)
+                log_dir=self.run.gepa_dir(number), epoch=number, progress=cfg.progress)
         self.logger.log({f"gepa/{k}": v for k, v in result.cost.items() if isinstance(v, (int, float))},
                         step=self.trainer.global_step)
-        return {"epoch": epoch, "hard": len(hard), **result.to_json()}
+        return {"epoch": number, "hard": len(hard), **result.to_json()}
 
     def _end_epoch(self, state: LoopState) -> None:
         cfg, epoch = self.config, state.epoch
@@ -393,7 +403,7 @@ class P2OLoop:
         state.history.append(entry)
         display.line(f"epoch {epoch + 1}/{cfg.epochs}: step {entry['step']}, train reward {entry['train_reward']:.3f}, "
                      f"hard {entry['hard']}, templated next {entry['templated_questions']}"
-                     + (f", val acc {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
+                     + (f", val pass@1 (no template) {entry['val/pass@1']:.3f}" if "val/pass@1" in entry else ""),
                      cfg.progress and self.is_main)
         state.epoch, state.phase, state.batch, state.metric_failures = epoch + 1, "train", 0, 0
         state.done = state.epoch >= cfg.epochs
@@ -413,8 +423,10 @@ class P2OLoop:
                                   seed=derive_seed(cfg.seed, "validation"))
         scores = ProgramScores()
         scores.add(self.comm.gather([(r.example_id, r.reward) for r in collected.rollouts]))
-        failures = sum(self.comm.gather([collected.failures]))
-        out = {"val/pass@1": scores.pass_at(1), "val/metric_failures": failures}
+        failures, unparsed = map(sum, zip(*self.comm.gather([(collected.failures, collected.format_failures)])))
+        samples = sum(len(v) for v in scores.rewards.values())
+        out = {"val/pass@1": scores.pass_at(1), "val/parse_rate": 1 - unparsed / max(1, samples),
+               "val/metric_failures": failures}
         if cfg.eval_k > 1:
             out[f"val/pass@{cfg.eval_k}"] = scores.pass_at(cfg.eval_k)
         return out
@@ -446,12 +458,12 @@ class P2OLoop:
                     extra.get("loop_batch", 0) > state.batch:  # a newer checkpoint than state.json knew
                 state.batch = extra["loop_batch"]  # never train its batches twice
             self.resources.sync()  # a separate engine must serve the restored weights
-        point = {"epoch": state.epoch, "phase": state.phase, "batch": state.batch, "step": self.trainer.global_step,
+        point = {"epoch": state.epoch + 1, "phase": state.phase, "batch": state.batch, "step": self.trainer.global_step,
                  "checkpoint": Path(state.checkpoint).name if state.checkpoint else None,
                  "processes": self.comm.size, "optimizer_restarted": self.trainer.optimizer_restarted}
         if self.is_main:
             self.run.record_resume(point)
-        display.line(f"resumed at epoch {state.epoch + 1}/{self.config.epochs}, {state.phase} phase, batch {state.batch} "
+        display.line(f"resumed at epoch {point['epoch']}/{self.config.epochs}, {state.phase} phase, batch {state.batch} "
                      f"(optimizer step {point['step']}) from {point['checkpoint'] or 'the start'}",
                      self.config.progress and self.is_main)
         if self.trainer.optimizer_restarted:

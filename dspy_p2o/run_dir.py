@@ -3,15 +3,18 @@
     config.yaml            resolved config (no secrets); rewritten when a resume changes a resumable key
     identity.json          what makes the directory this run (written when the run really starts)
     run.lock               flock held by the live run (its pid, host and start time)
-    resumes.jsonl          one line per resume: where it resumed from (epoch, phase, batch, step,
-                           checkpoint, processes) and the accepted config changes
+    resumes.jsonl          one line per resume: where it resumed from (epoch from 1, phase, batch,
+                           step, checkpoint, processes) and the accepted config changes
     state.json             where the loop is (epoch, phase, next batch) + the latest checkpoint
     metrics.jsonl          one JSON object per optimiser step / epoch / evaluation
-    checkpoints/checkpoint-N/  model/ (save_pretrained) + accelerate state (optimiser, scheduler, RNG)
-    templates/epoch-N.json the prompt phase's pool, score matrix and assignment
+    checkpoints/checkpoint-N/  model/ (the full weights) + state/ (AdamW, scheduler, RNG): checkpoints.py
+    templates/epoch-N.json the prompt phase after epoch N: pool, score matrix, assignment (used in epoch N+1)
     rewards/epoch-N.jsonl  every question's rollout rewards of epoch N (what hard mining saw)
-    hard/epoch-N.jsonl     ids and success rates of the hard questions
+    hard/epoch-N.jsonl     ids and success rates of the hard questions of epoch N
     gepa/epoch-N/          GEPA's own log dir (lets an interrupted prompt phase resume)
+
+Epochs are numbered from 1 everywhere a person looks (console, file names, metrics' `epoch`
+fields, summary.md); only state.json counts from 0 internally.
     plots/*.png            training dynamics
     summary.md             what a person reads first
 """
@@ -74,17 +77,31 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / "plots"
 
+    # Per-epoch artefacts take the epoch's number as the console shows it, from 1 ("epoch 1/2").
     def templates_file(self, epoch: int) -> Path:
-        return self.path / "templates" / f"epoch-{epoch}.json"
+        return self.path / "templates" / f"{self._epoch_name(epoch)}.json"
 
     def rewards_file(self, epoch: int) -> Path:
-        return self.path / "rewards" / f"epoch-{epoch}.jsonl"
+        return self.path / "rewards" / f"{self._epoch_name(epoch)}.jsonl"
 
     def hard_file(self, epoch: int) -> Path:
-        return self.path / "hard" / f"epoch-{epoch}.jsonl"
+        return self.path / "hard" / f"{self._epoch_name(epoch)}.jsonl"
 
     def gepa_dir(self, epoch: int) -> Path:
-        return self.path / "gepa" / f"epoch-{epoch}"
+        return self.path / "gepa" / self._epoch_name(epoch)
+
+    def _epoch_name(self, epoch: int) -> str:
+        """`epoch-N` for epoch number N (1-based). A run directory written by an older version counted
+        from 0 (it has an `epoch-0` artefact, which a newer run never writes): it keeps its own numbering,
+        so a resume finds the prompt phase it interrupted (`gepa/epoch-N/`) and nothing is named twice."""
+        if epoch < 1:
+            raise ValueError(f"epochs are numbered from 1, got {epoch}")
+        return f"epoch-{epoch - 1 if self.counts_epochs_from_zero() else epoch}"
+
+    def counts_epochs_from_zero(self) -> bool:
+        """Whether this directory names its per-epoch artefacts from epoch-0 (written by an older version)."""
+        return any((self.path / part).exists() for part in
+                   ("templates/epoch-0.json", "rewards/epoch-0.jsonl", "hard/epoch-0.jsonl", "gepa/epoch-0"))
 
     @property
     def lock_file(self) -> Path:

@@ -59,7 +59,8 @@ def assert_continued(run_dir, killed: dict) -> None:
     step once (a run that restarted from scratch would log the first epoch's steps again)."""
     resumes = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
     point = resumes[-1]["from"]
-    assert (point["epoch"], point["phase"], point["batch"]) == (killed["epoch"], killed["phase"], killed["batch"])
+    # (resumes.jsonl numbers epochs from 1, as the console and the run's files do; state.json from 0)
+    assert (point["epoch"], point["phase"], point["batch"]) == (killed["epoch"] + 1, killed["phase"], killed["batch"])
     assert point["step"] == killed["checkpoint_step"] > 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     batches = [(m["train/epoch"], m["train/batch"]) for m in records if "train/batch" in m]

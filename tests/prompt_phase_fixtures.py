@@ -83,10 +83,12 @@ def build_policy(out_dir, steps: int = 60):
 class ScriptedReflection:
     """A DSPy custom engine standing in for a reflection LM. It reads the failing examples'
     feedback in the request and proposes the template for the majority cue. It records every
-    request, and can be told to fail (unreachable teacher) after some calls."""
+    request, and can be told to fail (unreachable teacher) after some calls, or to propose the
+    instructions of `cycle` in turn whatever the feedback says."""
 
-    def __init__(self, fail_after: int | None = None, free_text: bool = False) -> None:
+    def __init__(self, fail_after: int | None = None, free_text: bool = False, cycle: tuple[str, ...] = ()) -> None:
         self.free_text = free_text  # reply with the bare instruction, outside any format
+        self.cycle = tuple(cycle)
         self.requests: list[str] = []
         self.proposals: list[str] = []
         self.fail_after = fail_after
@@ -98,9 +100,12 @@ class ScriptedReflection:
             self.requests.append(text)
             if self.fail_after is not None and len(self.requests) > self.fail_after:
                 raise ConnectionError("scripted teacher unreachable")
+            turn = len(self.requests) - 1
         doubles = len(re.findall(r"the double of", text))
         triples = len(re.findall(r"the triple of", text))
         proposal = DOUBLE if doubles >= triples else TRIPLE
+        if self.cycle:
+            proposal = self.cycle[turn % len(self.cycle)]
         with self._lock:
             self.proposals.append(proposal)
         if self.free_text:

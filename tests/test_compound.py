@@ -184,7 +184,7 @@ def test_a_two_predictor_program_compiles_end_to_end_distilling_each_call(tmp_pa
                               run_dir=run_dir, **tiny_overrides(batch_size=6, min_hard=4, dev_size=4, budget=80,
                                                                 plain_per_group=1, temperature=0.5, max_tokens=12))
     # phase 2 ran on candidate programs: one instruction per predictor, the plan instruction evolved
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert record["ran"] and script.requests
     assert all(set(p["template"]) == {"plan", "solve"} for p in record["pool"])
     assert {world.DOUBLE, world.TRIPLE} & {p["template"]["plan"]["instruction"] for p in record["pool"] if p["on_front"]}
@@ -227,3 +227,31 @@ def test_a_three_predictor_program_with_an_optional_call_compiles(tmp_path, poli
     per_batch = [m["train/calls_per_rollout"] for m in metrics if "train/calls_per_rollout" in m]
     assert len(per_batch) == 4 and all(1 <= c <= 3 for c in per_batch) and 2 < sum(per_batch) / 4 < 3
     assert any("epoch/val/pass@1" in m for m in metrics)
+
+
+def test_a_weak_policy_on_a_compound_program_trains_its_format_failures_score_zero(tmp_path, tiny_model_dir):
+    """An untrained policy answers outside the format at every call: that is the policy's failure (reward 0,
+    calls kept), not a metric failure that aborts the run."""
+    run_dir = tmp_path / "run"
+    result = dspy_p2o.compile(world.PlanSolveCheck(), world.hard_examples()[:4], metric=world.metric,
+                              policy=tiny_model_dir, run_dir=run_dir, **tiny_overrides(epochs=1, method="grpo"))
+    assert len(result.history) == 1 and result.history[0]["metric_failures"] == 0
+    batch = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if "train/reward_mean" in line)
+    assert batch["train/reward_mean"] == 0.0 and batch["train/rollouts"] == 16
+
+
+def test_a_react_program_with_tools_rolls_out_through_its_own_forward(tmp_path, engine):
+    """dspy.ReAct's inputs come from its signature (its first predictor also takes `trajectory`); its tools
+    run inside the rollout, and every predictor call is recorded."""
+    calls = []
+
+    def factor_of(n: int) -> int:
+        """The factor of a number."""
+        calls.append(n)
+        return 2
+
+    program = dspy.ReAct("question -> answer", tools=[factor_of], max_iters=2)
+    batch = collect(engine, program, world.hard_examples()[:2], world.metric, k=2, max_tokens=24, seed=0)
+    assert len(batch) == 4 and all(r.calls and r.calls[0].predictor == "react" for r in batch)
+    assert batch.failures == 0  # outputs outside the format are the policy's: scored 0, never a metric failure

@@ -19,6 +19,14 @@ def test_tau_threshold():
     assert mine_hard(REWARDS, tau=0.3) == ["a", "b", "d"]
 
 
+def test_a_question_whose_rate_equals_tau_is_not_hard():
+    # hard means mean reward < tau, strictly: "b" and "c" succeed exactly at the threshold
+    assert mine_hard(REWARDS, tau=0.25) == ["a", "d"]
+    assert mine_hard(REWARDS, tau=0.5) == ["a", "b", "d", "e"]
+    # tau = 1: every question not solved by all its rollouts; a perfect one is not hard
+    assert mine_hard({"perfect": [1, 1], "almost": [1, 0.5]}, tau=1.0) == ["almost"]
+
+
 def test_near_hard_adds_exactly_one_success():
     assert mine_hard(REWARDS, near_hard=True) == ["a", "b"]
 

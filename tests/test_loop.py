@@ -44,16 +44,16 @@ def test_compile_two_epochs_with_prompt_phase(tmp_path, factor_policy):
                               **tiny_overrides(batch_size=6, min_hard=4, dev_size=4, budget=60, plain_per_group=1, temperature=0.5,
                                                max_tokens=12))
     assert [h["epoch"] for h in result.history] == [1, 2]
-    for name in ("config.yaml", "metrics.jsonl", "summary.md", "state.json", "templates/epoch-0.json",
-                 "templates/epoch-1.json", "hard/epoch-0.jsonl", "hard/epoch-1.jsonl", "plots/training.png",
+    for name in ("config.yaml", "metrics.jsonl", "summary.md", "state.json", "templates/epoch-1.json",
+                 "templates/epoch-2.json", "hard/epoch-1.jsonl", "hard/epoch-2.jsonl", "plots/training.png",
                  "plots/hard.png", "plots/templates.png"):
         assert (run_dir / name).exists(), name
     assert (result.checkpoint / "config.json").exists() and (result.checkpoint / "tokenizer_config.json").exists()
     assert any(p.name.startswith("checkpoint-") for p in (run_dir / "checkpoints").iterdir())
     # epoch 1: every question fails without a template -> all hard; GEPA finds DOUBLE and TRIPLE
-    hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
+    hard = [json.loads(line) for line in (run_dir / "hard/epoch-1.jsonl").read_text().splitlines()]
     assert len(hard) >= 10 and all(h["success_rate"] == 0 for h in hard)  # sampling at T=1 may luck out once
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert record["ran"] and script.requests
     front = {instruction(p["template"]) for p in record["pool"] if p["on_front"]}
     assert front & {world.DOUBLE, world.TRIPLE}  # a helpful template was found and kept
@@ -66,7 +66,7 @@ def test_compile_two_epochs_with_prompt_phase(tmp_path, factor_policy):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     batches = [m for m in metrics if "train/reward_mean" in m]
     assert len(batches) == 4  # 2 epochs x 2 batches
-    assert sum(m["train/steps"] for m in batches if m["train/epoch"] == 1) == 2
+    assert sum(m["train/steps"] for m in batches if m["train/epoch"] == 2) == 2
     assert any("epoch/val/pass@1" in m for m in metrics)
     # the returned program answers through DSPy with the trained weights and its ORIGINAL instruction
     assert result.program(question=world.question(3)).answer is not None
@@ -85,7 +85,7 @@ def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
     result = dspy_p2o.compile(program(), sum_examples(8, 0, "train"), metric=math_metric, policy=format_model_dir,
                               run_dir=run_dir, **tiny_overrides(**switch))
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
     if switch.get("method") == "grpo":
         assert cfg["method"] == "grpo" and not record["ran"] and result.templates == {}
     if "distill" in switch:
@@ -94,9 +94,146 @@ def test_switches_share_the_code_path(tmp_path, format_model_dir, switch):
         assert cfg["prompt"]["same_template_in_group"] is True
         assert all(len({instruction(z) for z in zs}) == 1 for zs in record.get("assignments", {}).values())
     if switch.get("near_hard"):
-        hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
+        hard = [json.loads(line) for line in (run_dir / "hard/epoch-1.jsonl").read_text().splitlines()]
         assert all(h["success_rate"] <= 1 / 4 for h in hard)
     assert len(result.history) == 2
+
+
+class TrainerSpy:
+    """What the trainer was given in a run: every batch's rollouts (`train_on`), and each trained row's
+    call with the prompt its gradient was taken on (`_prepare`)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from dspy_p2o.trainer.grpo import GRPOTrainer
+
+        self.batches: list[list] = []
+        self.rows: list[tuple] = []  # (Call, gradient prompt ids)
+        train_on, prepare = GRPOTrainer.train_on, GRPOTrainer._prepare
+
+        def spy_train_on(trainer, rollouts, *args, **kwargs):
+            self.batches.append(list(rollouts))
+            return train_on(trainer, rollouts, *args, **kwargs)
+
+        def spy_prepare(trainer, chosen, *args, **kwargs):
+            seqs, tilde = prepare(trainer, chosen, *args, **kwargs)
+            self.rows.extend(zip(chosen, seqs.prompts))
+            return seqs, tilde
+
+        monkeypatch.setattr(GRPOTrainer, "train_on", spy_train_on)
+        monkeypatch.setattr(GRPOTrainer, "_prepare", spy_prepare)
+
+    def templates_per_group(self) -> dict[str, list]:
+        """Per question: the templates its templated rollouts were sampled under, over the whole run."""
+        out: dict[str, list] = {}
+        for rollout in (r for batch in self.batches for r in batch if r.templated):
+            out.setdefault(rollout.example_id, []).append(rollout.template)
+        return out
+
+
+def either_factor_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    """The factor world where the double and the triple are both right: DOUBLE and TRIPLE solve every question."""
+    answer = str(getattr(pred, "answer", "") or "").strip()
+    return dspy.Prediction(score=float(answer in ("2", "3")),
+                           feedback="Correct." if answer in ("2", "3") else f"Incorrect: answered {answer!r}.")
+
+
+def factor_run(tmp_path, factor_policy, metric=None, **overrides):
+    """A 2-epoch P^2O run in the factor world (every question hard in epoch 1; the reflection proposes
+    DOUBLE, then TRIPLE, in turn); returns the result, the run dir and the reflection's record."""
+    import prompt_phase_fixtures as world
+
+    reflection, script = world.scripted_reflection_lm(cycle=(world.DOUBLE, world.TRIPLE))
+    run_dir = tmp_path / "run"
+    result = dspy_p2o.compile(world.make_program(), world.hard_examples(), metric=metric or world.metric,
+                              policy=factor_policy, reflection=reflection, run_dir=run_dir,
+                              **tiny_overrides(**{**dict(batch_size=6, min_hard=4, dev_size=4, budget=60,
+                                                         plain_per_group=1, temperature=0.5, max_tokens=12),
+                                                  **overrides}))
+    return result, run_dir, script
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_template_in_group_samples_each_group_under_one_template(tmp_path, factor_policy, monkeypatch):
+    spy = TrainerSpy(monkeypatch)
+    _, run_dir, _ = factor_run(tmp_path, factor_policy, metric=either_factor_metric, same_template_in_group=True)
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
+    # the switch can show: some assigned question was solved on hard_dev by two different templates, so
+    # Alg. 2 without it gives that question's 3 templated rollouts both (draws without replacement)
+    pool = [instruction(p["template"]) for p in record["pool"]]
+    solvers = {q: {pool[c] for c, row in enumerate(record["scores"]) if row[j] >= 1}
+               for j, q in enumerate(record["dev_ids"])}
+    assert any(len(solvers.get(q, ())) >= 2 for q in record["assignments"]), solvers
+    groups = spy.templates_per_group()  # what the trainer received (epoch 2: the assigned questions)
+    assert set(groups) == set(record["assignments"])
+    assert all(len(zs) == 3 and len(set(zs)) == 1 for zs in groups.values()), groups
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_distill_decides_the_prompt_a_templated_call_is_trained_on(tmp_path, factor_policy, monkeypatch, distill):
+    """Context distillation trains a templated call on x (its original prompt), with the template ratio;
+    distill=False on the T(x, z) it was sampled from, without one."""
+    spy = TrainerSpy(monkeypatch)
+    _, run_dir, _ = factor_run(tmp_path, factor_policy, distill=distill)
+    templated = [(call, prompt) for call, prompt in spy.rows if call.templated]
+    assert templated and all(call.prompt_ids != call.sampled_prompt_ids for call, _ in templated)
+    expected = (lambda call: call.prompt_ids) if distill else (lambda call: call.sampled_prompt_ids)
+    assert all(prompt == expected(call) for call, prompt in templated)
+    ratio_logged = any("train/template_masked_frac" in m for m in read_jsonl(run_dir / "metrics.jsonl"))
+    assert ratio_logged == distill
+
+
+def test_hardness_on_plain_mines_templated_questions_by_their_plain_rollouts(tmp_path, factor_policy):
+    from dspy_p2o.prompt_phase.hard import mine_hard
+
+    _, run_dir, _ = factor_run(tmp_path, factor_policy, hardness_on="plain")
+    rows = read_jsonl(run_dir / "rewards/epoch-2.jsonl")  # epoch 2: the assigned questions were templated
+    plain = {r["id"]: [x for x, t in zip(r["rewards"], r["templated"]) if not t] or r["rewards"] for r in rows}
+    everything = {r["id"]: r["rewards"] for r in rows}
+    # the switch can show: a question whose templates succeeded and whose plain rollout failed
+    assert mine_hard(plain) != mine_hard(everything), rows
+    assert [h["id"] for h in read_jsonl(run_dir / "hard/epoch-2.jsonl")] == mine_hard(plain)
+
+
+class OneSuccessInK:
+    """A metric that scores 1 on every k-th call per question and 0 otherwise: K consecutive rollouts of a
+    question get at most one success, and exactly one when every rollout is scored."""
+
+    def __init__(self, k: int) -> None:
+        import threading
+
+        self.k, self.calls, self.lock = k, {}, threading.Lock()
+
+    def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None) -> float:
+        with self.lock:
+            n = self.calls[gold.id] = self.calls.get(gold.id, -1) + 1
+        return float(n % self.k == 0)
+
+
+def test_near_hard_mines_questions_with_exactly_one_success(tmp_path, factor_policy):
+    import prompt_phase_fixtures as world
+
+    run_dir = tmp_path / "run"
+    dspy_p2o.compile(world.make_program(), world.hard_examples(), metric=OneSuccessInK(4), policy=factor_policy,
+                     run_dir=run_dir, **tiny_overrides(method="grpo", epochs=1, batch_size=6, near_hard=True,
+                                                        temperature=0.5, max_tokens=12))
+    rewards = {r["id"]: r["rewards"] for r in read_jsonl(run_dir / "rewards/epoch-1.jsonl")}
+    assert any(sum(rs) == 1 for rs in rewards.values()), rewards  # not hard without near_hard (tau ~ 0)
+    assert all(sum(rs) <= 1 for rs in rewards.values())
+    assert sorted(h["id"] for h in read_jsonl(run_dir / "hard/epoch-1.jsonl")) == sorted(rewards)
+
+
+def test_grpo_trains_without_templates_and_never_reflects(tmp_path, factor_policy, monkeypatch):
+    """method=grpo in the world where P^2O finds templates (every question hard): no prompt phase, no
+    reflection call, no templated rollout reaches the trainer."""
+    spy = TrainerSpy(monkeypatch)
+    result, run_dir, script = factor_run(tmp_path, factor_policy, method="grpo")
+    assert len(spy.batches) == 4 and not any(r.templated for batch in spy.batches for r in batch)
+    assert script.requests == [] and result.templates == {}
+    assert [json.loads((run_dir / f"templates/epoch-{n}.json").read_text())["ran"] for n in (1, 2)] == [False, False]
+    assert len(read_jsonl(run_dir / "hard/epoch-1.jsonl")) >= 10  # P^2O would have run GEPA on these
 
 
 def test_incompatible_run_dir_is_refused(tmp_path, format_model_dir):

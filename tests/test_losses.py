@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dspy_p2o.trainer.losses import aggregate, template_ratio_weights, token_loss, truncated_is_weights
+from dspy_p2o.trainer.losses import TemplateRatio, aggregate, template_ratio_weights, token_loss, truncated_is_weights
 
 LOG = math.log
 
@@ -69,6 +69,18 @@ def test_template_ratio_mask_soft_and_off():
     assert kept.all() and w.tolist() == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="template_ratio"):
         template_ratio_weights(logp_x, logp_tilde, "clip", (0.01, 10.0))
+
+
+def test_template_ratio_mask_keeps_a_token_exactly_at_either_bound():
+    """The authors' mask keeps r_t in the CLOSED interval [lo, hi]: strictness matters at both bounds."""
+    ratio = TemplateRatio()  # the trainer's defaults: mask, bounds (0.01, 10)
+    lo, hi = ratio.bounds
+    # r exactly at each bound (the same float32 log the mask compares with), then just outside each
+    r = torch.tensor([lo, hi, lo * (1 - 1e-3), hi * (1 + 1e-3)])
+    w, kept = ratio.weights(torch.log(r), torch.zeros(4))
+    assert kept.tolist() == [True, True, False, False] and w.tolist() == [1, 1, 0, 0]
+    w, kept = template_ratio_weights(torch.log(r), torch.zeros(4), "soft", ratio.bounds)
+    assert kept.all() and w.tolist() == pytest.approx([1.0, 1.0, 1 - 1e-3, 1 / (1 + 1e-3)], rel=1e-5)
 
 
 def test_truncated_importance_weights():

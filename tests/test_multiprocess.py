@@ -209,13 +209,13 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
     root, config = tiny_run
     run_dir, log = two_process_run
     ids = sorted(f"train/{i}" for i in range(TRAIN_SIZE))
-    for epoch in range(EPOCHS):  # every question rolled out by exactly one rank, once per epoch
+    for epoch in range(1, EPOCHS + 1):  # every question rolled out by exactly one rank, once per epoch
         assert sorted(r["id"] for r in _read_jsonl(run_dir / f"rewards/epoch-{epoch}.jsonl")) == ids
         assert all(len(r["rewards"]) == K for r in _read_jsonl(run_dir / f"rewards/epoch-{epoch}.jsonl"))
         assert sorted(h["id"] for h in _read_jsonl(run_dir / f"hard/epoch-{epoch}.jsonl")) == ids
-    gepa = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    gepa = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert gepa["ran"] and gepa["cost"]["metric_calls_gepa"] > 0  # (the tiny self-reflection LM may find nothing)
-    assert "last epoch" in json.loads((run_dir / "templates/epoch-1.json").read_text())["reason"]
+    assert "last epoch" in json.loads((run_dir / "templates/epoch-2.json").read_text())["reason"]
     # rank 1 scored exactly its half of every batch's rollouts and of the validation set (greedy,
     # one sample); rank 0 its halves plus GEPA's calls
     calls = log.read_text().split()
@@ -225,7 +225,7 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     batches = [m for m in metrics if "train/reward_mean" in m]
     assert sorted((m["train/epoch"], m["train/batch"]) for m in batches) == [
-        (e, b) for e in range(EPOCHS) for b in range(TRAIN_SIZE // BATCH)]
+        (e, b) for e in range(1, EPOCHS + 1) for b in range(TRAIN_SIZE // BATCH)]
     assert all(m["train/rollouts"] == BATCH * K for m in batches)
     stepped = [m["step"] for m in batches if m["train/steps"] > 0]
     assert stepped == sorted(set(stepped))
@@ -266,10 +266,10 @@ def _assert_finished(run_dir: Path, processes: int) -> None:
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     batches = [m for m in metrics if "train/reward_mean" in m]
     assert sorted((m["train/epoch"], m["train/batch"]) for m in batches) == [
-        (e, b) for e in range(EPOCHS) for b in range(TRAIN_SIZE // BATCH)]
+        (e, b) for e in range(1, EPOCHS + 1) for b in range(TRAIN_SIZE // BATCH)]
     assert sum(m["train/steps"] for m in batches) == _final_step(run_dir)
     assert _read_jsonl(run_dir / "resumes.jsonl")[-1]["from"]["processes"] == processes
-    assert len(_read_jsonl(run_dir / "rewards/epoch-1.jsonl")) == TRAIN_SIZE
+    assert len(_read_jsonl(run_dir / "rewards/epoch-2.jsonl")) == TRAIN_SIZE
 
 
 @pytest.mark.slow  # a killed 2-process run, resumed by 2 processes and by 1: ~2-3 min on 2 cores
@@ -284,7 +284,7 @@ def test_two_process_run_killed_in_epoch_two_resumes_to_the_same_step_count(tiny
     _run(_train(2, config, run_dir, "--resume"))
     assert_continued(run_dir, state)
     assert _final_step(run_dir) == _final_step(two_process_run[0])
-    assert len(_read_jsonl(run_dir / "rewards/epoch-1.jsonl")) == TRAIN_SIZE
+    assert len(_read_jsonl(run_dir / "rewards/epoch-2.jsonl")) == TRAIN_SIZE
     _assert_finished(run_dir, processes=2)
     _run(_train(None, config, copy, "--resume"))  # one plain process, no process group
     assert_continued(copy, state)
@@ -301,7 +301,7 @@ def test_fsdp2_run_with_gepa_killed_in_epoch_two_resumes_under_two_or_one_proces
     root, config = tiny_run
     run_dir, sharded = root / "fsdp2", "trainer.sharding=fsdp2"
     state, copy = _kill_and_keep_a_copy(_train(2, config, run_dir, sharded), run_dir)
-    gepa = json.loads((run_dir / "templates/epoch-0.json").read_text())
+    gepa = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert gepa["ran"] and gepa["cost"]["metric_calls_gepa"] > 0
     checkpoint = Path(state["checkpoint"])
     assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2

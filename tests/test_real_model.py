@@ -51,6 +51,14 @@ def demo_program():
     return program
 
 
+def instruction_of(template_json) -> str:
+    """The one predictor's instruction in a template's JSON (templates/epoch-N.json)."""
+    from dspy_p2o.template import Template
+
+    (part,) = Template.from_json(template_json).values()
+    return part.instruction
+
+
 ANSWERS = {"chat": "[[ ## reasoning ## ]]\n2 + 3 = 5.\n\n[[ ## answer ## ]]\n5\n\n[[ ## completed ## ]]",
            "json": '{"reasoning": "2 + 3 = 5.", "answer": "5"}'}
 
@@ -110,9 +118,14 @@ def test_renderer_equals_dspy_under_the_real_chatml_template(tokenizer, adapter)
 
 @pytest.mark.slow
 def test_compile_math_cot_on_real_math_questions_then_serve_through_dspy(smollm2_dir, tmp_path):
-    """compile() end to end on the real model: GRPO rollouts on MATH level-1 questions, GEPA with
-    self-reflection by the frozen model on the hard set, a distilled second epoch, and the returned
-    program answering through DSPy with the real chat template and the run's adapter."""
+    """compile() end to end on the real model (~5 min on 2 CPU cores): GRPO rollouts on two MATH level-1
+    questions, every one of them hard (tau=1: not solved by all its rollouts), GEPA with self-reflection on
+    that hard set, a second epoch that rolls out exactly the templates GEPA assigned, and the returned
+    program answering through DSPy with the real chat template and the run's adapter.
+
+    Whether a template reaches the second epoch is up to the 135M model: within this budget its own
+    proposals have solved none of these questions (nothing assigned, the second epoch is plain GRPO), so
+    context distillation on a template is NOT shown here; tests/test_loop.py shows it on tiny policies."""
     import dspy_p2o
     from dspy_p2o.data import load_trainset
     from dspy_p2o.renderer import Renderer, single_predictor
@@ -120,17 +133,25 @@ def test_compile_math_cot_on_real_math_questions_then_serve_through_dspy(smollm2
 
     run_dir = tmp_path / "run"
     trainset = load_trainset("math_train", limit=2, max_difficulty=1, seed=0)
+    k, plain = 2, 1
     result = dspy_p2o.compile(
         demo_program(), trainset, metric=math_metric, policy=smollm2_dir, reflection="self", run_dir=run_dir,
-        adapter="json", epochs=2, batch_size=2, k=2, temperature=0.6, max_tokens=40, lr=1e-6, progress=False,
-        min_hard=1, dev_size=1, budget=4, beam_width=1, num_threads=2, reflection_max_tokens=48,
-        reflection_minibatch_size=1, plain_per_group=1)
+        adapter="json", epochs=2, batch_size=2, k=k, temperature=0.6, max_tokens=40, lr=1e-6, progress=False,
+        tau=1.0, min_hard=1, dev_size=1, budget=4, beam_width=1, num_threads=2, reflection_max_tokens=48,
+        reflection_minibatch_size=1, plain_per_group=plain)
     assert [h["epoch"] for h in result.history] == [1, 2]
-    hard = [json.loads(line) for line in (run_dir / "hard/epoch-0.jsonl").read_text().splitlines()]
-    record = json.loads((run_dir / "templates/epoch-0.json").read_text())
-    assert record["ran"] == (len(hard) >= 1)  # the prompt phase ran on whatever the real model could not solve
-    if record["ran"]:
-        assert record["pool"] and record["pool"][0]["template"] == demo_program().cot.predict.signature.instructions
+    hard = [json.loads(line)["id"] for line in (run_dir / "hard/epoch-1.jsonl").read_text().splitlines()]
+    assert hard, "the real model solved every question in every rollout: nothing for GEPA to work on"
+    record = json.loads((run_dir / "templates/epoch-1.json").read_text())
+    assert record["ran"] is True, record.get("reason")
+    assert sorted(record["train_ids"] + record["dev_ids"]) == sorted(hard)  # GEPA's split IS the hard set
+    assert record["cost"]["metric_calls_gepa"] > 0 and record["cost"]["reflection_lm"]["calls"] >= 1  # self-reflection
+    assert instruction_of(record["pool"][0]["template"]) == demo_program().cot.predict.signature.instructions
+    # the second epoch: the assigned questions' groups are k - plain templated rollouts, the others plain
+    second = {r["id"]: r["templated"] for r in map(json.loads, (run_dir / "rewards/epoch-2.jsonl").read_text().splitlines())}
+    assert sorted(second) == sorted(ex.id for ex in trainset)
+    assert {q: sum(flags) for q, flags in second.items()} == {
+        q: (k - plain if q in record["assignments"] else 0) for q in second}
     assert (result.checkpoint / "config.json").is_file() and (result.checkpoint / "chat_template.jinja").is_file()
     assert isinstance(result.adapter, dspy.JSONAdapter) and (run_dir / "summary.md").is_file()
 

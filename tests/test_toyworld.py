@@ -209,13 +209,31 @@ def test_experiment_path_runs_through_the_loop(tiny_policy, tmp_path, capfd, dis
     assert out == "" and [line for line in err.splitlines() if not LOG_LINE.match(line)] == []
     assert doc["seed"] == 0 and set(doc["arms"]) == {"grpo", "p2o"}
     for arm, r in doc["arms"].items():
-        assert 0.0 <= r["hard_acc"] <= 1.0 and 0.0 <= r["easy_acc"] <= 1.0
-        assert len(r["hard_per_epoch"]) == 2 and all(isinstance(h, int) for h in r["hard_per_epoch"])
+        # measured after the run (greedy, no template) = the loop's own validation after the last epoch
+        assert (r["hard_acc"], r["easy_acc"]) == (r["hard_acc_per_epoch"][-1], r["easy_acc_per_epoch"][-1])
+        # per epoch: the training questions the loop mined as hard (hard/epoch-N.jsonl, N from 1)
+        assert r["hard_per_epoch"] == [len((tmp_path / "seed0" / arm / f"hard/epoch-{n}.jsonl").read_text().splitlines())
+                                       for n in (1, 2)]
         assert r["policy_rollouts"] == 2 * len(world.train) * 4  # the same phase-1 budget for every arm
     assert doc["arms"]["grpo"]["gepa_rollouts"] == 0
     assert doc["arms"]["p2o"]["gepa_rollouts"] > 0  # an untrained policy fails everything: GEPA ran
     assert (tmp_path / "seed0" / "results.json").exists() and (tmp_path / "seed0" / "toyworld.png").exists()
     assert "P^2O" in markdown_table(doc)
+
+
+def test_demo_table_says_what_its_columns_count():
+    from dspy_p2o.toyworld.experiment import markdown_table
+
+    arm = {"hard_acc": 0.5, "easy_acc": 1.0, "hard_per_epoch": [9, 2], "policy_rollouts": 16, "gepa_rollouts": 40}
+    text = markdown_table({"seed": 3, "base": {"hard_acc": 0.0, "easy_acc": 1.0}, "arms": {"p2o": arm}})
+    lines = text.splitlines()
+    assert lines[0] == "Toy world, seed 3: accuracy (%) on HELD-OUT questions, answered WITHOUT templates"
+    assert lines[2] == ("| arm | held-out hard acc | held-out easy acc | hard training questions per epoch "
+                        "| policy rollouts | GEPA rollouts |")
+    assert "| P^2O | 50.0 | 100.0 | [9, 2] | 16 | 40 |" in lines
+    notes = "\n".join(line for line in lines if line.startswith("- "))
+    assert "held-out hard / easy acc" in notes and "no template" in notes
+    assert "hard training questions per epoch: TRAINING questions" in notes
 
 
 def _run_record(arm_dir) -> dict:

@@ -275,7 +275,7 @@ def test_teacher_reflection_through_litellm_against_a_real_server(tmp_path, engi
         reflection=f"teacher:hosted_vllm/{engine.served_model_name}",
         reflection_kwargs={"api_base": f"{engine.url}/v1", "api_key_env": "TEST_TEACHER_KEY", "num_retries": 1},
         **tiny_overrides(tau=0.5, near_hard=False))
-    record = json.loads((tmp_path / "run" / "templates" / "epoch-0.json").read_text())
+    record = json.loads((tmp_path / "run" / "templates" / "epoch-1.json").read_text())
     assert record["ran"] is True, record.get("reason")
     reflection = record["cost"]["reflection_lm"]
     assert reflection["calls"] >= 1 and reflection["output_tokens"] >= 1, record["cost"]  # real answers came back
@@ -310,7 +310,7 @@ def test_compile_two_epochs_with_managed_policy_and_reference_servers(tmp_path, 
         assert len(result.history) == 2
         steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/sync_logprob_diff" in r]
         assert steps and all(r["train/sync_logprob_diff"] < 1e-4 for r in steps), steps
-        record = json.loads((tmp_path / "run" / "templates" / "epoch-0.json").read_text())
+        record = json.loads((tmp_path / "run" / "templates" / "epoch-1.json").read_text())
         assert record["ran"] is True, record.get("reason")  # GEPA reflected through the pi_init server
         prediction = result.program(question="What is 1 + 2?")
         assert isinstance(prediction.answer, str)

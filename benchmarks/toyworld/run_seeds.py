@@ -20,15 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dspy_p2o.config import ConfigError, P2OConfig, parse_overrides
+from dspy_p2o.toyworld.expectations import (EASY_LOSS_MEAN, EASY_LOSS_WORST, EXPECTED_FILE, HARD_GAIN, NO_DISTILL_GAP,
+                                            distribution, missed, seed_targets)
 from dspy_p2o.toyworld.experiment import ARM_TITLES, ARMS, run_experiment, toy_config
-
-# The toy world's targets: what it must show of P^2O against GRPO and the no-distillation ablation
-# (points of held-out accuracy, no templates), checked per seed by `targets`.
-HARD_GAIN = 30.0        # P^2O hard >= GRPO hard + 30 on every seed
-EASY_LOSS_MEAN = 3.0    # P^2O easy >= GRPO easy - 3, mean over seeds
-EASY_LOSS_WORST = 5.0   # ... and >= GRPO easy - 5 on the worst seed
-NO_DISTILL_GAP = 30.0   # "well below": the no-distillation ablation's hard <= P^2O's - 30
-
 
 def parse_seeds(specs: list[str]) -> list[int]:
     """`0-9`, `0 3 5-7`, `1,2`: seeds in the order given, each once."""
@@ -100,21 +94,20 @@ def targets(docs: list[dict[str, Any]]) -> str:
     docs = [d for d in docs if "grpo" in d["arms"] and "p2o" in d["arms"]]
     if not docs:
         return ""
-    acc = lambda d, arm, key: 100 * d["arms"][arm][key]
-    hard_gain = [acc(d, "p2o", "hard_acc") - acc(d, "grpo", "hard_acc") for d in docs]
-    easy_diff = [acc(d, "p2o", "easy_acc") - acc(d, "grpo", "easy_acc") for d in docs]
-    gap = [acc(d, "p2o", "hard_acc") - acc(d, "p2o_no_distill", "hard_acc") if "p2o_no_distill" in d["arms"] else None
-           for d in docs]
+    per_seed = [seed_targets(d) for d in docs]
+    hard_gain = [t["hard_gain"] for t in per_seed]
+    easy_diff = [t["easy_diff"] for t in per_seed]
+    gap = [t["ablation_gap"] for t in per_seed]
     lines = [f"Targets (points): P^2O hard - GRPO hard >= {HARD_GAIN:.0f} on every seed; P^2O easy - GRPO easy "
              f">= -{EASY_LOSS_MEAN:.0f} on the mean and >= -{EASY_LOSS_WORST:.0f} on every seed; "
              f"P^2O hard - no-distillation hard >= {NO_DISTILL_GAP:.0f} on every seed that ran it", "",
              "| seed | P^2O - GRPO, hard | P^2O - GRPO, easy | P^2O - w/o distillation, hard | targets |",
              "|---|---:|---:|---:|---|"]
-    for d, gain, diff, g in zip(docs, hard_gain, easy_diff, gap):
-        failed = [name for name, ok in (("hard", gain >= HARD_GAIN), ("easy", diff >= -EASY_LOSS_WORST),
-                                        ("ablation", g is None or g >= NO_DISTILL_GAP)) if not ok]
+    for d, t in zip(docs, per_seed):
+        failed, g = missed(t), t["ablation_gap"]
         verdict = f"MISSED: {', '.join(failed)}" if failed else "all hold" + (" (ablation not run)" if g is None else "")
-        lines.append(f"| {d['seed']} | {gain:+.1f} | {diff:+.1f} | {'(not run)' if g is None else f'{g:+.1f}'} | {verdict} |")
+        lines.append(f"| {d['seed']} | {t['hard_gain']:+.1f} | {t['easy_diff']:+.1f} | "
+                     f"{'(not run)' if g is None else f'{g:+.1f}'} | {verdict} |")
     gaps = [g for g in gap if g is not None]
     mean_easy = statistics.fmean(easy_diff)
     lines.append(f"| mean | {statistics.fmean(hard_gain):+.1f} | {mean_easy:+.1f} | "
@@ -140,6 +133,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides (dspy_p2o/toyworld/config.yaml)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="base-policy cache (default: the user cache)")
     parser.add_argument("--report", action="store_true", help="only summarise the seeds already finished under --out")
+    parser.add_argument("--write-expected", metavar="MACHINE", default=None,
+                        help="write the seeds' distribution to dspy_p2o/toyworld/expected.json (what `dspy-p2o demo` "
+                             "compares its row with), naming this machine, e.g. '2-core x86_64 CPU'")
     args = parser.parse_args()
     config = run_config(args.set)
     docs = []
@@ -161,6 +157,24 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(text)
     print(text)
+    if args.write_expected:
+        write_expected(docs, args)
+
+
+def write_expected(docs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import dspy_p2o.toyworld
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    command = "python benchmarks/toyworld/run_seeds.py " + " ".join(sys.argv[1:])
+    doc = distribution(docs, machine=args.write_expected, commit=commit or "unknown", command=command,
+                       date=time.strftime("%Y-%m-%d"))
+    path = Path(dspy_p2o.toyworld.__file__).parent / EXPECTED_FILE
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

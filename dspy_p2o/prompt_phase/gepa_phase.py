@@ -70,7 +70,7 @@ class PromptPhaseResult:
     train_ids: list[str] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)  # pool x dev
     cost: dict = field(default_factory=dict)
-    epoch: int = 0
+    epoch: int = 1  # the epoch (numbered from 1) after which the phase ran
 
     def to_json(self) -> dict:
         """Readable: the pool first (people read the evolved templates), then the data."""
@@ -84,7 +84,7 @@ class PromptPhaseResult:
         assignments = {q: [Template.from_json(z) for z in zs] for q, zs in data["assignments"].items()}
         return cls(ran=data["ran"], reason=data["reason"], assignments=assignments, pool=data["pool"],
                    dev_ids=data["dev_ids"], train_ids=data.get("train_ids", []), scores=data["scores"],
-                   cost=data["cost"], epoch=data.get("epoch", 0))
+                   cost=data["cost"], epoch=data.get("epoch", 1))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_json())  # atomic: a crash never leaves half a result behind
@@ -339,7 +339,7 @@ def score_templates(program: dspy.Module, templates: Sequence[Template], example
 
 def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example], *, student_lm: dspy.BaseLM,
                      reflection_lm: dspy.BaseLM, metric: Callable, config: PromptPhaseConfig | None = None,
-                     k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 0,
+                     k: int = 6, seed: int = 0, log_dir: str | os.PathLike, epoch: int = 1,
                      progress: bool = False) -> PromptPhaseResult:
     """Run GEPA on the hard set with the current policy as student and assign `k` templates per hard question.
 
@@ -350,7 +350,8 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     preset scales with the number of predictors (GEPA's auto budget).
 
     `k` is the number of templated rollouts per group (the run's k - plain_per_group) and
-    `seed` the phase's seed (the loop derives it from the run's seed and the epoch). `progress` shows the
+    `seed` the phase's seed (the loop derives it from the run's seed and the epoch); `epoch` the number (from
+    1) of the epoch the phase follows, as logs and records name it. `progress` shows the
     phase's live line (metric calls of the budget; dspy_p2o.display).
 
     Resumable: a finished phase in `log_dir` is loaded, not rerun; an interrupted GEPA run
@@ -384,7 +385,7 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     proposer = reflection_proposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
     gepa_dir = str(log_dir / "gepa")
-    live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch + 1}: GEPA on {len(ids)} hard", enabled=progress)
+    live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch}: GEPA on {len(ids)} hard", enabled=progress)
     gepa_kwargs = {"sampling_strategy": ParetoBeamSampling(cfg.beam_width, random.Random(derive_seed(seed, "beam"))),
                    "stop_callbacks": [ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
                    "use_cloudpickle": True, "val_evaluation_policy": ResumingEvaluationPolicy(gepa_dir),

@@ -34,10 +34,12 @@ def main(args: argparse.Namespace) -> int:
     arms = tuple(ARMS) if args.full else DEMO_ARMS
     doc = run_experiment(args.seed, arms, out_dir=args.out, config=config, cache_dir=args.cache_dir,
                          progress=not args.quiet, log=print if not args.quiet else lambda line: None)
+    from dspy_p2o.toyworld.expectations import compare, load_expected
     from dspy_p2o.toyworld.experiment import markdown_table
 
     print()
     print(markdown_table(doc))
+    print(compare(doc, load_expected()))
     out = Path(args.out) / f"seed{args.seed}"
     print(f"table, plot and run directories: {out}")
     if args.json is not None:

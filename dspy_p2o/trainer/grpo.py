@@ -7,6 +7,17 @@ x_p for a distilled call sampled from T(x_p, z_p)) -> the named steps before the
 log-probs, templated log-probs, token weights, clip ceiling) -> one optimiser step per
 mini-batch of questions (micro-batches with gradient accumulation; the loss is losses.py's
 J), each step followed by the caller's `after_step` (the loop syncs the engine there).
+Compound programs (several predictor calls per rollout): the K rollouts of a question are the GRPO
+group and the advantage is computed once per rollout, from the program-level rewards; every call of
+the rollout is one trained sequence with that advantage, whatever its predictor. Calls are not
+truncated to a common count per predictor: mmGRPO (DSPy's GRPO, arXiv 2508.04660) groups the j-th
+call of each predictor across the K rollouts and by default truncates to the fewest calls, which
+drops an optional predictor's calls whenever one rollout skips it; here every call is kept (mmGRPO's
+"ragged" mode) and its advantage compares its rollout with all K. In the loss each call counts as
+one sequence (`loss_agg`: "dapo" weighs every completion token of every call alike, "grpo" every
+call's token mean, "dr_grpo" a constant), so a rollout with more calls contributes more sequences.
+A one-predictor program has one call per rollout: exactly GRPO.
+
 Under N processes (torchrun / accelerate launch) each process trains on its own share of the
 batch's rollouts (whole GRPO groups), with a full replica of the model (DDP, accelerate's
 prepare) or, with `sharding: fsdp2`, 1/N of it (sharding.py); what every process must agree on --
@@ -189,18 +200,8 @@ class GRPOTrainer:
         rows and tokens of all processes, each process backpropagates its rows' share, and DDP's
         gradient average (times N) sums the shares) -> `_step_metrics`.
 
-        Compound programs (several predictor calls per rollout): the K rollouts of a question are
-        the GRPO group and the advantage is computed once per rollout, from the program-level
-        rewards; every call of the rollout is one trained sequence with that advantage, whatever
-        its predictor. Calls are not truncated to a common count per predictor: mmGRPO (DSPy's
-        GRPO, arXiv 2508.04660) groups the j-th call of each predictor across the K rollouts and
-        by default truncates to the fewest calls, which drops an optional predictor's calls
-        whenever one rollout skips it; here every call is kept (mmGRPO's "ragged" mode) and its
-        advantage compares its rollout with all K. In the loss each call counts as one sequence
-        (`loss_agg`: "dapo" weighs every completion token of every call alike, "grpo" every call's
-        token mean, "dr_grpo" a constant), so a rollout with more calls contributes more
-        sequences, as in mmGRPO's ragged mode. A one-predictor program has one call per rollout:
-        exactly GRPO.
+        Compound programs: see the module docstring (every call of a rollout is one trained sequence with
+        its rollout's advantage).
 
         Returns the batch's metrics (the log-prob mismatch and template-ratio ones from this
         process's rows only).
@@ -220,22 +221,7 @@ class GRPOTrainer:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
             return metrics
         seqs, tilde = self._prepare(plan)
-        kept = dict(zip(plan.trained, gather_object([int(k.sum()) for k in seqs.kept])))
-        step_sums, step_stats, step_old, outside = [], [], {}, 0.0
-        for step_rows in plan.steps:
-            norm = dict(num_sequences=len(step_rows), num_tokens=sum(kept[g] for g in step_rows),
-                        norm_length=plan.norm_length)
-            n_micro = max(len(self._micro_plan(plan.rows, [g for g in step_rows if plan.rows[g].rank == rank]))
-                          for rank in range(acc.num_processes))
-            sums, stats, old = self._optimiser_step(
-                seqs, [plan.position[g] for g in step_rows if g in plan.position], norm, n_micro)
-            step_old.update(old)
-            step_sums.append(sums)
-            step_stats.append(stats)
-            if after_step is not None:
-                t0 = time.perf_counter()
-                after_step()
-                outside += time.perf_counter() - t0
+        step_sums, step_stats, step_old, outside = self._steps(plan, seqs, after_step)
         metrics.update(_step_metrics(step_stats, _sum_over_processes(step_sums), self.config.beta))
         old = seqs.old if seqs.old is not None else [step_old[j] for j in range(len(plan.chosen))]
         metrics.update(_mismatch_metrics(_on_sampled_prompt(old, tilde), [_behaviour(r) for r in plan.chosen],
@@ -247,6 +233,29 @@ class GRPOTrainer:
         metrics.update(steps=float(len(step_stats)), time_train=elapsed,
                        tokens_per_s=tokens / max(1e-9, elapsed), global_step=float(self.global_step))
         return metrics
+
+    def _steps(self, plan: "_Plan", seqs: _Sequences, after_step: Callable[[], Any] | None):
+        """Every optimiser step of the batch, `after_step()` after each; returns the steps' loss sums and
+        stats, the on-policy old log-probs the gradient passes took, and the seconds spent in after_step."""
+        from accelerate.utils import gather_object
+
+        kept = dict(zip(plan.trained, gather_object([int(k.sum()) for k in seqs.kept])))
+        step_sums, step_stats, step_old, outside = [], [], {}, 0.0
+        for step_rows in plan.steps:
+            norm = dict(num_sequences=len(step_rows), num_tokens=sum(kept[g] for g in step_rows),
+                        norm_length=plan.norm_length)
+            n_micro = max(len(self._micro_plan(plan.rows, [g for g in step_rows if plan.rows[g].rank == rank]))
+                          for rank in range(self.accelerator.num_processes))
+            sums, stats, old = self._optimiser_step(
+                seqs, [plan.position[g] for g in step_rows if g in plan.position], norm, n_micro)
+            step_old.update(old)
+            step_sums.append(sums)
+            step_stats.append(stats)
+            if after_step is not None:
+                t0 = time.perf_counter()
+                after_step()
+                outside += time.perf_counter() - t0
+        return step_sums, step_stats, step_old, outside
 
     def _plan(self, batch: GlobalBatch, rollouts: Sequence[Rollout]) -> "_Plan":
         """Who trains what in this batch, computed alike on every process from the global batch: one
