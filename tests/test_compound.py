@@ -162,9 +162,9 @@ def trained_batches(monkeypatch):
         batches.append(list(rollouts))
         return train_on(self, rollouts, *args, **kwargs)
 
-    def spy_prepare(self, plan):
-        seqs, tilde = prepare(self, plan)
-        sequences.append(list(zip(plan.chosen, seqs.prompts)))
+    def spy_prepare(self, chosen, advantages, **kwargs):
+        seqs, tilde = prepare(self, chosen, advantages, **kwargs)
+        sequences.append(list(zip(chosen, seqs.prompts)))
         return seqs, tilde
 
     monkeypatch.setattr(GRPOTrainer, "train_on", spy_train_on)

@@ -220,7 +220,7 @@ class GRPOTrainer:
         if not plan.steps:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
             return metrics
-        seqs, tilde = self._prepare(plan)
+        seqs, tilde = self._prepare(plan.chosen, plan.advantages, plan=plan)
         step_sums, step_stats, step_old, outside = self._steps(plan, seqs, after_step)
         metrics.update(_step_metrics(step_stats, _sum_over_processes(step_sums), self.config.beta))
         old = seqs.old if seqs.old is not None else [step_old[j] for j in range(len(plan.chosen))]
@@ -309,10 +309,11 @@ class GRPOTrainer:
                    for rank in range(self.accelerator.num_processes))
 
     # ------------------------------------------------------------------ before the update (named steps)
-    def _prepare(self, plan: "_Plan") -> tuple[_Sequences, dict[int, torch.Tensor]]:
-        """This process's trained rows (`plan.chosen`), scored before the update, each phase in
-        `plan.passes` forward passes; returns them and log pi(y | x~) of the distilled rows (by row)."""
-        chosen = plan.chosen
+    def _prepare(self, chosen: list[Call], advantages: torch.Tensor, *,
+                 plan: "_Plan") -> tuple[_Sequences, dict[int, torch.Tensor]]:
+        """This process's trained rows (`plan.chosen`) and their advantages, scored before the update,
+        each phase in `plan.passes` forward passes; returns them and log pi(y | x~) of the distilled
+        rows (by row)."""
         prompts = [gradient_prompt(r, self.config.distill) for r in chosen]
         completions = [r.completion_ids for r in chosen]
         old = None if plan.old_is_current else self._old_logprobs(prompts, completions, plan.passes["old"])
@@ -320,7 +321,7 @@ class GRPOTrainer:
         weights, kept = self._token_weights(chosen, old, tilde)
         upper = self._clip_ceiling(chosen, old, tilde)
         ref = self._reference_logprobs(prompts, completions, plan.passes["ref"]) if self.ref_model is not None else None
-        seqs = _Sequences(prompts=tuple(prompts), completions=tuple(completions), advantages=plan.advantages,
+        seqs = _Sequences(prompts=tuple(prompts), completions=tuple(completions), advantages=advantages,
                           old=_frozen(old), weights=tuple(weights), kept=tuple(kept), upper=_frozen(upper),
                           ref=_frozen(ref))
         return seqs, tilde
