@@ -216,11 +216,13 @@ def test_two_process_cli_run_shares_rollouts_and_runs_gepa_once(tiny_run, two_pr
     gepa = json.loads((run_dir / "templates/epoch-1.json").read_text())
     assert gepa["ran"] and gepa["cost"]["metric_calls_gepa"] > 0  # (the tiny self-reflection LM may find nothing)
     assert "last epoch" in json.loads((run_dir / "templates/epoch-2.json").read_text())["reason"]
-    # rank 1 scored exactly its half of every batch's rollouts and of the validation set (greedy,
-    # one sample); rank 0 its halves plus GEPA's calls
+    # rank 1 scored its half of every batch's rollouts and of the validation set (greedy, one sample),
+    # after the metric's two probe calls at start (rewards.check_metric, on every process); rank 0 its
+    # halves plus GEPA's calls. An answer outside the adapter's format scores 0 without a metric call:
+    # the tiny model writes a few per run at T = 1
     calls = log.read_text().split()
-    per_rank = EPOCHS * ((TRAIN_SIZE // BATCH) * (BATCH // 2) * K + VAL_SIZE // 2)
-    assert calls.count("1") == per_rank and calls.count("0") > per_rank and set(calls) == {"0", "1"}
+    per_rank = 2 + EPOCHS * ((TRAIN_SIZE // BATCH) * (BATCH // 2) * K + VAL_SIZE // 2)
+    assert per_rank - 8 <= calls.count("1") <= per_rank and calls.count("0") > per_rank and set(calls) == {"0", "1"}
     # metrics.jsonl: each batch once, with the global batch's numbers; each optimiser step once
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     batches = [m for m in metrics if "train/reward_mean" in m]
