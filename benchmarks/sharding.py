@@ -7,10 +7,10 @@ runs one GRPO batch (16 rollouts of 4 groups, one optimiser step) under torchrun
 `dspy_p2o` (`trainer.sharding` none or fsdp2) and reports, per process, at the optimiser step:
 - the bytes of parameters, gradients and AdamW state it holds (a DTensor counts its local shard:
   `dspy_p2o.trainer.sharding.training_state_bytes`), and those bytes per model parameter;
-- its resident memory (RSS) after the step and its peak RSS (ru_maxrss), each also above the RSS
-  of the process once torch and transformers are imported (the runtime). RSS also holds
-  activations, and memory freed by the process but kept by the C allocator: each process loads the
-  whole model from disk before sharding it.
+- its resident memory (RSS): once the trainer is built (model loaded, sharded or wrapped), after
+  the batch (gradients and AdamW state now exist) and at its peak (ru_maxrss), and how much the batch
+  added. RSS also holds the runtime, activations, and memory the process freed but the C allocator
+  kept: each process loads the whole model from disk before sharding it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
 
 
 def batch(vocab: int):
-    """16 rollouts in 4 groups with varied rewards and lengths, one templated group."""
+    """16 short rollouts in 4 groups with varied rewards and lengths, one templated group (short, so
+    that activations stay small beside the parameters, gradients and AdamW state)."""
     import torch
 
     from dspy_p2o.batch import Rollout
@@ -50,8 +51,8 @@ def batch(vocab: int):
 
     groups = []
     for q in range(4):
-        x, x_tilde = ids(64 + 8 * q), ids(80 + 8 * q)
-        groups.append([Rollout.of_call(f"q{q}", x, x_tilde if q == 0 else x, ids(32 + 4 * k), [-1.0] * (32 + 4 * k),
+        x, x_tilde = ids(16 + 4 * q), ids(24 + 4 * q)
+        groups.append([Rollout.of_call(f"q{q}", x, x_tilde if q == 0 else x, ids(8 + k), [-1.0] * (8 + k),
                                        float(k % 2), "z" if q == 0 else None) for k in range(4)])
     return groups
 
@@ -59,14 +60,13 @@ def batch(vocab: int):
 def worker(model_dir: str, out: Path, sharding: str) -> None:
     """One process of a layout (under torchrun): one batch, then this process's numbers as JSON."""
     import psutil
-    import transformers  # noqa: F401  (the runtime, measured before the model loads)
 
-    runtime = psutil.Process().memory_info().rss
     from dspy_p2o.collectives import shard
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
     from dspy_p2o.trainer.sharding import training_state_bytes
 
     trainer = GRPOTrainer(model_dir, config=TrainerConfig(lr=1e-5, sharding=sharding))
+    built = psutil.Process().memory_info().rss
     acc = trainer.accelerator
     seen, step = {}, trainer.optimizer.step
 
@@ -82,7 +82,7 @@ def worker(model_dir: str, out: Path, sharding: str) -> None:
     parameters = sum(p.numel() for p in trainer.model.parameters())
     result = {"rank": acc.process_index, "processes": acc.num_processes, "sharding": sharding,
               "parameters": parameters, **seen, "train_s": time.perf_counter() - start,
-              "rss": psutil.Process().memory_info().rss, "runtime_rss": runtime,
+              "rss_built": built, "rss": psutil.Process().memory_info().rss,
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
@@ -112,16 +112,15 @@ def main() -> None:
     results = {name: run(model, n, sharding, args.work / f"{stamp}-{n}-{sharding}") for name, n, sharding in LAYOUTS}
     mb = 1e6
     print(f"model: {results['1 process'][0]['parameters'] / 1e6:.1f} M parameters (fp32)")
-    print("| layout | rank | params MB | grads MB | AdamW MB | total MB | bytes / parameter | RSS MB (above runtime) "
-          "| peak RSS MB (above runtime) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layout | rank | params MB | grads MB | AdamW MB | total MB | bytes / parameter | RSS built MB "
+          "| RSS after the batch MB (added) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, ranks in results.items():
         for r in ranks:
             total = r["params"] + r["grads"] + r["optimizer"]
-            base = r["runtime_rss"]
             print(f"| {name} | {r['rank']} | {r['params'] / mb:.1f} | {r['grads'] / mb:.1f} | {r['optimizer'] / mb:.1f} "
-                  f"| {total / mb:.1f} | {total / r['parameters']:.2f} | {r['rss'] / mb:.0f} ({(r['rss'] - base) / mb:.0f}) "
-                  f"| {r['peak_rss'] / mb:.0f} ({(r['peak_rss'] - base) / mb:.0f}) |")
+                  f"| {total / mb:.1f} | {total / r['parameters']:.2f} | {r['rss_built'] / mb:.0f} "
+                  f"| {r['rss'] / mb:.0f} ({(r['rss'] - r['rss_built']) / mb:+.0f}) | {r['peak_rss'] / mb:.0f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
