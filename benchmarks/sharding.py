@@ -1,6 +1,7 @@
 """Per-process memory of the trainer: one process, 2 processes with DDP, 2 processes with FSDP2.
 
     python benchmarks/sharding.py [--hidden 512] [--layers 8] [--work runs/bench-sharding] [--json out.json]
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/sharding.py   # freed memory back to the OS: RSS = live
 
 Builds (once, under --work) a random-init Qwen3-shaped model of the given size, then for each layout
 runs one GRPO batch (16 rollouts of 4 groups, one optimiser step) under torchrun with the trainer of
