@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(SUBCOMMANDS[command][0])
         module.add_arguments(parser._subparsers._group_actions[0].choices[command])
     args = parser.parse_args(argv)
+    from dspy_p2o.processes import die_with_launcher
+
+    die_with_launcher()  # under torchrun / accelerate launch: a killed launcher takes this rank with it
     module = importlib.import_module(args._module)
     from dspy_p2o.config import ConfigError
     from dspy_p2o.rewards import MetricError

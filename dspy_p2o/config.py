@@ -42,6 +42,9 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 LOSS_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")  # trainer/losses.py
 TEMPLATE_RATIO_MODES = ("mask", "soft", "off")  # trainer/losses.py
 SCALES = ("group", "batch", "none")  # advantage std scaling (trainer/advantages.py)
+# how the trainer's weights, gradients and AdamW state live across processes (trainer/sharding.py):
+# "none" = a full replica per process (DDP), "fsdp2" = sharded with PyTorch's fully_shard
+SHARDINGS = ("none", "fsdp2")
 # dtype names a user may write -> torch's name (the engines' and the trainer's one table)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -211,6 +214,13 @@ class TrainerConfig:
     dtype: str = "auto"  # compute dtype: "auto" = bf16 autocast on GPU (fp32 master weights), fp32 on CPU
     sync: str = "step"  # engine weight sync after every optimiser "step" or only every "epoch"
     keep_last_checkpoints: int = knob(2, resume=RESUMABLE, check=NON_NEGATIVE)  # older ones are deleted; 0 keeps all
+    # False: checkpoints hold the weights only (about a third of the disk with AdamW); a resume then
+    # restarts AdamW's moments from zero (said when it resumes)
+    checkpoint_optimizer: bool = knob(True, resume=RESUMABLE)
+    # "none": every process holds the whole model, gradients and AdamW state (DDP); "fsdp2": each of N
+    # processes holds 1/N of them (PyTorch FSDP2 `fully_shard` on every decoder layer and the model;
+    # launch with torchrun or accelerate launch). Checkpoints are alike either way: a resume may change it
+    sharding: str = knob("none", resume=RESUMABLE)
     # multi-process: how long a rank waits in a collective (GEPA runs on rank 0)
     process_timeout_s: float = knob(6 * 3600.0, check=POSITIVE)
     # a LoRA adapter instead of every weight (LoraConfig); None = full fine-tuning
@@ -227,6 +237,13 @@ class TrainerConfig:
         choice("template_ratio", TEMPLATE_RATIO_MODES)
         choice("sync", ("step", "epoch"))
         choice("dtype", ("auto", *DTYPES))
+        choice("sharding", SHARDINGS)
+        if self.sharding == "fsdp2" and DTYPES.get(self.dtype) == "float16":
+            raise ValueError("TrainerConfig.sharding fsdp2 trains in float32 or bfloat16 (float16 would need a "
+                             "sharded gradient scaler); set trainer.dtype to bfloat16, float32 or auto")
+        if self.sharding == "fsdp2" and self.lora is not None:
+            raise ValueError("TrainerConfig.sharding fsdp2 shards full fine-tuning; a LoRA run (trainer.lora) keeps "
+                             "its small adapter state replicated: set trainer.sharding to none")
         check_ranges(self)
         lo, hi = self.template_ratio_bounds
         if not 0 < lo <= 1 <= hi:
@@ -510,6 +527,9 @@ class P2OConfig:
             (0 <= self.plain_per_group < self.k, f"plain_per_group must be in [0, k), got {self.plain_per_group}"),
             (self.hardness_on in ("all", "plain"), f"hardness_on must be 'all' or 'plain', got {self.hardness_on!r}"),
             (self.long_prompts in ("refuse", "skip"), f"long_prompts must be 'refuse' or 'skip', got {self.long_prompts!r}"),
+            (not (self.trainer.sharding == "fsdp2" and self.engine == "vllm" and self.vllm.weight_sync == "nccl"),
+             "trainer.sharding fsdp2 syncs vLLM by reload (vllm.weight_sync: reload): the NCCL transfer sends from "
+             "rank 0 alone, and under FSDP2 rank 0 holds only its shard"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,6 +36,7 @@ import dspy
 
 from dspy_p2o import display
 from dspy_p2o.batch import GlobalBatch
+from dspy_p2o.checkpoints import human_bytes
 from dspy_p2o.collectives import Collectives
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.data import validate_examples
@@ -106,6 +107,9 @@ def with_ids(examples: list[dspy.Example], prefix: str) -> list[dspy.Example]:
 
 
 class P2OLoop:
+    #: say at start (and in summary.md) where the run writes and what each checkpoint costs on disk
+    announces_disk = True
+
     def __init__(self, program: dspy.Module, trainset: list[dspy.Example], *, metric: Callable, policy: str,
                  config: P2OConfig, run_dir: str | Path, valset: list[dspy.Example] | None = None,
                  reflection_lm: dspy.BaseLM | None = None) -> None:
@@ -246,6 +250,8 @@ class P2OLoop:
         try:
             if self.is_main:
                 self.run.start(self.config, self.identity, self.resuming)
+                if self.announces_disk:
+                    display.line(self._disk_line(), self.config.progress)
             self.comm.barrier()
             self.logger = MetricsLogger(self.run.metrics_file, accelerator=self.accelerator,
                                         trackers=tuple(self.config.trackers), config=self.config.to_dict())
@@ -478,9 +484,28 @@ class P2OLoop:
                     extra.get("loop_batch", 0) > state.batch:  # a newer checkpoint than state.json knew
                 state.batch = extra["loop_batch"]  # never train its batches twice
             self.resources.sync()  # a separate engine must serve the restored weights
-            log.info("resumed %s at epoch %d, %s phase, batch %d (optimizer step %d)", self.run.path,
-                     state.epoch, state.phase, state.batch, self.trainer.global_step)
+        point = {"epoch": state.epoch + 1, "phase": state.phase, "batch": state.batch, "step": self.trainer.global_step,
+                 "checkpoint": Path(state.checkpoint).name if state.checkpoint else None,
+                 "processes": self.comm.size, "optimizer_restarted": self.trainer.optimizer_restarted}
+        if self.is_main:
+            self.run.record_resume(point)
+        display.line(f"resumed at epoch {point['epoch']}/{self.config.epochs}, {state.phase} phase, batch {state.batch} "
+                     f"(optimizer step {point['step']}) from {point['checkpoint'] or 'the start'}",
+                     self.config.progress and self.is_main)
+        if self.trainer.optimizer_restarted:
+            log.warning("checkpoint %s holds no optimizer state (trainer.checkpoint_optimizer: false): AdamW's "
+                        "moments restart from zero", point["checkpoint"])
         return state
+
+    def _disk_line(self) -> str:
+        """Where the run writes and what each checkpoint costs on disk (the start line; summary.md too)."""
+        size = self.trainer.checkpoint_bytes()
+        keep = self.config.trainer.keep_last_checkpoints
+        parts = f"weights {human_bytes(size['weights'])}" + (
+            f" + optimizer {human_bytes(size['optimizer'])}" if size["optimizer"] else
+            " only (trainer.checkpoint_optimizer: false)")
+        return (f"run directory {self.run.path.resolve()}: checkpoints of ~{human_bytes(sum(size.values()))} each "
+                f"({parts}), {'all' if keep == 0 else f'the last {keep}'} kept")
 
     def _write_reports(self, state: LoopState) -> None:
         from dspy_p2o.reports import write_plots, write_summary
@@ -489,7 +514,8 @@ class P2OLoop:
             write_plots(self.run, read_metrics(self.run.metrics_file), state.history)
         except Exception as exc:  # a plotting problem must never cost a training run
             log.warning("could not write plots: %s", exc)
-        write_summary(self.run, self.config, state.history, state.assignments, state.checkpoint)
+        write_summary(self.run, self.config, state.history, state.assignments, state.checkpoint,
+                      disk=self._disk_line())
 
     def _result(self, state: LoopState) -> CompileResult:
         checkpoint = Path(state.checkpoint) / "model"  # save_pretrained model (LoRA: adapter) + tokenizer

@@ -76,6 +76,23 @@ def save_pretrained(module: Any, directory: str | os.PathLike, state_dict: Mappi
     return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
 
 
+def load_adapter(module: Any, directory: str | os.PathLike) -> None:
+    """The adapter weights `save_pretrained` wrote in `directory` into the live adapter of `module`;
+    a checkpoint that lacks any of its trainable weights is refused (another adapter's, another rank)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{directory} is not a checkpoint of this LoRA adapter: it holds no {ADAPTER_CONFIG} "
+                         f"(a full fine-tuning checkpoint?)")
+    result = set_peft_model_state_dict(module, load_peft_weights(str(directory), device="cpu"))
+    missing = sorted(trainable_names(module) & set(result.missing_keys))
+    if missing:
+        raise ValueError(f"{directory} is not a checkpoint of this LoRA adapter: it lacks {len(missing)} of its "
+                         f"weights, e.g. {missing[0]!r}")
+
+
 def vllm_unservable(module: Any) -> str | None:
     """Why vLLM cannot serve this adapter as a runtime-loaded LoRA, or None when it can (TRL
     falls back to merged weights for the same cases)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-
+from pathlib import Path
 from typing import Any
 
+from dspy_p2o.checkpoints import human_bytes, size_bytes
 from dspy_p2o.config import P2OConfig, redact
 from dspy_p2o.run_dir import RunDir
 
@@ -127,7 +128,8 @@ def _save(fig, path) -> str:
 
 
 def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]], assignments: dict[str, list[Any]],
-                  checkpoint: str | None) -> None:
+                  checkpoint: str | None, disk: str | None = None) -> None:
+    """summary.md; `disk`: where the run writes and what a checkpoint costs (the loop's start line)."""
     arm = "P^2O" if config.method == "p2o" else "GRPO baseline"
     lines = [f"# {arm} run: {run.path.name}", "",
              f"- policy: `{redact(config.policy) or 'see config.yaml'}`, engine `{config.engine}`, "
@@ -137,7 +139,9 @@ def write_summary(run: RunDir, config: P2OConfig, history: list[dict[str, Any]],
                 if config.reflection.startswith("teacher:") else ""),
              f"- epochs {len(history)}/{config.epochs}, K = {config.k}, batch {config.batch_size}, "
              f"distill = {config.trainer.distill}, template ratio = {config.trainer.template_ratio}",
-             f"- latest checkpoint: `{checkpoint}`", "",
+             f"- latest checkpoint: `{checkpoint}`" + (f" ({human_bytes(size_bytes(checkpoint))} on disk)"
+                                                        if checkpoint and Path(checkpoint).is_dir() else ""),
+             *([f"- {disk}"] if disk else []), "",
              "| epoch | step | train reward | hard | templated next | val pass@1 | with template pass@1 | without pass@1 "
              "| metric failures |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -4,7 +4,11 @@ reflection LM, and the weight syncs between trainer and engine.
 - The trainer (`trainer.GRPOTrainer`) owns the weights and the optimiser.
 - The policy engine samples rollouts: the local engine shares the trainer's module (a sync costs
   nothing), a vLLM engine serves a copy that `sync()` replaces. Every weight sync of a run starts
-  here, from the loop: after optimiser steps, after an epoch, after a resume.
+  here, from the loop: after optimiser steps, after an epoch, after a resume. With a sharded
+  trainer (`trainer.sharding: fsdp2`) no process holds the whole module: each sync gathers the full
+  weights (a collective) -- onto every process for its own local-engine replica, onto the main
+  process for the vLLM server it reloads (that sync is not verified by served log-probs: the
+  trainer's forward is a collective no single process can run).
 - The reflection LM (GEPA's proposer) is built on first use; self-reflection loads a second, frozen
   engine on the INITIAL weights (pi_init), closed when the loop ends -- except in a LoRA run, where
   pi_init is the policy engine's base model with the adapter disabled (`Engine.without_adapter`:
@@ -42,13 +46,17 @@ class RunResources:
             self.engine = make_engine(cfg, self.policy, processes=acc.num_processes)
         self.trainer = GRPOTrainer(self.policy, config=cfg.trainer, temperature=cfg.temperature, seed=cfg.seed,
                                    total_steps=total_steps, accelerator=acc)
-        if self.engine is None:  # samples from the trainer's own module (this rank's replica): syncs are free
+        if self.engine is None and self.trainer.sharded:  # a replica of its own, synced from the gathered weights
+            self.engine = make_engine(cfg, self.policy)
+        elif self.engine is None:  # samples from the trainer's own module (this rank's replica): syncs are free
             self.engine = make_engine(cfg, self.trainer.model, tokenizer=self.trainer.tokenizer)
 
     def sync(self) -> None:
         """Make the engine serve the trainer's current weights (verified by a vLLM engine)."""
         start = time.perf_counter()
-        report = self.engine.sync_weights(self.trainer.model)
+        source = (self.trainer.full_state_dict(everywhere=self.config.engine == "local") if self.trainer.sharded
+                  else self.trainer.model)
+        report = self.engine.sync_weights(source)
         self.sync_seconds += time.perf_counter() - start  # waiting for rank 0's sync included
         if report.logprob_diff is not None:
             self.sync_diffs.append(report.logprob_diff)

@@ -328,8 +328,8 @@ def collect_rollouts(
             example = examples[execution.example_index]
             try:
                 execution.prediction = copy(**{f: example[f] for f in fields})
-            except Exception as exc:  # scored 0 below; the engine's own failure is re-raised by the rounds
-                execution.error = exc
+            except BaseException as exc:  # scored 0 below; the engine's own failure (Ctrl-C while sampling
+                execution.error = exc  # included) is re-raised by the rounds, not by every execution's thread
         return run
 
     rounds.run([body(e) for e in executions], max_live)

@@ -3,10 +3,11 @@
     config.yaml            resolved config (no secrets); rewritten when a resume changes a resumable key
     identity.json          what makes the directory this run (written when the run really starts)
     run.lock               flock held by the live run (its pid, host and start time)
-    resumes.jsonl          one line per resume: the accepted config changes
+    resumes.jsonl          one line per resume: where it resumed from (epoch from 1, phase, batch,
+                           step, checkpoint, processes) and the accepted config changes
     state.json             where the loop is (epoch, phase, next batch) + the latest checkpoint
     metrics.jsonl          one JSON object per optimiser step / epoch / evaluation
-    checkpoints/checkpoint-N/  model/ (save_pretrained; LoRA: the adapter) + accelerate state (optimiser, scheduler, RNG)
+    checkpoints/checkpoint-N/  model/ (the full weights; LoRA: the adapter) + state/ (AdamW, scheduler, RNG): checkpoints.py
     templates/epoch-N.json the prompt phase after epoch N: pool, score matrix, assignment (used in epoch N+1)
     rewards/epoch-N.jsonl  every question's rollout rewards of epoch N (what hard mining saw)
     hard/epoch-N.jsonl     ids and success rates of the hard questions of epoch N
@@ -148,20 +149,27 @@ class RunDir:
 
     def start(self, config: P2OConfig, identity: dict[str, Any], resuming: bool) -> None:
         """The run really starts (model loaded, engine up): write the config and the identity of a
-        new run; on resume, record the accepted config changes (resumes.jsonl, config.yaml)."""
+        new run; on resume, the accepted config changes go into config.yaml (and, with the resume
+        point, into resumes.jsonl: `record_resume`)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if not resuming:
             self.config_file.write_text(config.to_yaml())
             write_json(self.identity_file, identity)
             return
         accepted = getattr(self, "_accepted", {})
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in accepted.items()}}
-        with self.resumes_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
         if accepted:
             log.warning("resuming %s with changed settings: %s", self.path,
                         "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in accepted.items()))
             self.config_file.write_text(config.to_yaml())
+
+    def record_resume(self, point: dict[str, Any]) -> None:
+        """One line of resumes.jsonl: when, from where (`point`: the loop's epoch, phase, batch, step and
+        checkpoint) and with which accepted config changes a run resumed."""
+        accepted = getattr(self, "_accepted", {})
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": point,
+                  "changed": {k: list(v) for k, v in accepted.items()}}
+        with self.resumes_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
 
     def resumable_checkpoint(self, recorded: str | None) -> str | None:
         """The checkpoint a resume loads: the one state.json records (looked up by name in this

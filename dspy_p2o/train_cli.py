@@ -1,6 +1,8 @@
 """`dspy-p2o train --config FILE [--run-dir DIR] [--resume] [key=value ...]`.
 
-Ctrl-C stops a run with one line giving the exact command that resumes it (exit code 130).
+Ctrl-C stops a run with one line giving the exact command that resumes it (exit code 130); a disk
+that fills up while a checkpoint is written stops it with one line too (exit code 1). Under torchrun /
+accelerate launch these lines and the final `done:` line come from the main process only.
 """
 
 from __future__ import annotations
@@ -41,16 +43,26 @@ def main(args: argparse.Namespace) -> int:
     if not args.resume and (run_dir / "state.json").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
     display.configure(verbose=args.verbose)
+    from dspy_p2o.checkpoints import NoSpaceForCheckpoint
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from the main process
     try:
         result = _train(cfg, run_dir)
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from the main process
+        if main_process:
             print(f"dspy-p2o train: {stopped_line(args, run_dir)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
-    adapter = (f" (a LoRA adapter; as a model directory: dspy-p2o merge --adapter {result.checkpoint} --out DIR)"
-               if cfg.trainer.lora is not None else "")
-    print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}{adapter}; "
-          f"summary {result.run_dir / 'summary.md'}")
+    except NoSpaceForCheckpoint as exc:
+        if main_process:
+            print(f"dspy-p2o train: error: no space left while writing checkpoint {exc.step} in {exc.directory} "
+                  f"(removed); nothing lost: free some space (or set trainer.checkpoint_optimizer=false or a lower "
+                  f"trainer.keep_last_checkpoints), then resume with: {resume_command(args, run_dir)}", file=sys.stderr)
+        return 1
+    if main_process:
+        adapter = (f" (a LoRA adapter; as a model directory: dspy-p2o merge --adapter {result.checkpoint} --out DIR)"
+                   if cfg.trainer.lora is not None else "")
+        print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}{adapter}; "
+              f"summary {result.run_dir / 'summary.md'}")
     return 0
 
 
@@ -73,11 +85,20 @@ def _train(cfg: P2OConfig, run_dir: Path):
 def stopped_line(args: argparse.Namespace, run_dir: Path) -> str:
     """What a stopped run says: the command that resumes it (the same config and overrides), or
     that nothing was saved yet."""
+    if (run_dir / "state.json").exists():
+        return f"stopped; resume with: {resume_command(args, run_dir)}"
+    return f"stopped before the run saved anything; start it again with: {_command(args, run_dir)}"
+
+
+def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that resumes this run: the same config and overrides, with --resume."""
+    return _command(args, run_dir, "--resume")
+
+
+def _command(args: argparse.Namespace, run_dir: Path, *extra: str) -> str:
     command = ["dspy-p2o", "train", "--config", args.config, "--run-dir", str(run_dir)]
     command += ["--quiet"] if args.quiet else ["--verbose"] if args.verbose else []
-    if (run_dir / "state.json").exists():
-        return f"stopped; resume with: {shlex.join([*command, '--resume', *args.overrides])}"
-    return f"stopped before the run saved anything; start it again with: {shlex.join([*command, *args.overrides])}"
+    return shlex.join([*command, *extra, *args.overrides])
 
 
 def _check_run_dir(run_dir: Path) -> None:

@@ -145,3 +145,42 @@ def test_ctrl_c_stops_a_run_with_one_line_giving_the_command_that_resumes_it(tmp
     resumed = subprocess.run([*cli, *shlex.split(resume)[1:]], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "state.json").read_text())["done"]
+
+
+def test_full_disk_while_writing_a_checkpoint_stops_with_one_line_and_loses_nothing(tmp_path, format_model_dir,
+                                                                                   monkeypatch, capsys):
+    """The disk fills up as the second checkpoint is written (its trainer_state.json write fails with
+    ENOSPC): one line naming the checkpoint and the command that resumes, exit code 1, no
+    .tmp-checkpoint left; the run then resumes from the first checkpoint and finishes."""
+    import errno
+    import json
+    import shlex
+
+    from dspy_p2o import checkpoints
+    from loop_fixtures import sum_examples, write_jsonl, write_train_config
+
+    write_jsonl(tmp_path / "train.jsonl", sum_examples(8, 0, "train"))
+    config = tmp_path / "tiny.yaml"
+    write_train_config(config, format_model_dir, tmp_path / "train.jsonl", "loop_fixtures:closeness_metric",
+                       method="grpo", epochs=1, batch_size=4, progress=False)
+    run_dir = tmp_path / "run"
+    write_state, calls = checkpoints.write_state, []
+
+    def fills_up(directory, state):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_state(directory, state)
+
+    monkeypatch.setattr(checkpoints, "write_state", fills_up)
+    assert main(["train", "--config", str(config), "--run-dir", str(run_dir), "k=2"]) == 1
+    resume = f"dspy-p2o train --config {config} --run-dir {run_dir} --resume k=2"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dspy-p2o train: error: no space left while writing checkpoint 2 in {run_dir / 'checkpoints'} (removed); "
+        "nothing lost: free some space (or set trainer.checkpoint_optimizer=false or a lower "
+        f"trainer.keep_last_checkpoints), then resume with: {resume}"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-00000001"]
+    monkeypatch.undo()
+    assert main(shlex.split(resume)[1:]) == 0
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["done"] and state["checkpoint_step"] == 2

@@ -64,6 +64,18 @@ def test_a_bad_value_is_one_error_naming_its_key(override, message):
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.sharding=fsdp3"], "TrainerConfig.sharding must be one of ('none', 'fsdp2'), got 'fsdp3'"),
+    (["trainer.sharding=fsdp2", "trainer.dtype=fp16"], "TrainerConfig.sharding fsdp2 trains in float32 or bfloat16"),
+    (["trainer.sharding=fsdp2", "engine=vllm", "vllm.weight_sync=nccl"],
+     "trainer.sharding fsdp2 syncs vLLM by reload (vllm.weight_sync: reload)"),
+])
+def test_sharding_combinations_that_cannot_work_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        P2OConfig.load(None, parse_overrides(overrides))
+    assert P2OConfig.load(None, parse_overrides(["trainer.sharding=fsdp2", "engine=vllm"])).trainer.sharding == "fsdp2"
+
+
 def test_a_section_that_is_not_a_mapping_is_named():
     with pytest.raises(ConfigError, match="config section 'trainer' must be a mapping, got int"):
         P2OConfig.load({"trainer": 3})

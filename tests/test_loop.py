@@ -13,7 +13,7 @@ import yaml
 import dspy_p2o
 from dspy_p2o.config import ConfigError, P2OConfig
 from dspy_p2o.rewards import math_metric
-from loop_fixtures import kill_in_epoch_two, sum_examples, tiny_overrides, write_jsonl
+from loop_fixtures import assert_continued, kill_in_epoch_two, sum_examples, tiny_overrides, write_jsonl
 from rollout_helpers import instruction
 
 
@@ -309,7 +309,7 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     here = Path(__file__).parent  # the checkout under test, not an installed copy
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
     run_dir = tmp_path / "killed"
-    kill_in_epoch_two(_train_cmd(config, run_dir), run_dir, env=env, timeout_s=240)
+    killed = kill_in_epoch_two(_train_cmd(config, run_dir), run_dir, env=env, timeout_s=240)
     refused = subprocess.run(_train_cmd(config, run_dir), env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "--resume" in refused.stderr
     resumed = subprocess.run(_train_cmd(config, run_dir, "--resume", "--quiet"), env=env, capture_output=True, text=True,
@@ -317,6 +317,7 @@ def test_cli_killed_in_epoch_two_resumes_to_the_same_step_count(tmp_path, format
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [line[:5] for line in resumed.stdout.splitlines()] == ["done:"]  # --quiet: the result line only...
     assert "%|" not in resumed.stderr and " INFO " not in resumed.stderr  # ...no bar, no info logging
+    assert_continued(run_dir, killed)  # from the killed run's checkpoint, not from scratch
     fresh_dir = tmp_path / "fresh"
     fresh = subprocess.run(_train_cmd(config, fresh_dir), env=env, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]

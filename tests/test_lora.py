@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import dspy_p2o
+from dspy_p2o import lora
 from dspy_p2o.config import ConfigError, LoraConfig, P2OConfig, parse_overrides
 from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 from dspy_p2o.trainer.logprobs import sequence_logprobs
@@ -144,7 +145,7 @@ def test_kl_reference_is_the_base_model_with_the_adapter_disabled(trainer_model_
     trainer = _trained(trainer_model_dir, steps=2, beta=0.1)
     assert trainer.ref_model is None  # no second copy of the weights
     prompts, completions = _rows()
-    reference = torch.cat(trainer._reference_logprobs(prompts, completions))
+    reference = torch.cat(trainer._reference_logprobs(prompts, completions, None))
     separately_loaded = _logprobs(_base(trainer_model_dir), prompts, completions)
     torch.testing.assert_close(reference, separately_loaded, atol=1e-5, rtol=0)
     adapted = _logprobs(trainer.model, prompts, completions)  # the adapter is back on afterwards
@@ -162,8 +163,10 @@ def test_a_lora_checkpoint_holds_the_adapter_and_restores_it(trainer_model_dir, 
     model_dir = checkpoint / "model"
     assert (model_dir / "adapter_config.json").is_file() and (model_dir / "adapter_model.safetensors").is_file()
     assert not (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").is_file()
-    with safe_open(str(checkpoint / "state" / "model.safetensors"), "pt") as handle:  # accelerate's model state
-        assert set(handle.keys()) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with safe_open(str(model_dir / "adapter_model.safetensors"), "pt") as handle:  # the adapter, nothing else
+        assert len(list(handle.keys())) == len(lora.trainable_names(trainer.model))
+    assert not (checkpoint / "state" / "model.safetensors").exists()  # the weights are stored once
+    assert (checkpoint / "state" / "optimizer").is_dir()  # AdamW's state of the adapter
     # peft loads the checkpoint onto the base model: the trainer's adapted model
     prompts, completions = _rows()
     loaded = PeftModel.from_pretrained(_base(trainer_model_dir), str(model_dir)).eval()

@@ -262,6 +262,79 @@ def test_checkpoints_keep_the_last_n_and_restore(trainer_model_dir, tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_checkpoint_without_optimizer_state_keeps_the_weights_and_restarts_adam(trainer_model_dir, tmp_path):
+    """trainer.checkpoint_optimizer=false: a checkpoint of the weights only (about a third of one with
+    AdamW's two moments); loading it restores weights, step and schedule, and says AdamW restarted."""
+    from dspy_p2o.checkpoints import size_bytes
+
+    sizes = {}
+    for keep_optimizer in (True, False):
+        config = TrainerConfig(lr=1e-3, checkpoint_optimizer=keep_optimizer, lr_schedule="linear")
+        trainer = GRPOTrainer(trainer_model_dir, config=config, total_steps=4)
+        trainer.train_on(_batch())
+        trainer.train_on(_batch())
+        path = trainer.save_checkpoint(tmp_path / str(keep_optimizer))
+        sizes[keep_optimizer] = size_bytes(path)
+        assert (path / "state" / "optimizer").is_dir() == keep_optimizer
+        fresh = GRPOTrainer(trainer_model_dir, config=config, total_steps=4)
+        fresh.load_checkpoint(path)
+        assert fresh.global_step == 2 and fresh.optimizer_restarted == (not keep_optimizer)
+        assert fresh.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
+        assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), trainer.model.parameters()))
+        assert _adam_steps(fresh) == 2 if keep_optimizer else not fresh.optimizer.state_dict()["state"]
+        expected = trainer.checkpoint_bytes()
+        assert expected["optimizer"] == (2 * expected["weights"] if keep_optimizer else 0)
+        assert sum(expected.values()) < sizes[keep_optimizer] < sum(expected.values()) * 1.1 + 200_000  # + tokenizer
+    assert sizes[False] < 0.45 * sizes[True]
+
+
+def test_full_disk_while_writing_a_checkpoint_removes_it_and_keeps_the_earlier_one(trainer_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    import errno
+
+    from dspy_p2o import checkpoints
+    from dspy_p2o.checkpoints import NoSpaceForCheckpoint
+
+    trainer = GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3))
+    trainer.train_on(_batch())
+    first = trainer.save_checkpoint(tmp_path)
+    trainer.train_on(_batch())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "write_state", full_disk)
+    with pytest.raises(NoSpaceForCheckpoint, match="no space left while writing checkpoint 2"):
+        trainer.save_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no .tmp-checkpoint-00000002
+    monkeypatch.undo()
+    assert GRPOTrainer(trainer_model_dir, config=TrainerConfig(lr=1e-3)).load_checkpoint(first) == {}
+
+
+def test_sharding_refuses_what_it_cannot_shard_in_one_line(trainer_model_dir):
+    """FSDP2 needs a process group (torchrun / accelerate launch), is not applied to a peft (LoRA) model,
+    and is turned on by trainer.sharding, not by accelerate's FSDP plugin (accelerate shards only on GPUs,
+    so that path would run untested code)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    from dspy_p2o.config import ConfigError
+    from dspy_p2o.trainer.grpo import _refuse_accelerate_fsdp
+    from dspy_p2o.trainer.sharding import shard_module
+
+    with pytest.raises(ConfigError, match="launch it with torchrun or accelerate launch"):
+        GRPOTrainer(trainer_model_dir, config=TrainerConfig(sharding="fsdp2"))
+    model = AutoModelForCausalLM.from_pretrained(trainer_model_dir)
+    model.peft_config = {"default": None}  # what peft's PeftModel carries
+    with pytest.raises(ConfigError, match="does not shard a peft \\(LoRA\\) model"):
+        shard_module(model, device=torch.device("cpu"), compute_dtype=None)
+    with pytest.raises(ConfigError, match="set trainer.sharding: fsdp2"):
+        _refuse_accelerate_fsdp(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    _refuse_accelerate_fsdp(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
 def _adam_steps(trainer) -> int:
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert len(steps) == 1

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The paper's Qwen3-4B runs on one node: vLLM on the first VLLM_GPUS GPUs, the accelerate
-# trainer on the rest (DDP by default: the multi-process path tested on CPU with torchrun;
-# DIST=fsdp / DIST=zero are untested, see benchmarks/gpu/README.md).
+# trainer on the rest, its weights, gradients and AdamW state sharded over them with FSDP2 by
+# default (DIST=fsdp2: trainer.sharding=fsdp2; DIST=ddp: a full replica per GPU; DIST=zero:
+# DeepSpeed ZeRO-2, untested). fsdp2 and ddp are the multi-process paths tested on CPU with
+# torchrun (see benchmarks/gpu/README.md).
 #
 #   benchmarks/gpu/run.sh self      # P^2O Self-Ref   (benchmarks/configs/p2o_self_ref.yaml)
 #   benchmarks/gpu/run.sh teacher   # P^2O Teacher-Ref (benchmarks/configs/p2o_teacher_ref.yaml)
@@ -26,7 +28,7 @@ esac
 MODEL=${MODEL:-Qwen/Qwen3-4B}
 NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
 VLLM_GPUS=${VLLM_GPUS:-1}                           # >1: tensor parallelism across them
-DIST=${DIST:-ddp}                                   # ddp | fsdp | zero (accelerate/<DIST>.yaml)
+DIST=${DIST:-fsdp2}                                 # fsdp2 | ddp | zero (untested)
 POLICY_PORT=${POLICY_PORT:-8000}
 REF_PORT=${REF_PORT:-8001}
 RUN_DIR=${RUN_DIR:-runs/gpu-$WHICH-$(date +%Y%m%d-%H%M%S)}
@@ -40,7 +42,12 @@ TRAIN_GPUS=$(seq -s, "$VLLM_GPUS" $(( NUM_GPUS - 1 )))
 SERVE_GPUS=$(seq -s, 0 $(( VLLM_GPUS - 1 )))
 NUM_TRAIN=$(( NUM_GPUS - VLLM_GPUS ))
 (( NUM_TRAIN >= 1 )) || { echo "need at least one trainer GPU (NUM_GPUS=$NUM_GPUS, VLLM_GPUS=$VLLM_GPUS)" >&2; exit 2; }
-[[ -f "benchmarks/gpu/accelerate/$DIST.yaml" ]] || { echo "unknown DIST '$DIST' (ddp|fsdp|zero)" >&2; exit 2; }
+case "$DIST" in
+  fsdp2) ACCELERATE=multi_gpu; SHARDING=fsdp2 ;;
+  ddp) ACCELERATE=multi_gpu; SHARDING=none ;;
+  zero) ACCELERATE=zero; SHARDING=none ;;
+  *) echo "unknown DIST '$DIST' (fsdp2|ddp|zero)" >&2; exit 2 ;;
+esac
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done; wait || true; }
@@ -84,6 +91,8 @@ cat >"$OVERLAY" <<EOF
 base: $(pwd)/$CONFIG
 policy: $MODEL
 engine: vllm
+trainer:
+  sharding: $SHARDING
 vllm:
   url: http://127.0.0.1:$POLICY_PORT
   api_key: $API_KEY
@@ -92,5 +101,5 @@ vllm:
 EOF
 
 CUDA_VISIBLE_DEVICES="$TRAIN_GPUS" accelerate launch \
-  --config_file "benchmarks/gpu/accelerate/$DIST.yaml" --num_processes "$NUM_TRAIN" \
+  --config_file "benchmarks/gpu/accelerate/$ACCELERATE.yaml" --num_processes "$NUM_TRAIN" \
   -m dspy_p2o.cli train --config "$OVERLAY" --run-dir "$RUN_DIR" "$@"

@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 
 from dspy_p2o.config import VLLMServerOptions
+from dspy_p2o.processes import die_with_parent
 
 DEFAULT_SERVER_COMMAND = (sys.executable, "-m", "dspy_p2o.engines.vllm_launch", "serve")
 HOST = "127.0.0.1"
@@ -185,12 +186,7 @@ def _install_exit_hooks() -> None:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     """Linux: have the kernel SIGTERM the server if this Python process is SIGKILLed."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    die_with_parent(signal.SIGTERM)
 
 
 class VLLMServer:

@@ -64,6 +64,8 @@ def toy_loop(program: Any, world: World, policy_dir: Path, run_dir: Path, config
 
     class ToyLoop(P2OLoop):
         easyset = with_ids(world.split("test", "easy"), "val_easy")
+        announces_disk = False  # the demo prints its epoch lines only; its runs' tiny checkpoints are in summary.md
+
 
         def evaluate(self, examples):
             out = super().evaluate(examples)

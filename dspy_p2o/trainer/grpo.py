@@ -18,11 +18,12 @@ one sequence (`loss_agg`: "dapo" weighs every completion token of every call ali
 call's token mean, "dr_grpo" a constant), so a rollout with more calls contributes more sequences.
 A one-predictor program has one call per rollout: exactly GRPO.
 
-Distribution (DDP / FSDP / DeepSpeed) comes from accelerate's own config. Under N
-processes each process trains on its own share of the batch's rollouts (whole GRPO
-groups); what every process must agree on -- advantages, which groups carry signal, the
-mini-batches, the loss normalisers -- is computed from the gathered global batch, so
-N processes take the same optimiser step as one process on the whole batch.
+Under N processes (torchrun / accelerate launch) each process trains on its own share of the
+batch's rollouts (whole GRPO groups), with a full replica of the model (DDP, accelerate's
+prepare) or, with `sharding: fsdp2`, 1/N of it (sharding.py); what every process must agree on --
+advantages, which groups carry signal, the mini-batches, the loss normalisers, how many forward
+passes each phase runs -- is computed from the gathered global batch, so N processes take the
+same optimiser step as one process on the whole batch.
 With `config.lora` the policy is wrapped in a peft LoRA adapter (dspy_p2o/lora.py): only the
 adapter trains, pi_init for the KL term is the same module with its adapter disabled, and
 checkpoints hold the adapter and its optimiser state.
@@ -32,9 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -48,8 +51,9 @@ from dspy_p2o import checkpoints as ckpt
 from dspy_p2o import lora
 from dspy_p2o.batch import Call, CallShape, GlobalBatch, Rollout
 from dspy_p2o.trainer.advantages import group_advantages
-from dspy_p2o.trainer.logprobs import (batch_logprobs, make_batch, plan_micro_batches, right_align,
+from dspy_p2o.trainer.logprobs import (batch_logprobs, idle_forward, make_batch, plan_micro_batches, right_align,
                                        sequence_logprobs, supports_logits_to_keep)
+from dspy_p2o.trainer.sharding import full_state_dict, shard_module
 from dspy_p2o.trainer.losses import (TemplateRatio, aggregate, template_ratio_metrics, token_loss,
                                      truncated_is_weights)
 
@@ -103,6 +107,10 @@ class GRPOTrainer:
         total_steps: optimiser steps of the whole run, for warm-up and decay.
         accelerator: an `accelerate.Accelerator`; one is made when None (plain CPU / one
             GPU need no accelerate config).
+
+    `config.sharding` "none" replicates the model on every process (accelerate prepares it: DDP
+    under several processes); "fsdp2" shards it over the processes (sharding.py; the optimizer is
+    built on the shards, and accelerate only steps and clips it).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, config: TrainerConfig = TrainerConfig(), *,
@@ -117,6 +125,8 @@ class GRPOTrainer:
         self.temperature = temperature
         set_seed(seed)
         self.accelerator = accelerator or make_accelerator(config.dtype, config.process_timeout_s)
+        _refuse_accelerate_fsdp(self.accelerator)
+        self.sharded = config.sharding == "fsdp2"
         base_dtype = torch.float32
         if config.lora is not None:  # the frozen base needs no fp32 master copy
             base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
@@ -136,19 +146,30 @@ class GRPOTrainer:
         self.template_ratio = TemplateRatio(config.template_ratio, config.template_ratio_bounds, config.template_clip,
                                             config.epsilon_high)
         self.ref_model = None
-        if config.beta > 0 and config.lora is None:
+        self.uses_reference = config.beta > 0  # the KL term's pi_ref = pi_init
+        if config.beta > 0 and config.lora is None:  # pi_ref: a frozen copy of the initial weights (sharded like the policy)
             reference = copy.deepcopy(module).eval().requires_grad_(False)
-            self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
+            self.ref_model = (self._shard(reference) if self.sharded
+                              else self.accelerator.prepare_model(reference, evaluation_mode=True))
+        if self.sharded:  # before the optimizer: AdamW holds (and keeps state for) the shards
+            module = self._shard(module)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
-        self._model, self.optimizer = self.accelerator.prepare(module, optimizer)
-        if config.lora is not None:  # checkpoints hold the adapter and its optimiser state, not the base weights
-            self.accelerator.register_save_state_pre_hook(_keep_trainable_weights)
-            self.accelerator.register_load_state_pre_hook(_check_trainable_weights)
-        # Registered rather than prepared: a prepared scheduler steps once per process.
+        if self.sharded:
+            self._model, self.optimizer = module, self.accelerator.prepare_optimizer(optimizer)
+        else:
+            self._model, self.optimizer = self.accelerator.prepare(module, optimizer)
+        # Not prepared: a prepared scheduler steps once per process. Registered: a checkpoint written
+        # by accelerate's save_state (before checkpoints stored the weights once) still loads.
         self.scheduler = make_scheduler(self.optimizer, config.lr_schedule, config.warmup_ratio, total_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.global_step = 0
+        self.optimizer_restarted = False  # the last load_checkpoint found no optimizer state (weights-only)
+
+    def _shard(self, module: torch.nn.Module) -> torch.nn.Module:
+        precision = self.accelerator.mixed_precision
+        return shard_module(module, device=self.accelerator.device,
+                            compute_dtype=torch.bfloat16 if precision == "bf16" else None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -159,6 +180,20 @@ class GRPOTrainer:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def full_state_dict(self, *, everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """The whole model's weights. Sharded: gathered from the shards -- a collective, every process
+        calls it -- onto the CPU of the main process only (the others get {}) unless `everywhere`.
+        Unsharded: the module's own state dict (no copy)."""
+        return full_state_dict(self._model, everywhere=everywhere) if self.sharded else self.model.state_dict()
+
+    def checkpoint_bytes(self) -> dict[str, int]:
+        """What one checkpoint takes on disk (before the tokenizer and a few KB of state): the weights
+        as `save_pretrained` writes them and, with `checkpoint_optimizer`, AdamW's two moments."""
+        params = list(self.model.parameters())  # a tied head counts once; a DTensor by its global size
+        weights = sum(p.numel() * p.element_size() for p in params)
+        moments = 2 * sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        return {"weights": weights, "optimizer": moments if self.config.checkpoint_optimizer else 0}
 
     # ------------------------------------------------------------------ training
     def train_on(self, rollouts: Sequence[Rollout], batch: GlobalBatch | None = None,
@@ -198,7 +233,7 @@ class GRPOTrainer:
         if not plan.steps:
             metrics.update(steps=0.0, time_train=time.perf_counter() - start)
             return metrics
-        seqs, tilde = self._prepare(plan.chosen, plan.advantages, n_steps=len(plan.steps))
+        seqs, tilde = self._prepare(plan.chosen, plan.advantages, plan=plan)
         step_sums, step_stats, step_old, outside = self._steps(plan, seqs, after_step)
         metrics.update(_step_metrics(step_stats, _sum_over_processes(step_sums), self.config.beta))
         old = seqs.old if seqs.old is not None else [step_old[j] for j in range(len(plan.chosen))]
@@ -239,7 +274,17 @@ class GRPOTrainer:
         """Who trains what in this batch, computed alike on every process from the global batch: one
         row per call (a trained sequence) of every rollout, group advantages from the rollouts'
         rewards, the rows of informative groups, the optimiser steps (`mini_batch_size` whole
-        questions each, `updates_per_batch` passes), and this process's trained rows."""
+        questions each, `updates_per_batch` passes), this process's trained rows, and how many
+        forward passes each scoring phase runs.
+
+        Collective safety: in every phase of a batch -- the old, templated and reference log-prob
+        passes before the update, and each optimiser step's gradient passes -- EVERY process runs the
+        same number of forward passes: the most any process needs for its rows (length-bucketed
+        micro-batches of at most `micro_batch_tokens`), computed here from the global rows; a process
+        with fewer rows pads with idle one-token passes. Whether a phase runs at all is decided from
+        the global rows too. Under FSDP every forward is a collective (each layer's parameters are
+        gathered from all processes); under DDP each backward's gradient all-reduce is.
+        """
         cfg = self.config
         rows = [_Row.of(shape, g, o.example_id, o.rank, cfg.distill)
                 for g, o in enumerate(batch.outcomes) for shape in o.calls]
@@ -252,59 +297,71 @@ class GRPOTrainer:
         mine = [i for i in trained if offset <= i < offset + len(local)]
         steps = [[trained[j] for j in mb] for mb in self._mini_batches([rows[i].example_id for i in trained])
                  ] if trained else []
-        return _Plan(rows=rows, adv=adv, trained=trained, steps=steps * cfg.updates_per_batch,
+        steps = steps * cfg.updates_per_batch
+        scored = [rows[i] for i in trained]
+        distilled_rows = [r for r in scored if cfg.distill and r.templated]
+        # on-policy, pi_old = pi_theta: with one optimiser step and nothing that needs pi_old before it (no
+        # truncated IS, no template ratio of a distilled row anywhere in the batch), the gradient pass's own
+        # detached log-probs are the old ones -- a forward pass saved (as TRL does)
+        old_is_current = len(steps) == 1 and cfg.tis_cap is None and not (
+            self.template_ratio.needs_old_logprobs and distilled_rows)
+        passes = {"old": 0 if old_is_current else self._busiest(scored, lambda r: r.prompt_len),
+                  "templated": self._busiest(distilled_rows, lambda r: r.sampled_prompt_len),
+                  "ref": self._busiest(scored, lambda r: r.prompt_len) if self.uses_reference else 0}
+        return _Plan(rows=rows, adv=adv, trained=trained, steps=steps,
                      chosen=[local[i - offset] for i in mine],
                      advantages=adv.values[[rows[i].rollout for i in mine]],  # every call: its rollout's advantage
                      position={g: j for j, g in enumerate(mine)},
-                     norm_length=cfg.dr_grpo_length or max((rows[i].completion_len for i in trained), default=1))
+                     norm_length=cfg.dr_grpo_length or max((rows[i].completion_len for i in trained), default=1),
+                     old_is_current=old_is_current, passes=passes)
+
+    def _busiest(self, rows: list["_Row"], prompt_len: Callable[["_Row"], int]) -> int:
+        """The most micro-batches any process needs to score its `rows` (prompt of `prompt_len` + completion)."""
+        return max(len(plan_micro_batches([prompt_len(r) + r.completion_len for r in rows if r.rank == rank],
+                                          self.config.micro_batch_tokens))
+                   for rank in range(self.accelerator.num_processes))
 
     # ------------------------------------------------------------------ before the update (named steps)
     def _prepare(self, chosen: list[Call], advantages: torch.Tensor, *,
-                 n_steps: int) -> tuple[_Sequences, dict[int, torch.Tensor]]:
-        """This process's trained rows, scored before the update; returns them and log pi(y | x~)
-        of the distilled rows (by row). `n_steps`: the optimiser steps of the whole batch."""
+                 plan: "_Plan") -> tuple[_Sequences, dict[int, torch.Tensor]]:
+        """This process's trained rows (`plan.chosen`) and their advantages, scored before the update,
+        each phase in `plan.passes` forward passes; returns them and log pi(y | x~) of the distilled
+        rows (by row)."""
         prompts = [gradient_prompt(r, self.config.distill) for r in chosen]
         completions = [r.completion_ids for r in chosen]
-        old = None if self._old_is_current(chosen, n_steps) else self._old_logprobs(prompts, completions)
-        tilde = self._templated_logprobs(chosen)
+        old = None if plan.old_is_current else self._old_logprobs(prompts, completions, plan.passes["old"])
+        tilde = self._templated_logprobs(chosen, plan.passes["templated"])
         weights, kept = self._token_weights(chosen, old, tilde)
         upper = self._clip_ceiling(chosen, old, tilde)
-        ref = self._reference_logprobs(prompts, completions) if self.config.beta > 0 else None
+        ref = self._reference_logprobs(prompts, completions, plan.passes["ref"]) if self.uses_reference else None
         seqs = _Sequences(prompts=tuple(prompts), completions=tuple(completions), advantages=advantages,
                           old=_frozen(old), weights=tuple(weights), kept=tuple(kept), upper=_frozen(upper),
                           ref=_frozen(ref))
         return seqs, tilde
 
-    def _reference_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
-        """log pi_ref(y_t | p, y_<t), pi_ref = pi_init for the KL term: the frozen copy of the initial
-        weights or, with a LoRA adapter, this very module with its adapter disabled (no second copy)."""
-        if self.ref_model is not None:
-            return self._logprobs(self.accelerator.unwrap_model(self.ref_model), prompts, completions)
-        with self.model.disable_adapter():
-            return self._logprobs(self._scoring_model, prompts, completions)
-
-    def _old_is_current(self, chosen: list[Call], n_steps: int) -> bool:
-        """On-policy, pi_old = pi_theta: with one optimiser step and nothing that needs pi_old before
-        it (no truncated IS, no template ratio of a distilled row), the gradient pass's own detached
-        log-probs are the old ones -- a forward pass saved (as TRL does)."""
-        needs_ratio = self.template_ratio.needs_old_logprobs and any(distilled(r, self.config.distill) for r in chosen)
-        return n_steps == 1 and self.config.tis_cap is None and not needs_ratio
-
-    def _old_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+    def _old_logprobs(self, prompts: list[list[int]], completions: list[list[int]], passes: int) -> list[torch.Tensor]:
         """log pi_old(y_t | p, y_<t) on the gradient prompt p: the denominator of the PPO ratio
         rho_t = pi_theta / pi_old, held over all the batch's optimiser steps."""
-        return self._logprobs(self._scoring_model, prompts, completions)
+        return self._logprobs(self._scoring_model, prompts, completions, passes)
 
-    def _templated_logprobs(self, chosen: list[Call]) -> dict[int, torch.Tensor]:
+    def _templated_logprobs(self, chosen: list[Call], passes: int) -> dict[int, torch.Tensor]:
         """log pi(y_t | x~, y_<t) of each distilled row (by row), x~ = T(x, z) the prompt it was
         sampled from: the denominator of the template ratio r_t = pi(y_t | x) / pi(y_t | x~), and
         the trainer's side of the comparison with the engine's log-probs."""
         rows = [j for j, r in enumerate(chosen) if distilled(r, self.config.distill)]
-        if not rows:
-            return {}
         logprobs = self._logprobs(self._scoring_model, [chosen[j].sampled_prompt_ids for j in rows],
-                                  [chosen[j].completion_ids for j in rows])
+                                  [chosen[j].completion_ids for j in rows], passes)
         return dict(zip(rows, logprobs))
+
+    def _reference_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
+                            passes: int) -> list[torch.Tensor]:
+        """log pi_ref(y_t | p, y_<t), pi_ref = pi_init for the KL term (beta > 0): the frozen copy of the
+        initial weights or, with a LoRA adapter, this very module with its adapter disabled (no second copy)."""
+        if self.ref_model is None:
+            with self.model.disable_adapter():
+                return self._logprobs(self._scoring_model, prompts, completions, passes)
+        reference = self.ref_model if self.sharded else self.accelerator.unwrap_model(self.ref_model)
+        return self._logprobs(reference, prompts, completions, passes)
 
     def _token_weights(self, chosen: list[Call], old: list[torch.Tensor] | None,
                        tilde: dict[int, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -337,18 +394,17 @@ class GRPOTrainer:
 
     @property
     def _scoring_model(self) -> torch.nn.Module:
-        """The module for no-grad log-prob passes. Under DDP the unwrapped module: its forward is
-        local, so processes with different numbers of rows need not match forward for forward
-        (a DDP forward may broadcast buffers). FSDP / DeepSpeed keep their wrapper (its forward
-        gathers the shards), so there every process must score the same number of micro-batches."""
+        """The module for no-grad log-prob passes: under DDP the module inside the wrapper (a DDP
+        forward would broadcast buffers for nothing); a sharded module itself (its forward gathers the
+        shards: every process runs the phase's planned number of passes, `_plan`)."""
         if isinstance(self._model, torch.nn.parallel.DistributedDataParallel):
             return self._model.module
         return self._model
 
-    def _logprobs(self, model, prompts, completions) -> list[torch.Tensor]:
+    def _logprobs(self, model, prompts, completions, passes: int) -> list[torch.Tensor]:
         return sequence_logprobs(model, prompts, completions, pad_id=self.pad_id, max_tokens=self.config.micro_batch_tokens,
                                  temperature=self.temperature, device=self.device,
-                                 logits_to_keep=self._logits_to_keep)
+                                 logits_to_keep=self._logits_to_keep, passes=passes)
 
     def _mini_batches(self, groups: list[str]) -> list[list[int]]:
         """Row indices per optimiser step: `mini_batch_size` whole questions each."""
@@ -370,7 +426,9 @@ class GRPOTrainer:
 
         Every process runs `n_micro` forward/backward passes (the most any process needs;
         the extra ones are idle passes with a zero loss), so DDP's one gradient all-reduce
-        (on the last pass) and FSDP's per-pass gathers line up across processes.
+        (on the last pass) and FSDP's per-pass gathers and gradient reduce-scatters line up
+        across processes (FSDP2 reduce-scatters after every backward, keeping only shards of the
+        gradients: accelerate's no_sync is DDP's alone).
         Returns this process's loss/clip/token sums, the step's lr and grad norm, and (on-policy)
         the old log-probs its gradient passes took, by row.
         """
@@ -390,9 +448,11 @@ class GRPOTrainer:
                         sums[k] += v
                 else:
                     loss = self._idle_loss()
-                # DDP averages gradients over processes; the loss is already a share of the global mean
+                # DDP / FSDP average gradients over processes; the loss is already a share of the global mean
                 acc.backward(loss * acc.num_processes)
         grad_norm = acc.clip_grad_norm_(self._model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # the norm over all shards (a DTensor)
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -402,8 +462,7 @@ class GRPOTrainer:
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss through the whole model: a process without rows in a step still joins its collectives."""
-        out = self._model(input_ids=torch.tensor([[self.pad_id]], device=self.device))
-        return out.logits.sum() * 0.0
+        return idle_forward(self._model, self.pad_id, self.device).sum() * 0.0
 
     def _micro_batch_loss(self, seqs: _Sequences, rows: list[int],
                           norm: dict) -> tuple[torch.Tensor, dict, dict[int, torch.Tensor]]:
@@ -431,40 +490,117 @@ class GRPOTrainer:
             i: old[r, batch.width - len(seqs.completions[i]):].float().cpu() for r, i in enumerate(rows)}
         return loss, stats, taken
 
-    # ------------------------------------------------------------------ sync, checkpoints
+    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | os.PathLike, extra_state: dict | None = None, *,
                         prune: bool = True) -> Path:
-        """Write `directory/checkpoint-<step>` (model + tokenizer -- with LoRA the adapter + tokenizer --,
-        optimizer, scheduler, RNG, step, `extra_state`) and, with `prune`, delete all but the last
-        `keep_last_checkpoints`. A caller that records the new checkpoint elsewhere (the loop's
-        state.json) passes prune=False and calls `prune_checkpoints` only once that record is saved:
-        a kill in between must leave the recorded checkpoint on disk."""
+        """Write `directory/checkpoint-<step>` (layout: checkpoints.py) and, with `prune`, delete all but
+        the last `keep_last_checkpoints`. A caller that records the new checkpoint elsewhere (the loop's
+        state.json) passes prune=False and calls `prune_checkpoints` only once that record is saved: a
+        kill in between must leave the recorded checkpoint on disk.
+
+        Every process writes its part under `.tmp-checkpoint-<step>`; the main process renames it only
+        once EVERY process has finished (a slower rank must not find its directory gone). When a write
+        fails on any process -- a full disk above all -- the temporary directory is removed and every
+        process raises (`checkpoints.NoSpaceForCheckpoint` for a full disk): the checkpoints already
+        on disk are untouched."""
         acc = self.accelerator
         root = Path(directory)
         final = root / ckpt.checkpoint_name(self.global_step)
         tmp = root / f".tmp-{final.name}"
         if acc.is_main_process:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / ckpt.STATE_DIR).mkdir(parents=True)
         acc.wait_for_everyone()
-        with _quiet_tied_weight_warning():
-            acc.save_state(str(tmp / "state"))
-        state_dict = acc.get_state_dict(self._model)  # collective under FSDP / DeepSpeed
-        if acc.is_main_process:
-            import shutil
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-            lora.save_pretrained(self.model, tmp / "model", state_dict=state_dict)  # with LoRA: the adapter
-            self.tokenizer.save_pretrained(tmp / "model")
-            ckpt.write_state(tmp, {"global_step": self.global_step, "extra_state": extra_state or {},
-                                   "config": asdict(self.config)})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            if prune:
-                ckpt.prune(root, self.config.keep_last_checkpoints)
+        failure: BaseException | None = None
+        try:
+            self._write_checkpoint(tmp, extra_state)
+        except (Exception, CheckpointException) as exc:  # every process must hear of it
+            failure = exc
+        from accelerate.utils import gather_object
+
+        failed = [f for f in gather_object([_failure_of(failure, acc.process_index)]) if f is not None]
+        if acc.is_main_process:
+            if failed:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                if prune:
+                    ckpt.prune(root, self.config.keep_last_checkpoints)
         acc.wait_for_everyone()
+        if failed:
+            if any(f["no_space"] for f in failed):
+                raise ckpt.NoSpaceForCheckpoint(self.global_step, root) from failure
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"checkpoint {self.global_step} failed on process {failed[0]['rank']}: "
+                               f"{failed[0]['error']}")
         return final
+
+    def _write_checkpoint(self, tmp: Path, extra_state: dict | None) -> None:
+        """This process's part of a checkpoint. Collectives first, in the same order everywhere (the full
+        weights gathered, the optimizer's sharded save), then each process's own files."""
+        acc = self.accelerator
+        weights = self.full_state_dict()  # collective when sharded; the main process writes it
+        if self.config.checkpoint_optimizer and self._torch_optimizer().state:  # nothing to save before a step
+            self._save_optimizer(tmp / ckpt.STATE_DIR / ckpt.OPTIMIZER_DIR)
+        from accelerate.checkpointing import save_accelerator_state
+
+        # the scheduler (main process) and every process's RNG states: accelerate's own files
+        save_accelerator_state(str(tmp / ckpt.STATE_DIR), model_states=[], optimizers=[], schedulers=[self.scheduler],
+                               dataloaders=[], process_index=acc.process_index, step=acc.step, scaler=acc.scaler)
+        if acc.is_main_process:
+            with _quiet_tied_weight_warning():  # with LoRA: the adapter alone
+                lora.save_pretrained(self.model, tmp / ckpt.MODEL_DIR, state_dict=weights)
+            self.tokenizer.save_pretrained(tmp / ckpt.MODEL_DIR)
+            ckpt.write_state(tmp, {"global_step": self.global_step, "extra_state": extra_state or {},
+                                   "config": asdict(self.config), "processes": acc.num_processes,
+                                   "optimizer": (tmp / ckpt.STATE_DIR / ckpt.OPTIMIZER_DIR).is_dir()})
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+
+    def _save_optimizer(self, path: Path) -> None:
+        """AdamW's state by parameter name in torch.distributed.checkpoint's format: each process writes
+        its shards (replicated tensors once), and any number of processes can read it back."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(self.model, self._torch_optimizer())
+        with _dcp_alone():
+            dcp.save({"optimizer": state}, checkpoint_id=str(path), no_dist=not _distributed())
+
+    def _load_optimizer(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        optimizer = self._torch_optimizer()
+        state = {"optimizer": get_optimizer_state_dict(self.model, optimizer)}  # the layout to read into
+        with _dcp_alone():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+        set_optimizer_state_dict(self.model, optimizer, state["optimizer"])
+
+    def _load_weights(self, model_dir: Path) -> None:
+        """The full weights of `model/` into the (replicated or sharded) module (a LoRA run's: the
+        adapter). Sharded: the main process reads the files and the others receive their shards from it."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if lora.is_adapted(self.model):  # model/ holds the adapter alone; the base came with the policy
+            lora.load_adapter(self.model, model_dir)
+            return
+        read_here = not self.sharded or self.accelerator.is_main_process
+        weights = {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()} \
+            if read_here else {}
+        if read_here and not weights:
+            raise FileNotFoundError(f"checkpoint {model_dir.parent} holds no weights (no {model_dir}/*.safetensors)")
+        result = set_model_state_dict(self.model, weights, options=StateDictOptions(
+            full_state_dict=True, strict=False, broadcast_from_rank0=self.sharded))
+        if read_here and (result.unexpected_keys or [k for k in result.missing_keys if "lm_head" not in k]):
+            raise ValueError(f"checkpoint {model_dir.parent} does not fit the model: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
     def prune_checkpoints(self, directory: str | os.PathLike) -> None:
         """Delete all but the last `keep_last_checkpoints` complete checkpoints (main process)."""
@@ -472,11 +608,28 @@ class GRPOTrainer:
             ckpt.prune(directory, self.config.keep_last_checkpoints)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> dict:
-        """Restore model, optimizer, scheduler, RNG and step from a checkpoint; returns its extra_state."""
+        """Restore weights, optimizer, scheduler, RNG and step from a checkpoint (written under any
+        number of processes, sharded or not); returns its extra_state. A checkpoint without optimizer state
+        (`checkpoint_optimizer: false`) restarts AdamW's moments: `optimizer_restarted` says so."""
         directory = Path(directory)
         state = ckpt.read_state(directory)
-        # with LoRA the saved state holds the adapter's weights only (the base comes from the policy)
-        self.accelerator.load_state(str(directory / "state"), **({"strict": False} if self.config.lora else {}))
+        acc = self.accelerator
+        if ckpt.written_by_save_state(directory):  # the earlier layout: accelerate's save_state of everything
+            if self.sharded:
+                raise ValueError(f"checkpoint {directory} was written without sharding; resume it with sharding: none")
+            acc.load_state(str(directory / ckpt.STATE_DIR))
+            self.optimizer_restarted = False
+        else:
+            from accelerate.checkpointing import load_accelerator_state
+
+            self._load_weights(directory / ckpt.MODEL_DIR)
+            optimizer = directory / ckpt.STATE_DIR / ckpt.OPTIMIZER_DIR
+            if optimizer.is_dir():
+                self._load_optimizer(optimizer)
+            self.optimizer_restarted = not optimizer.is_dir() and int(state["global_step"]) > 0
+            load_accelerator_state(str(directory / ckpt.STATE_DIR), models=[], optimizers=[],
+                                   schedulers=[self.scheduler], dataloaders=[], process_index=acc.process_index,
+                                   scaler=acc.scaler)
         self.global_step = int(state["global_step"])
         return state.get("extra_state", {})
 
@@ -493,31 +646,6 @@ def _quiet_tied_weight_warning():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
-    """accelerate's save_state hook of a LoRA trainer: each model's saved weights are its trainable
-    parameters (the adapter), not the frozen base it was loaded from."""
-    for model, state in zip(models, weights):
-        keep = lora.trainable_names(model)
-        for key in [k for k in state if k not in keep]:
-            del state[key]
-
-
-def _check_trainable_weights(models: list[torch.nn.Module], input_dir: str) -> None:
-    """accelerate's load_state hook of a LoRA trainer: the saved weights must hold every trainable
-    parameter (they load with strict=False, which would skip a missing one silently)."""
-    from safetensors import safe_open
-
-    for i, model in enumerate(models):
-        path = Path(input_dir) / f"model{'' if i == 0 else f'_{i}'}.safetensors"
-        if not path.is_file():
-            continue
-        with safe_open(str(path), "pt") as handle:
-            missing = sorted(lora.trainable_names(model) - set(handle.keys()))
-        if missing:
-            raise ValueError(f"{path} is not a checkpoint of this LoRA adapter: it lacks {len(missing)} of its "
-                             f"weights, e.g. {missing[0]!r}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float,
@@ -543,6 +671,59 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio
                            num_training_steps=max(total_steps, warmup + 1)).lr_lambdas[0]
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: factor(step + 1 if step < warmup else min(step, total_steps)))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _dcp_alone():
+    """torch.distributed.checkpoint warns on every save / load without a process group (one process):
+    that is intended here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _failure_of(exc: BaseException | None, rank: int) -> dict | None:
+    """What the other processes learn of this process's failed checkpoint write (picklable)."""
+    if exc is None:
+        return None
+    return {"rank": rank, "error": f"{type(exc).__name__}: {exc}"[:500], "no_space": _no_space(exc)}
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether a full disk is behind `exc` (its cause chain, or a rank's failure inside DCP's
+    CheckpointException)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        wrapped = getattr(e, "failures", None) or {}  # rank -> (exception, traceback)
+        todo += [e.__cause__, e.__context__, *(f[0] if isinstance(f, tuple) else f for f in wrapped.values())]
+    return False
+
+
+def _refuse_accelerate_fsdp(accelerator: Any) -> None:
+    """accelerate's FSDP plugin would shard the model with accelerate's own (GPU-only, here untested)
+    code; the trainer shards it itself (`trainer.sharding: fsdp2`) under a plain multi-process launch."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from dspy_p2o.config import ConfigError
+
+        raise ConfigError("accelerate's FSDP plugin is not how dspy_p2o shards: launch with a multi-GPU accelerate "
+                          "config (distributed_type: MULTI_GPU, e.g. benchmarks/gpu/accelerate/multi_gpu.yaml) and set "
+                          "trainer.sharding: fsdp2")
 
 
 def make_accelerator(dtype: str, timeout_s: float = TrainerConfig.process_timeout_s):
@@ -600,6 +781,7 @@ class _Row:
     rollout: int  # its rollout's index in the global batch: the call takes that rollout's advantage
     example_id: str
     prompt_len: int  # the gradient prompt: x, or T(x, z) when distill=False
+    sampled_prompt_len: int  # the prompt it was sampled from: x, or T(x, z)
     completion_len: int
     templated: bool
     truncated: bool
@@ -608,7 +790,8 @@ class _Row:
     @classmethod
     def of(cls, shape: CallShape, rollout: int, example_id: str, rank: int, distill: bool) -> "_Row":
         prompt_len = shape.prompt_len if distill or not shape.templated else shape.sampled_prompt_len
-        return cls(rollout, example_id, prompt_len, shape.completion_len, shape.templated, shape.truncated, rank)
+        return cls(rollout, example_id, prompt_len, shape.sampled_prompt_len, shape.completion_len, shape.templated,
+                   shape.truncated, rank)
 
 
 @dataclass
@@ -623,6 +806,8 @@ class _Plan:
     advantages: torch.Tensor  # their advantages
     position: dict[int, int]  # global row -> index into `chosen`
     norm_length: int  # dr_grpo's constant length
+    old_is_current: bool  # pi_old is the gradient pass's own (no "old" scoring phase)
+    passes: dict[str, int]  # forward passes of each scoring phase ("old", "templated", "ref"), alike on every process
 
 
 def _sum_over_processes(step_sums: list[dict[str, float]]) -> list[dict[str, float]]:

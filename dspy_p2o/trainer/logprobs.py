@@ -113,17 +113,33 @@ def batch_logprobs(model: torch.nn.Module, batch: Batch, temperature: float = 1.
 @torch.no_grad()
 def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                       *, pad_id: int, max_tokens: int, temperature: float = 1.0,
-                      device: torch.device | None = None, logits_to_keep: bool = True) -> list[torch.Tensor]:
-    """log pi(y_t | prompt, y_<t) for every (prompt, completion) pair, as 1-D fp32 CPU tensors."""
+                      device: torch.device | None = None, logits_to_keep: bool = True,
+                      passes: int | None = None) -> list[torch.Tensor]:
+    """log pi(y_t | prompt, y_<t) for every (prompt, completion) pair, as 1-D fp32 CPU tensors.
+
+    The pairs go in `plan_micro_batches` micro-batches, one forward each; `passes` (at least that
+    many) pads with idle one-token forwards up to `passes` forwards in all: under FSDP every forward
+    is a collective, so processes with fewer rows must still run as many forwards as the busiest."""
     device = device or next(model.parameters()).device
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     result: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    for rows in plan_micro_batches(lengths, max_tokens):
+    plan = plan_micro_batches(lengths, max_tokens)
+    if passes is not None and passes < len(plan):
+        raise ValueError(f"sequence_logprobs: {len(plan)} micro-batches planned but only {passes} passes allowed")
+    for rows in plan:
         batch = make_batch(rows, prompts, completions, pad_id, device)
         lp = batch_logprobs(model, batch, temperature, logits_to_keep).float().cpu()
         for r, i in enumerate(rows):
             result[i] = lp[r, batch.width - len(completions[i]):].clone()
+    for _ in range((passes or 0) - len(plan)):
+        idle_forward(model, pad_id, device)
     return result
+
+
+def idle_forward(model: torch.nn.Module, pad_id: int, device: torch.device) -> torch.Tensor:
+    """One forward of a single pad token: a process without rows in a pass still joins the pass's
+    collectives (FSDP's parameter gathers; DDP's buffer broadcast). Returns the logits."""
+    return model(input_ids=torch.tensor([[pad_id]], device=device)).logits
 
 
 def right_align(values: Sequence[torch.Tensor], rows: list[int], width: int, fill: float = 0.0) -> torch.Tensor:
