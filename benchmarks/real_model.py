@@ -84,6 +84,13 @@ def renderer_for(tokenizer):
     return Renderer(program().cot.predict, tokenizer, adapter=make_adapter("json"))
 
 
+def renderers_for(prog, tokenizer) -> dict:
+    """The program's renderers under the JSON adapter, by predictor name (what the collector takes)."""
+    from dspy_p2o.renderer import make_adapter, program_renderers
+
+    return program_renderers(prog, tokenizer, make_adapter("json"))
+
+
 def prompt_ids(tokenizer, n: int) -> list[list[int]]:
     r = renderer_for(tokenizer)
     return [r.render(r.inputs_of(ex)).token_ids for ex in examples(n)]
@@ -182,26 +189,28 @@ LOSS = dict(lr=1e-6, loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0
 
 def step_ours(model_dir: Path, args) -> dict:
     from dspy_p2o.engines import LocalEngine
-    from dspy_p2o.rollouts import collect_rollouts, make_reward_fn
+    from dspy_p2o.engines.base import SamplingParams
+    from dspy_p2o.rewards import safe_metric
+    from dspy_p2o.rollouts import collect_rollouts
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     config = TrainerConfig(**LOSS, micro_batch_tokens=args.micro_batch_tokens, warmup_ratio=0.0,
                            gradient_checkpointing=False)
     trainer = GRPOTrainer(str(model_dir), config=config, temperature=args.temperature)
-    engine = LocalEngine(trainer.model, trainer.tokenizer)
-    trainer.engine = engine
-    renderer = renderer_for(trainer.tokenizer)
-    reward_fn = make_reward_fn(renderer, metric)
+    engine = LocalEngine(trainer.model, trainer.tokenizer)  # shares the trainer's module: no weight sync needed
+    prog = program()
+    renderers = renderers_for(prog, trainer.tokenizer)
+    scored = safe_metric(metric)
     batch = examples(args.questions)
     gen_t, rewards = [], []
 
     def run():
         start = time.perf_counter()
-        rollouts = collect_rollouts(engine, renderer, batch, reward_fn, k=args.k, temperature=args.temperature,
-                                    max_tokens=args.max_tokens, seed=len(gen_t), progress=False)
+        sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=len(gen_t))
+        rollouts = collect_rollouts(engine, prog, renderers, batch, scored, k=args.k, sampling=sampling)
         gen_t.append(time.perf_counter() - start)
         rewards.append(sum(r.reward for r in rollouts) / len(rollouts))
-        trainer.train_on(rollouts)
+        trainer.train_on(rollouts.rollouts, after_step=lambda: engine.sync_weights(trainer.model))
 
     times, _ = timed(run, args.warmup, args.reps)
     return step_summary(times, gen_t[args.warmup:], rewards[args.warmup:])
