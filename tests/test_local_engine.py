@@ -153,3 +153,33 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(format_model_dir
     lengths = sorted(len(o.completions[0].token_ids) for o in batched)
     if lengths[0] < lengths[-1]:  # some row stopped first: later steps ran on fewer rows
         assert min(batch_sizes[1:]) < len(prompts)
+
+
+def test_grouped_query_decode_step_samples_what_transformers_sdpa_does(tiny_model_dir, monkeypatch):
+    """`decode_sdpa` reads the KV cache once per key/value head in a padded decode step (SDPA's own
+    grouped-query path) where transformers' SDPA copies it per query head: the same tokens and the
+    same log-probs, to the bit, for a seed."""
+    import dspy_p2o.engines.local as local
+
+    engine = LocalEngine(tiny_model_dir, device="cpu", dtype="float32")
+    assert engine.model.config._attn_implementation == local.DECODE_ATTENTION
+    assert engine.model.config.num_attention_heads > engine.model.config.num_key_value_heads
+    prompts = prompts_of(engine)  # three lengths: every decode step has a padding mask
+    grouped = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        grouped.append(query.shape[2] == 1 and kwargs.get("attn_mask") is not None and kwargs.get("enable_gqa", False))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ours = engine.generate(prompts, n=2, temperature=1.0, max_tokens=10, seed=5)
+    assert any(grouped)  # the decode steps took the grouped-query path
+    engine.model.set_attn_implementation("sdpa")
+    grouped.clear()
+    theirs = engine.generate(prompts, n=2, temperature=1.0, max_tokens=10, seed=5)
+    assert not any(grouped)
+    for a, b in zip(ours, theirs):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        assert [c.logprobs for c in a.completions] == [c.logprobs for c in b.completions]
+

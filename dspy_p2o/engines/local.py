@@ -3,8 +3,9 @@
 A hand-written sampling loop (rather than `model.generate`) so that the log-prob of
 every sampled token under the *processed* distribution (temperature, top-k, top-p) is
 exact -- these are the behaviour log-probs the trainer compares against -- and so that
-n samples of a prompt share one prefill. The engine may share the trainer's module:
-then syncing weights costs nothing.
+n samples of a prompt share one prefill, and a decode step reads the KV cache once per
+key/value head (`decode_sdpa`). The engine may share the trainer's module: then syncing
+weights costs nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dspy_p2o import display
 from dspy_p2o.config import LocalOptions
@@ -75,6 +79,7 @@ class LocalEngine(Engine):
         else:
             self.device = resolve_device(device)
             self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, resolve_dtype(dtype, self.device))
+        use_decode_attention(self.model)
         self.name = name or Path(str(getattr(self.model, "name_or_path", "") or "policy")).name or "policy"
         self.max_batch_size = max_batch_size
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)  # prompt + completion
@@ -239,6 +244,45 @@ class LocalEngine(Engine):
 
     def close(self) -> None:
         pass
+
+
+DECODE_ATTENTION = "dspy_p2o_sdpa"  # transformers' SDPA attention with a grouped-query decode step (below)
+
+
+def decode_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except for a decode step on CPU: one query token per sequence,
+    grouped-query attention (fewer key/value heads than query heads) and a padding mask.
+
+    There transformers copies every key and value of the cache once per query head of its group
+    (`repeat_kv`: SDPA's own grouped-query path is off with a mask, for CUDA's kernels' sake), at
+    every layer of every decode step: at 32 sequences of ~450 tokens that was three times the KV
+    cache written and read per step, more bytes than the weights. `enable_gqa=True` reads the
+    cache as it is, with the same arithmetic (the same results to the bit). Anything else (prefill,
+    training, GPU, dropout, a position bias) goes to transformers' own function unchanged."""
+    groups = query.shape[1] // key.shape[1]
+    if (query.shape[2] == 1 and groups > 1 and query.device.type == "cpu" and not dropout
+            and kwargs.get("position_bias") is None and kwargs.get("cache") is None):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_decode_attention(model: torch.nn.Module) -> None:
+    """Switch a model on transformers' SDPA attention to `decode_sdpa` (registered once, with SDPA's
+    mask function). The switch lives in the model's config, not in saved checkpoints (transformers
+    does not write the attention implementation); a shared trainer module computes exactly what it
+    did, since everything but a decode step goes to transformers' SDPA."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return
+    if DECODE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(DECODE_ATTENTION, decode_sdpa)
+        AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(DECODE_ATTENTION)
 
 
 def _kv_cache(config: Any) -> Cache:
