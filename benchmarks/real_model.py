@@ -1,12 +1,13 @@
 """The real model on CPU: generation tokens/s and one full GRPO step, ours vs transformers / vLLM / TRL.
 
-SmolLM2-135M-Instruct, materialised offline (`dspy-p2o model smollm2-135m-instruct`), fp32.
+SmolLM2-135M-Instruct, materialised offline (`dspy-p2o model smollm2-135m-instruct`), fp32
+(`--dtype bfloat16` runs the three generation parts in bf16 instead).
 The prompts are the `math_cot` program's own prompts (two demos, JSON adapter: the setting where
 this model gets rewards, see RESULTS.md) for two-digit additions, rendered by our Renderer.
 
 - generation: Q prompts x n samples x <= max_tokens at temperature T (top_p 1, top_k off), the
   same prompt ids for all three: our LocalEngine.generate; transformers `generate` (the prompt
-  rows repeated n times, left-padded, do_sample); vLLM CPU in process (`vllm.LLM`, dtype float32,
+  rows repeated n times, left-padded, do_sample); vLLM CPU in process (`vllm.LLM`, dtype --dtype,
   enforce_eager). tokens/s = completion tokens produced / wall time.
 - step: one full GRPO step on the same Q questions x K rollouts, same max tokens, temperature and
   loss settings (dapo aggregation, eps 0.2/0.28, beta 0, group scaling, lr 1e-6, no gradient
@@ -84,6 +85,13 @@ def renderer_for(tokenizer):
     return Renderer(program().cot.predict, tokenizer, adapter=make_adapter("json"))
 
 
+def renderers_for(prog, tokenizer) -> dict:
+    """The program's renderers under the JSON adapter, by predictor name (what the collector takes)."""
+    from dspy_p2o.renderer import make_adapter, program_renderers
+
+    return program_renderers(prog, tokenizer, make_adapter("json"))
+
+
 def prompt_ids(tokenizer, n: int) -> list[list[int]]:
     r = renderer_for(tokenizer)
     return [r.render(r.inputs_of(ex)).token_ids for ex in examples(n)]
@@ -113,7 +121,7 @@ def peak_rss_mib() -> float:
 def gen_ours(model_dir: Path, args) -> dict:
     from dspy_p2o.engines import LocalEngine
 
-    engine = LocalEngine(model_dir, dtype="float32")
+    engine = LocalEngine(model_dir, dtype=args.dtype)
     ids = prompt_ids(engine.tokenizer, args.questions)
 
     def run():
@@ -128,7 +136,7 @@ def gen_hf(model_dir: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
     ids = [p for p in prompt_ids(tok, args.questions) for _ in range(args.k)]
     width = max(map(len, ids))
     pad = tok.pad_token_id
@@ -158,7 +166,7 @@ def gen_vllm(model_dir: Path, args) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = prompt_ids(tok, args.questions)
     start = time.perf_counter()
-    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+    llm = LLM(model=str(model_dir), dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0,
               kv_cache_memory_bytes=256 << 20)
     startup = time.perf_counter() - start
     params = SamplingParams(n=args.k, temperature=args.temperature, top_p=1.0, top_k=0, max_tokens=args.max_tokens,
@@ -182,26 +190,28 @@ LOSS = dict(lr=1e-6, loss_agg="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0
 
 def step_ours(model_dir: Path, args) -> dict:
     from dspy_p2o.engines import LocalEngine
-    from dspy_p2o.rollouts import collect_rollouts, make_reward_fn
+    from dspy_p2o.engines.base import SamplingParams
+    from dspy_p2o.rewards import safe_metric
+    from dspy_p2o.rollouts import collect_rollouts
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     config = TrainerConfig(**LOSS, micro_batch_tokens=args.micro_batch_tokens, warmup_ratio=0.0,
                            gradient_checkpointing=False)
     trainer = GRPOTrainer(str(model_dir), config=config, temperature=args.temperature)
-    engine = LocalEngine(trainer.model, trainer.tokenizer)
-    trainer.engine = engine
-    renderer = renderer_for(trainer.tokenizer)
-    reward_fn = make_reward_fn(renderer, metric)
+    engine = LocalEngine(trainer.model, trainer.tokenizer)  # shares the trainer's module: no weight sync needed
+    prog = program()
+    renderers = renderers_for(prog, trainer.tokenizer)
+    scored = safe_metric(metric)
     batch = examples(args.questions)
     gen_t, rewards = [], []
 
     def run():
         start = time.perf_counter()
-        rollouts = collect_rollouts(engine, renderer, batch, reward_fn, k=args.k, temperature=args.temperature,
-                                    max_tokens=args.max_tokens, seed=len(gen_t), progress=False)
+        sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=len(gen_t))
+        rollouts = collect_rollouts(engine, prog, renderers, batch, scored, k=args.k, sampling=sampling)
         gen_t.append(time.perf_counter() - start)
         rewards.append(sum(r.reward for r in rollouts) / len(rollouts))
-        trainer.train_on(rollouts)
+        trainer.train_on(rollouts.rollouts, after_step=lambda: engine.sync_weights(trainer.model))
 
     times, _ = timed(run, args.warmup, args.reps)
     return step_summary(times, gen_t[args.warmup:], rewards[args.warmup:])
@@ -261,10 +271,10 @@ def step_summary(steps: list[float], gens: list[float], rewards: list[float]) ->
 def run_part(part: str, args) -> dict:
     """One part in a fresh interpreter, so its peak RSS and threads are its own."""
     cmd = [sys.executable, __file__, "--part", part, "--model-dir", str(args.model_dir)]
-    for name in ("questions", "k", "max_tokens", "temperature", "reps", "warmup", "micro_batch_tokens"):
+    for name in ("questions", "k", "max_tokens", "temperature", "reps", "warmup", "micro_batch_tokens", "dtype"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     print(f"[real_model] {part} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -275,6 +285,7 @@ def run_part(part: str, args) -> dict:
         return {"error": "no result line in the worker's output"}
     result = json.loads(lines[-1][len(RESULT_MARK):])
     result["wall_s"] = time.perf_counter() - start
+    result["load_1min"] = [load_before, os.getloadavg()[0]]  # the machine's load average before and after the part
     print(f"[real_model] {part}: {json.dumps({k: v for k, v in result.items() if not k.endswith('_all_s')})}",
           file=sys.stderr, flush=True)
     return result
@@ -297,7 +308,7 @@ def summarise(results: dict, args) -> dict:
                   "ratio": ratio(ours.get("train_s"), trl.get("train_s"))},
         "peak_rss_mib": {part: r.get("peak_rss_mib") for part, r in results.items()},
         "parts": results,
-        "config": {"model": "smollm2-135m-instruct (fp32)", "questions": args.questions, "k": args.k,
+        "config": {"model": "smollm2-135m-instruct", "generation_dtype": args.dtype, "training_dtype": "float32", "questions": args.questions, "k": args.k,
                    "max_tokens": args.max_tokens, "temperature": args.temperature, "reps": args.reps,
                    "warmup": args.warmup, "cpu_count": os.cpu_count(), "loss": LOSS,
                    "load_average_at_end": os.getloadavg()},
@@ -313,6 +324,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--micro-batch-tokens", type=int, default=4096)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the generation parts' dtype (the GRPO steps train in float32)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--model-dir", type=Path, help="default: materialise smollm2-135m-instruct (cached)")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a worker subprocess

@@ -40,7 +40,7 @@ def questions(n: int) -> list[str]:
 def time_ours(model_dir: Path, args) -> list[float]:
     from transformers import AutoTokenizer
 
-    from dspy_p2o.rollouts import Rollout
+    from dspy_p2o.batch import Rollout
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     tok = AutoTokenizer.from_pretrained(model_dir)

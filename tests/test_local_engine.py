@@ -153,3 +153,84 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(format_model_dir
     lengths = sorted(len(o.completions[0].token_ids) for o in batched)
     if lengths[0] < lengths[-1]:  # some row stopped first: later steps ran on fewer rows
         assert min(batch_sizes[1:]) < len(prompts)
+
+
+def test_grouped_query_decode_step_samples_what_transformers_sdpa_does(tiny_model_dir, monkeypatch):
+    """`decode_sdpa` reads the KV cache once per key/value head in a padded decode step (SDPA's own
+    grouped-query path) where transformers' SDPA copies it per query head: the same tokens and the
+    same log-probs, to the bit, for a seed."""
+    import dspy_p2o.engines.local as local
+
+    engine = LocalEngine(tiny_model_dir, device="cpu", dtype="float32")
+    assert engine.model.config._attn_implementation == local.DECODE_ATTENTION
+    assert engine.model.config.num_attention_heads > engine.model.config.num_key_value_heads
+    prompts = prompts_of(engine)  # three lengths: every decode step has a padding mask
+    grouped = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        grouped.append(query.shape[2] == 1 and kwargs.get("attn_mask") is not None and kwargs.get("enable_gqa", False))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ours = engine.generate(prompts, n=2, temperature=1.0, max_tokens=10, seed=5)
+    assert any(grouped)  # the decode steps took the grouped-query path
+    engine.model.set_attn_implementation("sdpa")
+    grouped.clear()
+    theirs = engine.generate(prompts, n=2, temperature=1.0, max_tokens=10, seed=5)
+    assert not any(grouped)
+    for a, b in zip(ours, theirs):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        assert [c.logprobs for c in a.completions] == [c.logprobs for c in b.completions]
+
+
+def test_shared_prompt_prefix_is_prefilled_once(engine):
+    """Prompts that share a prefix (a program's instruction and demos) prefill it once, in a pass of
+    its own; each prompt's own tokens follow it: the log-probs are still those of a forward pass
+    over the whole prompt, with and without padding between the prefix and a prompt's own tokens."""
+    system = {"role": "system", "content": "You add numbers. Think step by step, then answer with the sum only."}
+    questions = ["What is 3 + 4?", "What is 12 + 30? Answer now.", "What is 5 + 6?"]
+    prompts = [engine.chat_prompt_ids([system, {"role": "user", "content": q}]) for q in questions]
+    assert len(prompts[0]) == len(prompts[2]) != len(prompts[1])  # padding for one prompt, none for another
+    from dspy_p2o.engines.local import _shared_prefix
+
+    shared = _shared_prefix(prompts)
+    assert shared >= 16 and all(p[:shared] == prompts[0][:shared] for p in prompts)
+    calls = []
+    hook = engine.model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+    try:
+        outs = engine.generate(prompts, n=2, temperature=0.8, top_p=0.9, max_tokens=8, seed=3)
+    finally:
+        hook.remove()
+    assert calls[0] == (1, shared)  # the prefix once
+    assert calls[1] == (3, max(len(p) for p in prompts) - shared)  # then each prompt's own tokens
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    for out in outs:
+        for c in out.completions:
+            expected = recomputed_logprobs(engine.model, out.prompt_token_ids, c.token_ids, params)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_ended_rows_decoded_until_compacted_do_not_leak_tokens(format_model_dir):
+    """A row that ends stays in the decode batch until ended rows are a quarter of it: what it samples
+    after its end is never returned (its completion ends at its stop token or string)."""
+    import dspy
+
+    from dspy_p2o.renderer import Renderer
+
+    engine = LocalEngine(format_model_dir, device="cpu", dtype="float32")
+    renderer = Renderer(dspy.ChainOfThought("question -> answer").predict, engine.tokenizer)
+    prompts = [renderer.render({"question": f"What is {a} + {b}?"}).token_ids for a, b in ((2, 5), (13, 4), (1, 1))]
+    for stop in ((), ("[[ ## answer",)):
+        outs = engine.generate(prompts, n=4, temperature=0.7, max_tokens=40, stop=stop, seed=11)
+        lengths = [len(c.token_ids) for o in outs for c in o.completions]
+        assert min(lengths) < max(lengths)  # some rows ended while others were decoded on
+        for out in outs:
+            for c in out.completions:
+                assert len(c.token_ids) == len(c.logprobs)
+                if c.finish_reason == "stop" and not stop:
+                    assert c.token_ids[-1] in engine.eos_ids and not set(c.token_ids[:-1]) & engine.eos_ids
+                if stop:
+                    assert stop[0] not in c.text
+                    assert stop[0] not in engine.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=False)

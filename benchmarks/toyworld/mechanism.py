@@ -20,38 +20,44 @@ from pathlib import Path
 
 import torch
 
+MAX_TOKENS = 12  # the toy world's answers are a few tokens
+
 
 def run_setting(world, policy_dir: Path, *, plain: int, ratio: str, k: int, epochs: int, lr: float,
                 mini_batch: int, temperature: float, seed: int, max_grad_norm: float = 1.0) -> dict:
     from dspy_p2o.engines import LocalEngine
-    from dspy_p2o.renderer import Renderer
-    from dspy_p2o.rollouts import collect_rollouts, make_reward_fn
-    from dspy_p2o.toyworld.policy import greedy_accuracy
-    from dspy_p2o.toyworld.task import ToyProgram, metric
+    from dspy_p2o.engines.base import SamplingParams
+    from dspy_p2o.renderer import program_renderers
+    from dspy_p2o.rewards import safe_metric
+    from dspy_p2o.rollouts import collect_rollouts
+    from dspy_p2o.template import Template
+    from dspy_p2o.toyworld.task import ToyProgram, greedy_accuracy, metric
     from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 
     config = TrainerConfig(lr=lr, warmup_ratio=0.0, mini_batch_size=mini_batch, template_ratio=ratio,
                            max_grad_norm=max_grad_norm)
     trainer = GRPOTrainer(str(policy_dir), config=config, temperature=temperature, seed=seed)
-    engine = LocalEngine(trainer.model, trainer.tokenizer)
-    trainer.engine = engine
-    renderer = Renderer(ToyProgram().predictor, engine.tokenizer)
-    reward_fn = make_reward_fn(renderer, metric)
-    assignments = {e.id: [world.oracle_instruction(e.tag)] for e in world.split("train", "hard")}
+    engine = LocalEngine(trainer.model, trainer.tokenizer)  # shares the trainer's module: no weight sync needed
+    program = ToyProgram()
+    renderers = program_renderers(program, engine.tokenizer)
+    scored = safe_metric(metric)
+    (name,) = renderers
+    assignments = {e.id: [Template({name: world.oracle_instruction(e.tag)})] for e in world.split("train", "hard")}
     hard_test, easy_test = world.split("test", "hard"), world.split("test", "easy")
     curve = []
     kept = []
     for epoch in range(epochs):
-        rollouts = collect_rollouts(engine, renderer, world.train, reward_fn, k=k, temperature=temperature,
-                                    max_tokens=12, seed=seed * 1000 + epoch, assignments=assignments,
-                                    plain_per_group=plain, progress=False)
-        metrics = trainer.train_on(rollouts)
+        sampling = SamplingParams(temperature=temperature, max_tokens=MAX_TOKENS, seed=seed * 1000 + epoch)
+        rollouts = collect_rollouts(engine, program, renderers, world.train, scored, k=k, sampling=sampling,
+                                    assignments=assignments, plain_per_group=plain)
+        metrics = trainer.train_on(rollouts.rollouts, after_step=lambda: engine.sync_weights(trainer.model))
         kept.append(1.0 - metrics.get("template_masked_frac", 0.0))
-        curve.append(greedy_accuracy(engine, renderer, hard_test))
+        curve.append(greedy_accuracy(engine, program, hard_test, max_tokens=MAX_TOKENS))
         print(f"  plain={plain} ratio={ratio} epoch {epoch + 1}: templated reward "
               f"{metrics.get('reward_mean_templated', float('nan')):.2f}, held-out hard acc {curve[-1]:.3f}", flush=True)
     return {"plain": plain, "ratio": ratio, "seed": seed, "lr": lr, "max_grad_norm": max_grad_norm, "hard_acc_per_epoch": curve,
-            "hard_acc": curve[-1], "easy_acc": greedy_accuracy(engine, renderer, easy_test), "kept": kept}
+            "hard_acc": curve[-1], "easy_acc": greedy_accuracy(engine, program, easy_test, max_tokens=MAX_TOKENS),
+            "kept": kept}
 
 
 def main() -> None:

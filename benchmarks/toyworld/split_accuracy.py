@@ -14,8 +14,9 @@ import torch
 
 def main() -> None:
     from dspy_p2o.engines import LocalEngine
-    from dspy_p2o.toyworld.policy import greedy_accuracy, load_policy, renderer_for
-    from dspy_p2o.toyworld.task import build_world
+    from dspy_p2o.toyworld.experiment import toy_config
+    from dspy_p2o.toyworld.policy import load_policy
+    from dspy_p2o.toyworld.task import ToyProgram, build_world, greedy_accuracy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/toyworld", help="the demo's --out directory")
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["grpo", "p2o"])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    max_tokens = toy_config().max_tokens  # what the demo's runs sampled and validated with
     for seed in args.seeds:
         world = build_world(seed)
         for arm in args.arms:
@@ -30,8 +32,9 @@ def main() -> None:
             if not found:
                 raise SystemExit(f"no checkpoint under {args.out}/seed{seed}/{arm}/checkpoints: run the demo first")
             model, tokenizer = load_policy(found[-1])
-            renderer, engine = renderer_for(tokenizer), LocalEngine(model, tokenizer)
-            acc = {f"{split}/{kind}": round(100 * greedy_accuracy(engine, renderer, world.split(split, kind)), 1)
+            program, engine = ToyProgram(), LocalEngine(model, tokenizer)
+            acc = {f"{split}/{kind}": round(100 * greedy_accuracy(engine, program, world.split(split, kind),
+                                                                  max_tokens=max_tokens), 1)
                    for split in ("train", "test") for kind in ("easy", "hard")}
             print(seed, arm, acc, flush=True)
 

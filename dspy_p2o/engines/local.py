@@ -3,9 +3,11 @@
 A hand-written sampling loop (rather than `model.generate`) so that the log-prob of
 every sampled token under the *processed* distribution (temperature, top-k, top-p) is
 exact -- these are the behaviour log-probs the trainer compares against -- and so that
-n samples of a prompt share one prefill. The engine may share the trainer's module:
-then syncing weights costs nothing. With a LoRA policy (a peft module) `without_adapter()`
-is pi_init at no cost: the same module sampled with its adapter disabled.
+the prompts of a call prefill the prefix they share once and the n samples of a prompt
+its prefill, and a decode step reads the KV cache once per key/value head (`decode_sdpa`).
+The engine may share the trainer's module: then syncing weights costs nothing. With a LoRA
+policy (a peft module) `without_adapter()` is pi_init at no cost: the same module sampled with its
+adapter disabled.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dspy_p2o import display
 from dspy_p2o.config import LocalOptions
@@ -77,6 +82,7 @@ class LocalEngine(Engine):
         else:
             self.device = resolve_device(device)
             self.model, self.tokenizer = load_model_and_tokenizer(model, self.device, resolve_dtype(dtype, self.device))
+        use_decode_attention(self.model)
         self.name = name or Path(str(getattr(self.model, "name_or_path", "") or "policy")).name or "policy"
         self.max_batch_size = max_batch_size
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)  # prompt + completion
@@ -134,88 +140,112 @@ class LocalEngine(Engine):
         return self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
 
     def _sample_chunk(self, prompts: list[list[int]], n: int, params: SamplingParams, generator) -> list[list[Completion]]:
+        cache = _kv_cache(self.model.config)
+        logits, mask, positions = self._prefill(prompts, n, cache)
+        return self._decode(logits, mask, positions, cache, n, params, generator)
+
+    def _prefill(self, prompts: list[list[int]], n: int, cache: Cache) -> tuple[torch.Tensor, ...]:
+        """Fill `cache` with every prompt, each n times (a row per sample, prompt by prompt).
+
+        The prefix all prompts share (a program's instruction and demos: most of a batch's prompt
+        tokens) is computed once and copied to every prompt's row; then the rest of each prompt,
+        left-padded so that every prompt ends at the last column (the padding sits between the
+        shared prefix and the prompt's own tokens, masked out); then the cache is fanned out to
+        the n samples. Only the last position's logits are computed: the LM head over every
+        prompt position (49k vocabulary) cost more than decoding. Returns those logits, the
+        attention mask and each row's next position, one row per sample."""
         device = self.device
-        width = max(len(p) for p in prompts)
+        shared = _shared_prefix(prompts)
+        if shared:
+            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(prompts))
+        width = max(len(p) for p in prompts) - shared
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for row, p in enumerate(prompts):
+            own = p[shared:]
+            ids[row, width - len(own):] = torch.tensor(own)
+            mask[row, shared + width - len(own):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _kv_cache(self.model.config)
-        # Prefill each prompt once, then fan the cache out to its n samples. Only the last position's
-        # logits are needed: the LM head over every prompt position (49k vocabulary) cost more than decoding.
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        last_logits = out.logits[:, -1, :]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits, next_pos = out.logits[:, -1, :], positions[:, -1:] + 1
         if n > 1:
             cache.batch_repeat_interleave(n)
-            last_logits = last_logits.repeat_interleave(n, dim=0)
-            mask = mask.repeat_interleave(n, dim=0)
-            positions = positions.repeat_interleave(n, dim=0)
-        rows = last_logits.shape[0]
-        next_pos = positions[:, -1:] + 1
+            logits, mask, next_pos = (t.repeat_interleave(n, dim=0) for t in (logits, mask, next_pos))
+        return logits, mask, next_pos
+
+    def _decode(self, logits: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor, cache: Cache, n: int,
+                params: SamplingParams, generator) -> list[list[Completion]]:
+        """Sample up to max_tokens per row from the prefilled `cache`: each step samples every batch
+        row from its processed logits (`process_logits`), records the token and its log-prob, and
+        feeds the tokens back. A row that ends (a stop token or string) is marked; ended rows leave
+        the batch (and its KV cache) once they are a quarter of it, since removing them copies
+        the whole cache: until then they are decoded and their tokens ignored."""
+        device = self.device
+        rows = logits.shape[0]
         stop_ids = torch.tensor(sorted(self.eos_ids | set(params.stop_token_ids)), device=device)
         tokens = torch.full((rows, params.max_tokens), self.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros((rows, params.max_tokens), dtype=torch.float32, device=device)
+        lengths = torch.full((rows,), params.max_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        # `live[i]` is the output row of batch row i. A row that finishes leaves the batch (and its
-        # KV cache): later decode steps run only on the rows still sampling.
-        live = torch.arange(rows, device=device)
-        length = 0
+        live = torch.arange(rows, device=device)  # the output row of each batch row
+        running = torch.ones(rows, dtype=torch.bool, device=device)  # batch rows still sampling
         for step in range(params.max_tokens):
-            logprobs = process_logits(last_logits, params)
+            logprobs = process_logits(logits, params)
             if params.temperature == 0:
                 token = logprobs.argmax(dim=-1)
             else:
                 token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
             tokens[live, step] = token
             logps[live, step] = logprobs.gather(-1, token[:, None]).squeeze(-1)
-            length = step + 1
-            done = torch.isin(token, stop_ids)
+            done = torch.isin(token, stop_ids) & running
             if params.stop:
-                done |= self._hits_stop_string(tokens[live, :length], done, params.stop)
-            finished[live[done]] = True
+                done |= self._hits_stop_string(tokens, live, step + 1, running & ~done, params.stop)
+            ended = live[done]
+            finished[ended], lengths[ended] = True, step + 1
+            running &= ~done
+            left = int(running.sum())
             if display.decoding():  # an evaluation's live line (samples done, tokens/s); all rows end at the limit
-                rows = int(token.numel())
-                display.decoded(rows, rows if length == params.max_tokens else int(done.sum()))
-            if bool(done.all()) or length == params.max_tokens:
+                sampled = left + int(done.sum())
+                display.decoded(sampled, sampled if step + 1 == params.max_tokens else int(done.sum()))
+            if not left or step + 1 == params.max_tokens:
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(-1)
+            if 4 * (len(live) - left) >= len(live):
+                keep = running.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+                live, token, mask, next_pos, running = (t[keep] for t in (live, token, mask, next_pos, running))
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
-            last_logits = out.logits[:, -1, :]
+            logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :]
             next_pos = next_pos + 1
-        tokens, logps = tokens[:, :length], logps[:, :length]
-        return self._collect(tokens.tolist(), logps.tolist(), finished.tolist(), n, params, stop_ids.tolist())
+        end = step + 1
+        return self._collect(tokens[:, :end].tolist(), logps[:, :end].tolist(), lengths.tolist(), finished.tolist(), n,
+                             params)
 
-    def _hits_stop_string(self, tokens: torch.Tensor, done: torch.Tensor, stops: tuple[str, ...]) -> torch.Tensor:
-        """Which running rows have just produced a stop string (checked on a short decoded tail)."""
-        longest = max(len(s) for s in stops)
-        tail_tokens = max(4, longest)  # a token decodes to >= 1 character for these tokenizers
-        hits = torch.zeros_like(done)
-        for row in (~done).nonzero().flatten().tolist():
-            tail = self.tokenizer.decode(tokens[row, -tail_tokens:].tolist(), skip_special_tokens=False)
-            if any(s in tail for s in stops):
+    def _hits_stop_string(self, tokens: torch.Tensor, live: torch.Tensor, length: int, check: torch.Tensor,
+                          stops: tuple[str, ...]) -> torch.Tensor:
+        """Which batch rows in `check` have just produced a stop string: each one's output row
+        (`live`) decoded over its last few of `length` tokens."""
+        tail_tokens = max(4, max(len(s) for s in stops))  # a token decodes to >= 1 character for these tokenizers
+        hits = torch.zeros_like(check)
+        for row in check.nonzero().flatten().tolist():
+            tail = tokens[live[row], max(0, length - tail_tokens):length].tolist()
+            if any(s in self.tokenizer.decode(tail, skip_special_tokens=False) for s in stops):
                 hits[row] = True
         return hits
 
-    def _collect(self, tokens, logps, finished, n, params, stop_ids) -> list[list[Completion]]:
-        stop_set = set(stop_ids)
+    def _collect(self, tokens, logps, lengths, finished, n, params) -> list[list[Completion]]:
+        """Completions from the sampled rows (n per prompt): each row up to its end, the stop token kept
+        (the trainer must learn to emit it), its text without stop tokens and cut at a stop string."""
+        stop_set = self.eos_ids | set(params.stop_token_ids)
         results: list[list[Completion]] = []
-        for row, (toks, lps, done) in enumerate(zip(tokens, logps, finished)):
+        for row, (toks, lps, length, done) in enumerate(zip(tokens, logps, lengths, finished)):
             if row % n == 0:
                 results.append([])
-            length = len(toks)
-            for j, t in enumerate(toks):
-                if t in stop_set:
-                    length = j + 1  # keep the EOS token: the trainer must learn to emit it
-                    break
             toks, lps = toks[:length], lps[:length]
             text = self.tokenizer.decode([t for t in toks if t not in stop_set], skip_special_tokens=False)
             reason = "stop" if done else "length"
@@ -257,6 +287,61 @@ class LocalEngine(Engine):
 
     def close(self) -> None:
         pass
+
+
+DECODE_ATTENTION = "dspy_p2o_sdpa"  # transformers' SDPA attention with a grouped-query decode step (below)
+
+
+def decode_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except for a decode step on CPU: one query token per sequence,
+    grouped-query attention (fewer key/value heads than query heads) and a padding mask.
+
+    There transformers copies every key and value of the cache once per query head of its group
+    (`repeat_kv`: SDPA's own grouped-query path is off with a mask, for CUDA's kernels' sake), at
+    every layer of every decode step: at 32 sequences of ~450 tokens that was three times the KV
+    cache written and read per step, more bytes than the weights. `enable_gqa=True` reads the
+    cache as it is, with the same arithmetic (the same results to the bit). Anything else (prefill,
+    training, GPU, dropout, a position bias) goes to transformers' own function unchanged."""
+    groups = query.shape[1] // key.shape[1]
+    if (query.shape[2] == 1 and groups > 1 and query.device.type == "cpu" and not dropout
+            and kwargs.get("position_bias") is None and kwargs.get("cache") is None):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_decode_attention(model: torch.nn.Module) -> None:
+    """Switch a model on transformers' SDPA attention to `decode_sdpa` (registered once, with SDPA's
+    mask function). The switch lives in the model's config, not in saved checkpoints (transformers
+    does not write the attention implementation); a shared trainer module computes exactly what it
+    did, since everything but a decode step goes to transformers' SDPA."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return
+    if DECODE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(DECODE_ATTENTION, decode_sdpa)
+        AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(DECODE_ATTENTION)
+
+
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are prefilled with each prompt (a separate pass costs more)
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each prompt at least one of its own
+    (its last position's logits start the decoding); 0 for one prompt or under MIN_SHARED_PREFIX."""
+    if len(prompts) < 2:
+        return 0
+    shortest = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    shared = 0
+    while shared < shortest and all(p[shared] == first[shared] for p in prompts):
+        shared += 1
+    return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
 def _kv_cache(config: Any) -> Cache:
