@@ -8,7 +8,7 @@ completions inside each step; we time only its training part: the whole
 reward), i.e. its loss forward, backward and optimizer step. Ours is `train_on` on
 fixed rollouts of the same shape.
 
-    python benchmarks/trainer_throughput.py --json /tmp/throughput.json
+    python benchmarks/trainer_throughput.py --json runs/throughput.json
 """
 
 from __future__ import annotations

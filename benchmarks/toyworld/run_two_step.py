@@ -1,6 +1,6 @@
 """The two-step toy world (a compound program: `name` then `apply`) over several seeds: P^2O vs GRPO.
 
-    python benchmarks/toyworld/run_two_step.py --seeds 0 1 2 --cache-dir /tmp/two_step_cache
+    python benchmarks/toyworld/run_two_step.py --seeds 0 1 2 --cache-dir runs/two_step_cache
     # the loop's settings are the one-step world's (dspy_p2o/toyworld/config.yaml); override with --set key=value
 
 Writes benchmarks/toyworld/results/two_step-seedN.json (or under --out) per seed and prints a table

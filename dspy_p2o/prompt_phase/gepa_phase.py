@@ -338,25 +338,31 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     ids = _example_ids(hard_examples)
     if len(ids) < cfg.min_hard:
         return PromptPhaseResult(ran=False, reason=f"hard set {len(ids)} < min_hard {cfg.min_hard}", epoch=epoch)
-    result_path = log_dir / RESULT_FILE
-    if result_path.exists():
-        done = PromptPhaseResult.from_json(json.loads(result_path.read_text()))
-        if sorted(done.train_ids + done.dev_ids) == sorted(ids):
-            logger.info("prompt phase of epoch %d already finished in %s; loaded it", epoch, log_dir)
-            done.cost = {**done.cost, "loaded_from": str(result_path)}
-            return done
-        raise ValueError(f"{result_path} is a finished prompt phase for a different hard set; "
-                         "use a fresh log_dir per epoch")
+    done = _finished(log_dir / RESULT_FILE, ids, epoch)
+    if done is not None:
+        return done
     names = list(template_of(program))  # a clear error before any work
-    use_gepa, use_fewshot = cfg.optimizer in ("gepa", "gepa+fewshot"), cfg.optimizer in ("fewshot", "gepa+fewshot")
+    use_gepa = cfg.optimizer in ("gepa", "gepa+fewshot")
     if use_gepa and reflection_lm is None:
         raise ValueError(f"prompt.optimizer {cfg.optimizer!r} needs a reflection LM")
     metric = safe_metric(metric)
-    by_id = dict(zip(ids, hard_examples))
     train_ids, dev_ids = _load_split(log_dir, ids, cfg.dev_size, derive_seed(seed, "split"))
-    trainset, devset = [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
-    max_calls = metric_call_budget(cfg.budget, len(devset), num_components=len(names))
+    max_calls = metric_call_budget(cfg.budget, len(dev_ids), num_components=len(names))
+    return _run_phase(program, hard_examples, ids, student=student, reflection_lm=reflection_lm, metric=metric,
+                      cfg=cfg, k=k, seed=seed, log_dir=log_dir, epoch=epoch, progress=progress,
+                      labeled=list(hard_examples) if labeled_demos is None else labeled_demos,
+                      bootstrapped=bootstrapped_demos, split=(train_ids, dev_ids), max_calls=max_calls)
 
+
+def _run_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example], ids: list[str], *, student,
+               reflection_lm, metric: Callable, cfg: PromptPhaseConfig, k: int, seed: int, log_dir: Path, epoch: int,
+               progress: bool, labeled, bootstrapped, split: tuple[list[str], list[str]],
+               max_calls: int) -> PromptPhaseResult:
+    """`run_prompt_phase` once its inputs are checked: propose, score, select, assign, record."""
+    train_ids, dev_ids = split
+    by_id = dict(zip(ids, hard_examples))
+    trainset, devset = [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
+    use_gepa = cfg.optimizer in ("gepa", "gepa+fewshot")
     bill = Bill(reflection_model=priced_model(reflection_lm) if use_gepa else None)
     proposer = reflection_proposer()
     failure_stopper = ReflectionFailureStopper(proposer, cfg.max_reflection_failures)
@@ -365,122 +371,198 @@ def run_prompt_phase(program: dspy.Module, hard_examples: Sequence[dspy.Example]
     adapter = PhaseAdapter(program, metric, student=student, seed=derive_seed(seed, "evaluation"),
                            rng=random.Random(derive_seed(seed, "gepa")), num_threads=cfg.num_threads, bill=bill,
                            reflection_minibatch_size=cfg.reflection_minibatch_size, reflection=reflection)
-    cap = CostCap(bill, cfg.max_cost_usd)
     what = {"gepa": "GEPA", "fewshot": "few-shot", "gepa+fewshot": "GEPA + few-shot"}[cfg.optimizer]
     live = display.GEPAProgress(max_calls, desc=f"prompt phase {epoch}: {what} on {len(ids)} hard",
                                 enabled=progress, spend=_spend_line(bill))
     student_lm = None if isinstance(student, PolicyStudent) else student
     logger.info("prompt phase epoch %d: %s on %d hard_train / %d hard_dev questions, %d predictor(s), budget %d "
-                "metric calls, beam %d, merge %s, %s evaluation", epoch, what, len(trainset), len(devset), len(names),
+                "metric calls, beam %d, merge %s, %s evaluation", epoch, what, len(trainset), len(devset),
+                len(template_of(program)),
                 max_calls, cfg.beam_width, "on" if cfg.use_merge else "off",
                 "batched" if student_lm is None else "DSPy LM")
     start = time.time()
     student_before = _history_ids(student_lm) if student_lm is not None else set()
     in_student = dspy.context(lm=student_lm) if student_lm is not None else contextlib.nullcontext()
     with in_student, display.quiet_libraries(), contextlib.closing(live):
-        seed_template = template_of(program)
-        fewshot = FewshotPool()
-        if use_fewshot:
-            share = max_calls // 2 if use_gepa else max_calls - len(devset)  # fewshot alone: the seed is scored too
-            fewshot = _fewshot_pool(program, adapter, cfg, devset=devset, hard_examples=list(hard_examples),
-                                    calls=share, labeled=list(hard_examples) if labeled_demos is None else labeled_demos,
-                                    bootstrapped=bootstrapped_demos, seed=derive_seed(seed, "fewshot"),
-                                    path=log_dir / FEWSHOT_FILE, live=live)
-        gepa_start = time.perf_counter()
-        if use_gepa:
-            details = _run_gepa(adapter, reflection, cfg, seed_template=seed_template, trainset=trainset,
-                                devset=devset, max_calls=max_calls - fewshot.metric_calls,
-                                stoppers=[ScoreThresholdStopper(cfg.stop_at_score), failure_stopper],
-                                gepa_dir=str(log_dir / "gepa"), seed=seed, live=live)
-            templates = [Template.from_candidate(c) for c in details.candidates]
-            scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
-            parents = [next((p for p in (ps or []) if p is not None), None) for ps in details.parents]
-            gepa_calls = details.total_metric_calls
-        else:  # the seed program is candidate 0, as in GEPA's pool
-            templates, parents = [seed_template], [None]
-            scores = [adapter.score([(seed_template, ex) for ex in devset])]
-            gepa_calls = 0
-            live.advance(len(devset), mean_scores(scores)[0])
-        gepa_seconds = time.perf_counter() - gepa_start
-        sources = ["gepa" if use_gepa else "seed"] * len(templates) + ["fewshot"] * len(fewshot.templates)
-        templates += fewshot.templates
-        scores += fewshot.scores
-        parents += [None] * len(fewshot.templates)
-
-        front = pareto_front(scores, None, random.Random(derive_seed(seed, "front")))
-        cover = greedy_cover(scores, front, cfg.solved_threshold)
-        means = mean_scores(scores)
-        solved = solved_by(scores, dev_ids, threshold=cfg.solved_threshold)
-        train_start = time.perf_counter()
-        train_scored = sorted(set(front) | set(cover)) if cfg.score_hard_train and trainset else []
-        if train_scored:
-            flat = adapter.score([(for_question(templates[c], ex.id), ex) for c in train_scored for ex in trainset])
-            # train score rows are templates (candidates), columns are hard_train questions
-            train_scores = [flat[i * len(trainset):(i + 1) * len(trainset)] for i in range(len(train_scored))]
-            solved.update(solved_by(train_scores, train_ids, candidates=train_scored,
-                                    threshold=cfg.solved_threshold))
-        train_seconds = time.perf_counter() - train_start
+        found = _candidates(program, adapter, reflection, cfg, trainset=trainset, devset=devset,
+                            hard_examples=list(hard_examples), max_calls=max_calls, labeled=labeled,
+                            bootstrapped=bootstrapped, stoppers=[ScoreThresholdStopper(cfg.stop_at_score),
+                                                                       failure_stopper],
+                            seed=seed, log_dir=log_dir, live=live)
+        chosen = _select(found, adapter, cfg, trainset=trainset, train_ids=train_ids, dev_ids=dev_ids, seed=seed)
     if student_lm is not None:
         _record_student_lm(bill, student_lm, student_before)
     wall = time.time() - start
 
     rng = random.Random(derive_seed(seed, "assignment"))
-    own_demos = [demo_ids(t) for t in templates]  # hygiene: a question is never assigned its own gold answer
+    own_demos = [demo_ids(t) for t in found.templates]  # hygiene: a question is never assigned its own gold answer
     excluded = {q: [c for c, ids_ in enumerate(own_demos) if q in ids_] for q in ids}
-    assignments = assign_templates(dev_ids + train_ids, solved, templates, means, cover, k=k, rng=rng,
-                                   same_template_in_group=cfg.same_template_in_group, excluded=excluded)
-    pool = []
+    assignments = assign_templates(dev_ids + train_ids, chosen.solved, found.templates, chosen.means, chosen.cover,
+                                   k=k, rng=rng, same_template_in_group=cfg.same_template_in_group, excluded=excluded)
+    pool = _pool_entries(found, chosen, cfg.solved_threshold)
+    reason = _stop_reason(cfg, failure_stopper, proposer, CostCap(bill, cfg.max_cost_usd), bill, chosen.means,
+                          len(found.templates), epoch, progress)
+    cost = _cost(cfg, found, chosen, bill, proposer, pool, assignments, max_calls=max_calls,
+                 hard_train=len(trainset), wall=wall)
+    result = PromptPhaseResult(ran=True, reason=reason, assignments=assignments, pool=pool, dev_ids=dev_ids,
+                               train_ids=train_ids, scores=found.scores, cost=cost, epoch=epoch)
+    result.save(log_dir / RESULT_FILE)
+    logger.info("prompt phase epoch %d: %d templates (%d on the front, cover %d), best mean dev score %.3f, "
+                "%d questions assigned, %.1fs", epoch, len(found.templates), len(chosen.front), len(chosen.cover),
+                max(chosen.means, default=0.0), len(assignments), wall)
+    return result
+
+
+def _cost(cfg: PromptPhaseConfig, found: _Candidates, chosen: _Selection, bill: Bill, proposer, pool: list[dict],
+          assignments: dict, *, max_calls: int, hard_train: int, wall: float) -> dict[str, Any]:
+    """The phase's record of what it spent (metric calls, tokens, USD, seconds) and what it produced."""
+    assigned = {t for ts in assignments.values() for t in ts}
+    cost = {
+        "optimizer": cfg.optimizer,
+        "metric_calls_gepa": found.gepa_calls,
+        "metric_calls_fewshot": found.fewshot.metric_calls,
+        "metric_calls_budget": max_calls,
+        "metric_calls_hard_train": len(chosen.train_scored) * hard_train,
+        **bill.to_json(),
+        "max_cost_usd": cfg.max_cost_usd,
+        "reflection_failures": proposer.total_failures,
+        "reflection_unformatted": proposer.unformatted,
+        "templates_accepted": len(found.templates) - 1,
+        "fewshot_candidates": len(found.fewshot.templates),
+        "fewshot_refused": len(found.fewshot.refused),
+        "templates_assigned": sum(1 for e in pool if e["duplicate_of"] is None
+                                  and found.templates[e["index"]] in assigned),
+        "questions_assigned": len(assignments),
+        "gepa_time_s": round(found.gepa_seconds, 3),
+        "fewshot_time_s": found.fewshot.seconds,
+        "hard_train_time_s": round(chosen.train_seconds, 3),
+        "wall_time_s": round(wall, 3),
+    }
+    if found.fewshot.refused:
+        cost["fewshot_refused_first"] = found.fewshot.refused[0]
+    return cost
+
+
+def _finished(result_path: Path, ids: list[str], epoch: int) -> PromptPhaseResult | None:
+    """The phase already finished in its log_dir (a resume), or None; another hard set's result is refused."""
+    if not result_path.exists():
+        return None
+    done = PromptPhaseResult.from_json(json.loads(result_path.read_text()))
+    if sorted(done.train_ids + done.dev_ids) != sorted(ids):
+        raise ValueError(f"{result_path} is a finished prompt phase for a different hard set; "
+                         "use a fresh log_dir per epoch")
+    logger.info("prompt phase of epoch %d already finished in %s; loaded it", epoch, result_path.parent)
+    done.cost = {**done.cost, "loaded_from": str(result_path)}
+    return done
+
+
+@dataclass
+class _Candidates:
+    """What the phase's optimizers proposed: every template with its hard_dev scores (candidate x
+    question), its parent (GEPA) and its source ("gepa", "seed" or "fewshot")."""
+
+    templates: list[Template]
+    scores: list[list[float]]
+    parents: list[int | None]
+    sources: list[str]
+    gepa_calls: int
+    gepa_seconds: float
+    fewshot: FewshotPool
+
+
+def _candidates(program: dspy.Module, adapter: PhaseAdapter, reflection: ConcurrentReflection | None,
+                cfg: PromptPhaseConfig, *, trainset, devset, hard_examples, max_calls: int, labeled, bootstrapped,
+                stoppers: list, seed: int, log_dir: Path, live: display.GEPAProgress) -> _Candidates:
+    """Few-shot demo sets first (when the optimizer uses them: half the budget beside GEPA), then GEPA
+    with the rest, or the seed program scored alone; the seed program is candidate 0, as in GEPA's pool."""
+    use_gepa, use_fewshot = cfg.optimizer in ("gepa", "gepa+fewshot"), cfg.optimizer in ("fewshot", "gepa+fewshot")
+    seed_template = template_of(program)
+    fewshot = FewshotPool()
+    if use_fewshot:
+        share = max_calls // 2 if use_gepa else max_calls - len(devset)  # fewshot alone: the seed is scored too
+        fewshot = _fewshot_pool(program, adapter, cfg, devset=devset, hard_examples=hard_examples, calls=share,
+                                labeled=labeled, bootstrapped=bootstrapped, seed=derive_seed(seed, "fewshot"),
+                                path=log_dir / FEWSHOT_FILE, live=live)
+    gepa_start = time.perf_counter()
+    if use_gepa:
+        details = _run_gepa(adapter, reflection, cfg, seed_template=seed_template, trainset=trainset, devset=devset,
+                            max_calls=max_calls - fewshot.metric_calls, stoppers=stoppers,
+                            gepa_dir=str(log_dir / "gepa"), seed=seed, live=live)
+        templates = [Template.from_candidate(c) for c in details.candidates]
+        scores = [[float(sub.get(j, 0.0)) for j in range(len(devset))] for sub in details.val_subscores]
+        parents = [next((p for p in (ps or []) if p is not None), None) for ps in details.parents]
+        gepa_calls = details.total_metric_calls
+    else:
+        templates, parents = [seed_template], [None]
+        scores = [adapter.score([(seed_template, ex) for ex in devset])]
+        gepa_calls = 0
+        live.advance(len(devset), mean_scores(scores)[0])
+    sources = ["gepa" if use_gepa else "seed"] * len(templates) + ["fewshot"] * len(fewshot.templates)
+    return _Candidates(templates + fewshot.templates, scores + fewshot.scores, parents + [None] * len(fewshot.templates),
+                       sources, gepa_calls, time.perf_counter() - gepa_start, fewshot)
+
+
+@dataclass
+class _Selection:
+    """The Pareto front and greedy cover over the candidates, their mean dev scores, and which
+    questions each candidate solved (hard_dev, and hard_train for the front and cover when scored)."""
+
+    front: list[int]
+    cover: list[int]
+    means: list[float]
+    solved: dict
+    train_scored: list[int]
+    train_seconds: float
+
+
+def _select(found: _Candidates, adapter: PhaseAdapter, cfg: PromptPhaseConfig, *, trainset, train_ids, dev_ids,
+            seed: int) -> _Selection:
+    scores = found.scores
+    front = pareto_front(scores, None, random.Random(derive_seed(seed, "front")))
+    cover = greedy_cover(scores, front, cfg.solved_threshold)
+    solved = solved_by(scores, dev_ids, threshold=cfg.solved_threshold)
+    start = time.perf_counter()
+    train_scored = sorted(set(front) | set(cover)) if cfg.score_hard_train and trainset else []
+    if train_scored:
+        flat = adapter.score([(for_question(found.templates[c], ex.id), ex) for c in train_scored for ex in trainset])
+        # train score rows are templates (candidates), columns are hard_train questions
+        train_scores = [flat[i * len(trainset):(i + 1) * len(trainset)] for i in range(len(train_scored))]
+        solved.update(solved_by(train_scores, train_ids, candidates=train_scored, threshold=cfg.solved_threshold))
+    return _Selection(front, cover, mean_scores(scores), solved, train_scored, time.perf_counter() - start)
+
+
+def _pool_entries(found: _Candidates, chosen: _Selection, threshold: float) -> list[dict[str, Any]]:
+    """templates/epoch-N.json's pool: every candidate with its source, scores and place in the selection."""
+    templates, pool = found.templates, []
     for c, template in enumerate(templates):
-        entry = {"index": c, "template": template.to_json(), "source": sources[c], "mean_dev_score": means[c],
-                 "parent": parents[c], "on_front": c in front, "in_cover": c in cover,
-                 "solved_dev": sum(1 for s in scores[c] if s >= cfg.solved_threshold),
+        entry = {"index": c, "template": template.to_json(), "source": found.sources[c],
+                 "mean_dev_score": chosen.means[c], "parent": found.parents[c], "on_front": c in chosen.front,
+                 "in_cover": c in chosen.cover, "solved_dev": sum(1 for s in found.scores[c] if s >= threshold),
                  # GEPA dedupes proposals within a round only: the same text may come back later
                  "duplicate_of": templates.index(template) if templates.index(template) != c else None}
         if len(template) > 1 and not has_demos(template):  # a compound program: the predictors GEPA evolved
             entry["changed"] = [name for name in template if template[name] != templates[0][name]]
         pool.append(entry)
-    assigned = {t for ts in assignments.values() for t in ts}
-    reason = "ok"
+    return pool
+
+
+def _stop_reason(cfg: PromptPhaseConfig, failure_stopper: ReflectionFailureStopper, proposer, cap: CostCap, bill: Bill,
+                 means: list[float], n_templates: int, epoch: int, progress: bool) -> str:
+    """Why the phase ended: "ok" (its budget), the reflection LM's failures, the cost cap, or a good enough template."""
     if failure_stopper.fired:
         reason = (f"reflection LM failed {cfg.max_reflection_failures} times in a row ({proposer.last_error}); "
-                  f"stopped early with {len(templates)} templates")
+                  f"stopped early with {n_templates} templates")
         logger.warning("prompt phase epoch %d: %s", epoch, reason)
-    elif cap.reached:
+        return reason
+    if cap.reached:
         reason = (f"the reflection LM's cost ${bill.cost_usd:.4f} reached prompt.max_cost_usd ${cfg.max_cost_usd:g}; "
-                  f"stopped early with {len(templates)} templates (kept)")
+                  f"stopped early with {n_templates} templates (kept)")
         logger.warning("prompt phase epoch %d: %s", epoch, reason)
         display.line(f"prompt phase {epoch}: {reason}", progress)
-    elif max(means, default=0.0) >= cfg.stop_at_score:
-        reason = f"a template reached mean dev score {max(means):.3f} >= stop_at_score {cfg.stop_at_score}"
-    cost = {
-        "optimizer": cfg.optimizer,
-        "metric_calls_gepa": gepa_calls,
-        "metric_calls_fewshot": fewshot.metric_calls,
-        "metric_calls_budget": max_calls,
-        "metric_calls_hard_train": len(train_scored) * len(trainset),
-        **bill.to_json(),
-        "max_cost_usd": cfg.max_cost_usd,
-        "reflection_failures": proposer.total_failures,
-        "reflection_unformatted": proposer.unformatted,
-        "templates_accepted": len(templates) - 1,
-        "fewshot_candidates": len(fewshot.templates),
-        "fewshot_refused": len(fewshot.refused),
-        "templates_assigned": sum(1 for e in pool if e["duplicate_of"] is None and templates[e["index"]] in assigned),
-        "questions_assigned": len(assignments),
-        "gepa_time_s": round(gepa_seconds, 3),
-        "fewshot_time_s": fewshot.seconds,
-        "hard_train_time_s": round(train_seconds, 3),
-        "wall_time_s": round(wall, 3),
-    }
-    if fewshot.refused:
-        cost["fewshot_refused_first"] = fewshot.refused[0]
-    result = PromptPhaseResult(ran=True, reason=reason, assignments=assignments, pool=pool, dev_ids=dev_ids,
-                               train_ids=train_ids, scores=scores, cost=cost, epoch=epoch)
-    result.save(result_path)
-    logger.info("prompt phase epoch %d: %d templates (%d on the front, cover %d), best mean dev score %.3f, "
-                "%d questions assigned, %.1fs", epoch, len(templates), len(front), len(cover),
-                max(means, default=0.0), len(assignments), wall)
-    return result
+        return reason
+    if max(means, default=0.0) >= cfg.stop_at_score:
+        return f"a template reached mean dev score {max(means):.3f} >= stop_at_score {cfg.stop_at_score}"
+    return "ok"
 
 
 def _run_gepa(adapter: PhaseAdapter, reflection: ConcurrentReflection, cfg: PromptPhaseConfig, *,
