@@ -69,6 +69,8 @@ def test_a_bad_value_is_one_error_naming_its_key(override, message):
     (["trainer.sharding=fsdp2", "trainer.dtype=fp16"], "TrainerConfig.sharding fsdp2 trains in float32 or bfloat16"),
     (["trainer.sharding=fsdp2", "engine=vllm", "vllm.weight_sync=nccl"],
      "trainer.sharding fsdp2 syncs vLLM by reload (vllm.weight_sync: reload)"),
+    (["trainer.sharding=fsdp2", "trainer.lora.r=8"], "a LoRA run (trainer.lora) keeps its small adapter state "
+                                                      "replicated: set trainer.sharding to none"),
 ])
 def test_sharding_combinations_that_cannot_work_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
