@@ -167,6 +167,13 @@ def test_a_lora_checkpoint_holds_the_adapter_and_restores_it(trainer_model_dir, 
         assert len(list(handle.keys())) == len(lora.trainable_names(trainer.model))
     assert not (checkpoint / "state" / "model.safetensors").exists()  # the weights are stored once
     assert (checkpoint / "state" / "optimizer").is_dir()  # AdamW's state of the adapter
+    from dspy_p2o.checkpoints import size_bytes
+
+    expected = trainer.checkpoint_bytes()  # what the run announces: the adapter and its two moments
+    assert expected["optimizer"] == 2 * expected["weights"]
+    adapter_bytes = (model_dir / "adapter_model.safetensors").stat().st_size
+    assert expected["weights"] < adapter_bytes < expected["weights"] + 20_000  # + the safetensors header
+    assert sum(expected.values()) < size_bytes(checkpoint)
     # peft loads the checkpoint onto the base model: the trainer's adapted model
     prompts, completions = _rows()
     loaded = PeftModel.from_pretrained(_base(trainer_model_dir), str(model_dir)).eval()

@@ -189,9 +189,11 @@ class GRPOTrainer:
 
     def checkpoint_bytes(self) -> dict[str, int]:
         """What one checkpoint takes on disk (before the tokenizer and a few KB of state): the weights
-        as `save_pretrained` writes them and, with `checkpoint_optimizer`, AdamW's two moments."""
+        as `save_pretrained` writes them (a LoRA run's: the adapter alone) and, with `checkpoint_optimizer`,
+        AdamW's two moments."""
         params = list(self.model.parameters())  # a tied head counts once; a DTensor by its global size
-        weights = sum(p.numel() * p.element_size() for p in params)
+        saved = [p for p in params if p.requires_grad] if lora.is_adapted(self.model) else params
+        weights = sum(p.numel() * p.element_size() for p in saved)
         moments = 2 * sum(p.numel() * p.element_size() for p in params if p.requires_grad)
         return {"weights": weights, "optimizer": moments if self.config.checkpoint_optimizer else 0}
 
