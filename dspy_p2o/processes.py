@@ -33,3 +33,13 @@ def die_with_launcher() -> None:
         return
     if die_with_parent(signal.SIGKILL) and os.getppid() == 1:  # the launcher died before the signal was set
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def end_process_group() -> None:
+    """Close torch.distributed's process group at the end of a multi-process job (every process calls
+    it): its communication threads are stopped and joined, not torn down mid-flight at interpreter
+    exit, which can abort a process that has finished its work. No-op in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

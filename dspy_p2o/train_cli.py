@@ -44,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
     display.configure(verbose=args.verbose)
     from dspy_p2o.checkpoints import NoSpaceForCheckpoint
+    from dspy_p2o.processes import end_process_group
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from the main process
     try:
@@ -63,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
                    if cfg.trainer.lora is not None else "")
         print(f"done: {len(result.history)} epochs; checkpoint {result.checkpoint}{adapter}; "
               f"summary {result.run_dir / 'summary.md'}")
+    end_process_group()
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 
 from dspy_p2o.checkpoints import NoSpaceForCheckpoint
 from dspy_p2o.collectives import shard
+from dspy_p2o.processes import end_process_group
 from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
 from ddp_step import global_batch
 
@@ -55,3 +56,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dspy_p2o.collectives import shard
+from dspy_p2o.processes import end_process_group
 from dspy_p2o.config import LoraConfig
 from dspy_p2o.batch import Call, Rollout
 from dspy_p2o.trainer import GRPOTrainer, TrainerConfig
@@ -168,3 +169,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()
