@@ -4,7 +4,6 @@ tests/test_real_model.py converts the real GGUF)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
