@@ -68,20 +68,31 @@ class PromptTooLong(ValueError):
 
 
 def over_long(renderers: Mapping[str, Renderer], examples: Sequence[Any], *, program_inputs: Sequence[str],
-              context_length: int | None, max_tokens: int) -> list[tuple[str, int]]:
+              context_length: int | None, max_tokens: int,
+              template_for: Callable[[Any], Template | None] | None = None) -> list[tuple[str, int]]:
     """(id, prompt tokens) of every example whose first call cannot fit the policy's context with
     `max_tokens` of completion: rendered through each predictor whose inputs are all program inputs
     (the calls a program can make first; later calls depend on earlier outputs and are checked as
-    they are made, `PromptTooLong`)."""
+    they are made, `PromptTooLong`), under `template_for(example)` when given (its instruction and
+    demos: T(x, z)), else as the program has it."""
     if not context_length or not examples:
         return []
     first_calls = [r for r in renderers.values() if set(r.input_fields) <= set(program_inputs)]
     out = []
     for i, example in enumerate(examples):
-        lengths = [len(r.render({f: example[f] for f in r.input_fields}).token_ids) for r in first_calls]
+        z = template_for(example) if template_for is not None else None
+        lengths = [len(_render_first(r, example, z).token_ids) for r in first_calls]
         if lengths and max(lengths) + max_tokens > context_length:
             out.append((example_id(example, i), max(lengths)))
     return out
+
+
+def _render_first(renderer: Renderer, example: Any, template: Template | None):
+    inputs = {f: example[f] for f in renderer.input_fields}
+    part = template.get(renderer.name) if template is not None else None
+    if part is None:
+        return renderer.render(inputs)
+    return renderer.render(inputs, instruction=part.instruction, demos=_demos(part))
 
 
 def example_id(example: Any, index: int) -> str:

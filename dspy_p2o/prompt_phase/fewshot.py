@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import dspy
 
+from dspy_p2o.rollouts import over_long
 from dspy_p2o.seeds import derive_seed
 from dspy_p2o.template import Prompt, Template
 
@@ -114,20 +115,7 @@ def for_question(template: Template, question_id: str) -> Template:
 def too_long(template: Template, examples: Sequence[Any], renderers: Mapping[str, Any], *,
              program_inputs: Sequence[str], context_length: int | None, max_tokens: int) -> tuple[str, int] | None:
     """(question id, prompt tokens) of the first example whose first call under the template (as that
-    question gets it) plus max_tokens exceeds the context, else None. Checked through each predictor
-    whose inputs are all program inputs: later calls are checked as they are made (`rollouts.PromptTooLong`)."""
-    if not context_length:
-        return None
-    first = [r for r in renderers.values() if set(r.input_fields) <= set(program_inputs)]
-    for example in examples:
-        z = for_question(template, example.id)
-        for renderer in first:
-            part = z.get(renderer.name)
-            if part is None:
-                continue
-            demos = None if part.demos is None else [dspy.Example(**d) for d in part.demos]
-            ids = renderer.render({f: example[f] for f in renderer.input_fields}, instruction=part.instruction,
-                                  demos=demos).token_ids
-            if len(ids) + max_tokens > context_length:
-                return str(example.id), len(ids)
-    return None
+    question gets it, `for_question`) plus max_tokens exceeds the context, else None (`rollouts.over_long`)."""
+    long = over_long(renderers, examples, program_inputs=program_inputs, context_length=context_length,
+                     max_tokens=max_tokens, template_for=lambda example: for_question(template, example.id))
+    return long[0] if long else None
