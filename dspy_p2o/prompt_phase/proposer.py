@@ -181,10 +181,10 @@ class ConcurrentReflection:
             with ThreadPoolExecutor(max_workers=min(len(jobs), self.max_workers),
                                     thread_name_prefix="dspy-p2o-reflection") as pool:
                 results = list(pool.map(run, range(len(jobs))))
-        self.bill.record_reflection([], time.perf_counter() - start)
+        # task order: counts and usage do not depend on timing; the round's wall time once
+        self.bill.record_reflection([e for lm in lms for e in getattr(lm, "history", [])], time.perf_counter() - start)
         out = []
-        for lm, result in zip(lms, results):  # task order: counts and usage do not depend on timing
-            self.bill.record_reflection(getattr(lm, "history", []))
+        for result in results:
             self.proposer.count(result)
             out.append((ReflectionProposal(new_texts=dict(result.texts) if result.error is None else {}), self))
         return out
