@@ -4,7 +4,9 @@
     python benchmarks/arithmetic_data.py --levels 0 5 --distinct --train-per-level 40 --out benchmarks/data/sums
 
 Deterministic (seeded); the files are committed, so a run needs nothing from a hub. Each row is
-`{"question": "What is 347 + 589?", "answer": "936", "level": L}`, L = the kind of sum: 0 one-digit + one-digit,
+`{"question": "What is 347 + 589?", "answer": "936", "level": L, "reasoning": "347 + 589 = 936."}` (the
+worked solution, a label like GSM8K's: kept on the examples with `data.keep_fields: [reasoning]`, it is
+what the few-shot prompt phase's labelled demos show), L = the kind of sum: 0 one-digit + one-digit,
 1 two-digit + two-digit, 2 three-digit + three-digit, 3 two-digit x one-digit,
 4 two-digit x two-digit, 5 two-digit + one-digit. The gold answer is checked by `dspy_p2o.rewards.math_metric` like any
 maths answer. The mix is chosen so SmolLM2-135M-Instruct with the recipe's two demos solves
@@ -44,7 +46,8 @@ def make_rows(n_per_level: int, seed: int, levels=DEFAULT_LEVELS, distinct: bool
             seen.add((a, b))
             made += 1
             value = a + b if op == "+" else a * b
-            rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value), "level": level})
+            rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value), "level": level,
+                         "reasoning": f"{a} {op} {b} = {value}."})
     rng.shuffle(rows)
     return rows
 

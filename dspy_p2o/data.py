@@ -345,6 +345,7 @@ def load_trainset(
     seed: int | None = None,
     min_difficulty: float | None = None,
     max_difficulty: float | None = None,
+    keep_fields: Sequence[str] = (),
     drop_invalid: bool = True,
 ) -> list[dspy.Example]:
     """Training problems as examples (``question`` -> ``answer``).
@@ -354,7 +355,11 @@ def load_trainset(
     (question: problem/question/prompt/...; answer: answer/final_answer/gold/
     target, else the last ``\\boxed{}`` of ``solution``) unless named.
     ``min/max_difficulty`` keep rows whose ``difficulty``/``level`` (MATH level
-    1-5, ``"Level 3"`` works) lies in the range.  ``seed`` shuffles before
+    1-5, ``"Level 3"`` works) lies in the range.  ``keep_fields``: row fields
+    kept on each example under their own names, as labels (a worked solution
+    named after the program's ``reasoning`` field is what DSPy's
+    ``LabeledFewShot`` demos then show); a field no row has is a DataError.
+    ``seed`` shuffles before
     ``limit``.  A row's own ``id`` is kept (as a string); a row without one gets
     ``"<stem>/<row>"``, whatever the filtering or shuffling; two rows with one id
     are a DataError.
@@ -372,12 +377,34 @@ def load_trainset(
         stem = Path(source_str).stem if is_local else source_str.rstrip("/").split("/")[-1]
     examples = _convert(rows, stem=stem, source=name, question_field=question_field, answer_field=answer_field,
                         own_ids=True)
+    examples = _keep_fields(examples, rows, keep_fields, name)
     examples = _drop_invalid(examples, name) if drop_invalid else examples
     validate_examples(examples, ["question"])
     examples = _filter_difficulty(examples, min_difficulty, max_difficulty, name)
     if seed is not None:
         random.Random(seed).shuffle(examples)
     return examples if limit is None else examples[:limit]
+
+
+_RESERVED_FIELDS = ("question", "answer", "id", "index", "raw_answer", "difficulty")
+
+
+def _keep_fields(examples: list[dspy.Example], rows: list[dict], names: Sequence[str],
+                 source: str) -> list[dspy.Example]:
+    """Each example with the row's `names` fields (those the row has and that are not empty) as labels."""
+    for name in names:
+        if name in _RESERVED_FIELDS:
+            raise DataError(f"{source}: keep_fields cannot name {name!r}, a field every example already has")
+        if not any(name in row for row in rows):
+            raise DataError(f"{source}: keep_fields names {name!r}, which no row has (columns: "
+                            f"{', '.join(rows[0])})")
+    if not names:
+        return examples
+    out = []
+    for ex, row in zip(examples, rows):
+        extra = {n: row[n] for n in names if not _is_empty(row.get(n))}
+        out.append(ex.copy(**extra) if extra else ex)  # copy() keeps the input keys
+    return out
 
 
 def _drop_invalid(examples: list[dspy.Example], source: str) -> list[dspy.Example]:

@@ -76,7 +76,8 @@ def _train(cfg: P2OConfig, run_dir: Path):
 
     d = cfg.data
     trainset = load_trainset(d.train, question_field=d.question_field, answer_field=d.answer_field, limit=d.train_limit,
-                             seed=cfg.seed)
+                             seed=cfg.seed, min_difficulty=d.train_min_difficulty,
+                             max_difficulty=d.train_max_difficulty, keep_fields=d.keep_fields)
     valset = (load_trainset(d.val, question_field=d.question_field, answer_field=d.answer_field, limit=d.val_limit)
               if d.val else None)
     metric = math_metric if d.metric == "math" else _import(d.metric)
