@@ -317,14 +317,17 @@ class DataConfig:
     question_field: str | None = knob(None, resume=RESUMABLE)  # auto-detected when None
     answer_field: str | None = knob(None, resume=RESUMABLE)
     # training rows whose difficulty / level lies in [min, max] (None: no bound); validation is not filtered
-    train_min_difficulty: float | None = knob(None, resume=RESUMABLE)
-    train_max_difficulty: float | None = knob(None, resume=RESUMABLE)
+    train_min_difficulty: float | None = knob(None, resume=RESUMABLE, check=NON_NEGATIVE)
+    train_max_difficulty: float | None = knob(None, resume=RESUMABLE, check=NON_NEGATIVE)
     # row fields kept on the training examples as labels, e.g. a worked solution named `reasoning`:
     # the few-shot prompt phase's labelled demos show it (GRPO's reward reads the answer only)
     keep_fields: list[str] = knob(factory=list, resume=RESUMABLE)
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        low, high = self.train_min_difficulty, self.train_max_difficulty
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"DataConfig.train_min_difficulty {low} is above train_max_difficulty {high}")
 
 
 # vLLM's --dtype choices

@@ -70,9 +70,20 @@ def main(args: argparse.Namespace) -> int:
 
 def _train(cfg: P2OConfig, run_dir: Path):
     from dspy_p2o.api import compile
-    from dspy_p2o.data import load_trainset
     from dspy_p2o.programs import get_program
     from dspy_p2o.rewards import math_metric
+
+    d = cfg.data
+    trainset, valset = datasets(cfg)
+    metric = math_metric if d.metric == "math" else _import(d.metric)
+    return compile(get_program(d.program), trainset, metric=metric, policy=cfg.policy, reflection=cfg.reflection,
+                   valset=valset, engine=cfg.engine, run_dir=run_dir, config=cfg)
+
+
+def datasets(cfg: P2OConfig) -> tuple[list, list | None]:
+    """The config's training set (shuffled by the seed, filtered by difficulty, with its kept label fields,
+    then limited) and validation set (None when it names none)."""
+    from dspy_p2o.data import load_trainset
 
     d = cfg.data
     trainset = load_trainset(d.train, question_field=d.question_field, answer_field=d.answer_field, limit=d.train_limit,
@@ -80,9 +91,7 @@ def _train(cfg: P2OConfig, run_dir: Path):
                              max_difficulty=d.train_max_difficulty, keep_fields=d.keep_fields)
     valset = (load_trainset(d.val, question_field=d.question_field, answer_field=d.answer_field, limit=d.val_limit)
               if d.val else None)
-    metric = math_metric if d.metric == "math" else _import(d.metric)
-    return compile(get_program(d.program), trainset, metric=metric, policy=cfg.policy, reflection=cfg.reflection,
-                   valset=valset, engine=cfg.engine, run_dir=run_dir, config=cfg)
+    return trainset, valset
 
 
 def stopped_line(args: argparse.Namespace, run_dir: Path) -> str:

@@ -10,6 +10,7 @@ import pytest
 from dspy_p2o import data
 from dspy_p2o.data import (
     BENCHMARKS,
+    DataError,
     find_data_root,
     load_benchmark,
     load_trainset,
@@ -269,3 +270,43 @@ def test_duplicate_row_ids_are_a_clear_error(tmp_path):
                      json.dumps({"id": "clash/0", "problem": "2+2", "answer": "4"}) + "\n")
     with pytest.raises(DataError, match="same id 'clash/0'"):
         load_trainset(clash)
+
+
+def test_kept_fields_are_labels_that_labelled_demos_show(tmp_path):
+    """`keep_fields` keeps a row's worked solution on its example (a label, not an input); DSPy's
+    LabeledFewShot demos of the few-shot prompt phase then show it as the predictor's `reasoning`."""
+    from dspy_p2o.programs import MathCoT
+    from dspy_p2o.prompt_phase.fewshot import propose_demo_sets
+
+    path = tmp_path / "sums.jsonl"
+    rows = [{"question": f"What is {a} + 1?", "answer": str(a + 1), "reasoning": f"{a} + 1 = {a + 1}.", "level": a % 2}
+            for a in range(10, 16)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_trainset(path, keep_fields=["reasoning"], min_difficulty=1)
+    assert [ex.reasoning for ex in examples] == ["11 + 1 = 12.", "13 + 1 = 14.", "15 + 1 = 16."]
+    assert all(set(ex.inputs().keys()) == {"question"} for ex in examples)
+    assert "reasoning" not in load_trainset(path)[0]
+    (template,) = propose_demo_sets(MathCoT(), [examples], k=2, n=1, seed=0)
+    demos = template["cot.predict"].demos
+    assert len(demos) == 2 and all(d["reasoning"] == f"{d['question'][8:10]} + 1 = {d['answer']}." for d in demos)
+    with pytest.raises(DataError, match="'solution', which no row has"):
+        load_trainset(path, keep_fields=["solution"])
+    with pytest.raises(DataError, match="cannot name 'answer'"):
+        load_trainset(path, keep_fields=["answer"])
+
+
+def test_the_cli_config_filters_training_rows_and_keeps_their_labels(monkeypatch):
+    from pathlib import Path
+
+    from dspy_p2o.config import P2OConfig, parse_overrides
+    from dspy_p2o.train_cli import datasets
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config's data paths are the repository's
+    cfg = P2OConfig.load("benchmarks/configs/smollm2_fewshot.yaml")
+    train, val = datasets(cfg)
+    assert len(train) == 40 and all(ex.difficulty == 5 and ex.reasoning.endswith(f"= {ex.answer}.") for ex in train)
+    assert sorted(ex.difficulty for ex in val) == [0] * 16 + [5] * 16  # validation is not filtered
+    mixed = P2OConfig.load(cfg, parse_overrides(["data.train_min_difficulty=null", "data.keep_fields=[]",
+                                                 "data.train_limit=48"]))
+    train, _ = datasets(mixed)
+    assert len(train) == 48 and {ex.difficulty for ex in train} == {0, 5} and "reasoning" not in train[0]
