@@ -31,6 +31,21 @@ LEVELS = {
 DEFAULT_LEVELS = (1, 2, 3, 4)  # benchmarks/data/arithmetic (the laptop recipe)
 
 
+def worked_solution(a: int, op: str, b: int, stepwise: bool = False) -> str:
+    """The reasoning of `a op b`: one line (`47 + 38 = 85.`), or stepwise, tens and units apart
+    (`47 + 38 = 40 + 30 + 7 + 8 = 70 + 15 = 85.`, `47 * 6 = 40 * 6 + 7 * 6 = 240 + 42 = 282.`)."""
+    value = a + b if op == "+" else a * b
+    if not stepwise or (a < 10 and b < 10):
+        return f"{a} {op} {b} = {value}."
+    if op == "+":
+        tens, units = a - a % 10 + b - b % 10, a % 10 + b % 10
+        parts = " + ".join(str(x) for x in (a - a % 10, b - b % 10, a % 10, b % 10) if x)
+        return f"{a} + {b} = {parts} = {tens} + {units} = {value}."
+    if b < 10:
+        return f"{a} * {b} = {a - a % 10} * {b} + {a % 10} * {b} = {(a - a % 10) * b} + {a % 10 * b} = {value}."
+    return f"{a} * {b} = {a} * {b - b % 10} + {a} * {b % 10} = {a * (b - b % 10)} + {a * (b % 10)} = {value}."
+
+
 def make_rows(n_per_level: int, seed: int, levels=DEFAULT_LEVELS, distinct: bool = False) -> list[dict]:
     rng = random.Random(seed)
     rows = []
@@ -47,7 +62,7 @@ def make_rows(n_per_level: int, seed: int, levels=DEFAULT_LEVELS, distinct: bool
             made += 1
             value = a + b if op == "+" else a * b
             rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value), "level": level,
-                         "reasoning": f"{a} {op} {b} = {value}."})
+                         "reasoning": worked_solution(a, op, b)})
     rng.shuffle(rows)
     return rows
 

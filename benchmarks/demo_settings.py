@@ -10,7 +10,8 @@ unlock some questions.
     python benchmarks/demo_settings.py --questions 12 --json benchmarks/results/demo_settings.json
 
 Demos are drawn from OTHER training questions: "labelled" ones carry the gold answer only (DSPy's
-LabeledFewShot; the reasoning field is left out), "worked" ones a one-line reasoning too ("a + b = c.").
+LabeledFewShot; the reasoning field is left out), "worked" ones a one-line reasoning too ("a + b = c."),
+"stepwise" ones the tens and units apart ("47 + 38 = 40 + 30 + 7 + 8 = 70 + 15 = 85.").
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ LEVELS = {0: "one-digit + one-digit", 1: "two-digit + two-digit", 2: "three-digi
           3: "two-digit x one-digit", 4: "two-digit x two-digit", 5: "two-digit + one-digit"}
 
 
-def demo(row: dict, worked: bool) -> dict:
+def demo(row: dict, kind: str) -> dict:
+    """A demo of `row`: "labelled" (gold answer only), "worked" (`a + b = c.`) or "stepwise" (tens and units
+    apart: `47 + 38 = 40 + 30 + 7 + 8 = 70 + 15 = 85.`)."""
     out = {"question": row["question"], "answer": row["answer"]}
-    if worked:
-        expression = row["question"].removeprefix("What is ").rstrip("?")
-        out["reasoning"] = f"{expression} = {row['answer']}."
+    if kind != "labelled":
+        from arithmetic_data import worked_solution  # benchmarks/ is the script's folder
+
+        a, op, b = row["question"].removeprefix("What is ").rstrip("?").split()
+        out["reasoning"] = worked_solution(int(a), op, int(b), stepwise=kind == "stepwise")
     return out
 
 
-def measure(engine, adapter_name: str, rows: list[dict], pool: list[dict], *, demos: int, worked: bool, k: int,
+def measure(engine, adapter_name: str, rows: list[dict], pool: list[dict], *, demos: int, kind: str, k: int,
             max_tokens: int, seed: int) -> dict:
     import dspy
 
@@ -54,7 +59,7 @@ def measure(engine, adapter_name: str, rows: list[dict], pool: list[dict], *, de
         assignments = {}
         for ex in examples:
             others = [r for r in pool if r["question"] != ex.question]
-            chosen = [demo(r, worked) for r in rng.sample(others, demos)]
+            chosen = [demo(r, kind) for r in rng.sample(others, demos)]
             assignments[ex.id] = [Template({"cot.predict": {"instruction": instruction, "demos": chosen}})]
     start = time.perf_counter()
     scores = score_program(engine, program, examples, math_metric, k=k, adapter=make_adapter(adapter_name),
@@ -93,7 +98,7 @@ def main() -> None:
         for adapter in args.adapters:
             for spec in args.demos:
                 kind, _, n = spec.partition(":")
-                row = measure(engine, adapter, rows, pool, demos=int(n or 0), worked=kind == "worked", k=args.k,
+                row = measure(engine, adapter, rows, pool, demos=int(n or 0), kind=kind, k=args.k,
                               max_tokens=args.max_tokens, seed=args.seed)
                 row.update(level=level, adapter=adapter, demos=spec)
                 results.append(row)
