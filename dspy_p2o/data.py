@@ -248,8 +248,12 @@ def _difficulty(value: Any) -> float | None:
     return None
 
 
+# The fields `_to_example` gives every example (or may): `keep_fields` cannot name them
+_EXAMPLE_FIELDS = ("question", "answer", "id", "index", "raw_answer", "difficulty")
+
+
 def _to_example(row: dict, *, stem: str, index: int, question_field: str, answer_field: str,
-                own_id: bool = False) -> dspy.Example:
+                own_id: bool = False, keep_fields: Sequence[str] = ()) -> dspy.Example:
     raw = row.get(answer_field)
     fields: dict[str, Any] = {
         "question": _question_text(row.get(question_field)),
@@ -263,6 +267,7 @@ def _to_example(row: dict, *, stem: str, index: int, question_field: str, answer
         if name in row:
             fields["difficulty"] = _difficulty(row[name])
             break
+    fields.update((name, row[name]) for name in keep_fields if not _is_empty(row.get(name)))  # labels
     return dspy.Example(**fields).with_inputs("question")
 
 
@@ -285,18 +290,23 @@ def _check_unique_ids(examples: list[dspy.Example], source: str) -> None:
 
 def _convert(rows: list[dict], *, stem: str, source: str, question_field: str | None,
              answer_field: str | None, defaults: tuple[str, str] | None = None,
-             own_ids: bool = False) -> list[dspy.Example]:
+             own_ids: bool = False, keep_fields: Sequence[str] = ()) -> list[dspy.Example]:
     if not rows:
         raise DataError(f"{source}: no rows")
     columns = list(rows[0].keys())
+    for name in keep_fields:
+        if name in _EXAMPLE_FIELDS:
+            raise DataError(f"{source}: keep_fields cannot name {name!r}, a field every example already has")
+        if not any(name in row for row in rows):
+            raise DataError(f"{source}: keep_fields names {name!r}, which no row has (columns: {', '.join(columns)})")
     if defaults is not None and question_field is None and answer_field is None:
         # Shipped field names; a hub copy of the benchmark may name them differently.
         if defaults[0] in columns and defaults[1] in columns:
             question_field, answer_field = defaults
     q_field = _pick_field(columns, question_field, _QUESTION_FIELDS, "question", source)
     a_field = _pick_field(columns, answer_field, _ANSWER_FIELDS, "answer", source)
-    examples = [_to_example(row, stem=stem, index=i, question_field=q_field, answer_field=a_field, own_id=own_ids)
-                for i, row in enumerate(rows)]
+    examples = [_to_example(row, stem=stem, index=i, question_field=q_field, answer_field=a_field, own_id=own_ids,
+                            keep_fields=keep_fields) for i, row in enumerate(rows)]
     _check_unique_ids(examples, source)
     return examples
 
@@ -376,35 +386,13 @@ def load_trainset(
         is_local = Path(source_str).expanduser().is_file()
         stem = Path(source_str).stem if is_local else source_str.rstrip("/").split("/")[-1]
     examples = _convert(rows, stem=stem, source=name, question_field=question_field, answer_field=answer_field,
-                        own_ids=True)
-    examples = _keep_fields(examples, rows, keep_fields, name)
+                        own_ids=True, keep_fields=keep_fields)
     examples = _drop_invalid(examples, name) if drop_invalid else examples
     validate_examples(examples, ["question"])
     examples = _filter_difficulty(examples, min_difficulty, max_difficulty, name)
     if seed is not None:
         random.Random(seed).shuffle(examples)
     return examples if limit is None else examples[:limit]
-
-
-_RESERVED_FIELDS = ("question", "answer", "id", "index", "raw_answer", "difficulty")
-
-
-def _keep_fields(examples: list[dspy.Example], rows: list[dict], names: Sequence[str],
-                 source: str) -> list[dspy.Example]:
-    """Each example with the row's `names` fields (those the row has and that are not empty) as labels."""
-    for name in names:
-        if name in _RESERVED_FIELDS:
-            raise DataError(f"{source}: keep_fields cannot name {name!r}, a field every example already has")
-        if not any(name in row for row in rows):
-            raise DataError(f"{source}: keep_fields names {name!r}, which no row has (columns: "
-                            f"{', '.join(rows[0])})")
-    if not names:
-        return examples
-    out = []
-    for ex, row in zip(examples, rows):
-        extra = {n: row[n] for n in names if not _is_empty(row.get(n))}
-        out.append(ex.copy(**extra) if extra else ex)  # copy() keeps the input keys
-    return out
 
 
 def _drop_invalid(examples: list[dspy.Example], source: str) -> list[dspy.Example]:
